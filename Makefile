@@ -1,0 +1,49 @@
+# embscale: every target sets itself up; nothing needs installing by hand.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines take this torch build (its CPU wheel is on the machine); CUDA machines take the normal build.
+TORCH_CPU_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+SWEEP ?=
+
+.PHONY: install test demo lint bench plots clean help
+
+help:
+	@echo "make demo   - run the main job: a small matched sweep end to end (CPU when there is no GPU)"
+	@echo "make test   - run the test suite"
+	@echo "make lint   - ruff"
+	@echo "make bench  - GPU benchmarks into BENCHMARKS.md"
+	@echo "make plots  - regenerate figures (SWEEP=name for one sweep, all sweeps otherwise)"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "CUDA machine: installing the default torch build"; \
+		$(PY) -m pip install -q "torch>=2.11"; \
+	else \
+		echo "no CUDA: installing the CPU build $(TORCH_CPU_SPEC)"; \
+		$(PY) -m pip install -q "$(TORCH_CPU_SPEC)"; \
+	fi
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(VENV)/bin/embscale demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(VENV)/bin/embscale bench
+
+plots: install
+	$(VENV)/bin/embscale plots $(SWEEP)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

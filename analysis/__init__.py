@@ -1,0 +1,1 @@
+"""What was learned: results store, fits, frontiers, figures. Never imports models' internals."""
