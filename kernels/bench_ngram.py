@@ -1,0 +1,150 @@
+"""Benchmark: N-gram Embedding forward + backward, the default (concatenated) path against the naive form.
+
+    python -m kernels.bench_ngram                      # the default sizes below, on the first CUDA device
+    python -m kernels.bench_ngram --tokens 8192 --json results/bench_ngram.json
+
+Default sizes: T = 16384 tokens, D = 1024, N = 4, K = 4 (S = 12 sub-tables of d = 85), about 2,000,003 rows
+per sub-table (``paper`` sizing with m = 2,000,002: M = m + 2 idx + 1), bf16 parameters, dense gradients.
+
+- ``default``: :class:`models.ngram.NgramEmbedding.forward`: one concatenated table, one gather into a
+  (T, S*d) buffer, one GEMM with the concatenated projection.
+- ``naive``: S separate ``nn.Embedding`` tables and S per-table ``nn.Linear(d, D)``, summed one by one.
+
+Both hash the ids (the same :func:`models.ngram.ngram_hashes`) and both produce dense table gradients: the
+gradient of 12 x 2M x 85 rows has to be zero-filled every step whichever form computes it, so the
+``zero-fill`` line (writing one table-sized tensor) is the floor of the backward pass. Times are medians of
+``triton.testing.do_bench`` with every parameter's gradient reset to None before each call (no
+accumulation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.config import NgramConfig
+from models.ngram import NgramEmbedding, ngram_hashes
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class NaiveNgramEmbedding(nn.Module):
+    """The formula written plainly: S ``nn.Embedding`` + S ``nn.Linear`` (the baseline to beat)."""
+
+    def __init__(self, reference: NgramEmbedding):
+        super().__init__()
+        self.spec, self.vocab_size, self.eos = reference.spec, reference.vocab_size, reference.eos_token_id
+        self.num_tables, d, width = reference.num_tables, reference.table_width, reference.width
+        factory = {"device": reference.tables.weight.device, "dtype": reference.tables.weight.dtype}
+        self.token = nn.Embedding(self.vocab_size, width, **factory)
+        self.tables = nn.ModuleList(nn.Embedding(m, d, **factory) for m in reference.plan.moduli)
+        self.projections = nn.ModuleList(nn.Linear(d, width, bias=False, **factory)
+                                         for _ in reference.plan.moduli)
+        with torch.no_grad():  # the same weights as the reference, so the outputs can be compared
+            self.token.weight.copy_(reference.token.weight)
+            for s, (offset, m) in enumerate(zip(reference.plan.offsets, reference.plan.moduli, strict=True)):
+                self.tables[s].weight.copy_(reference.tables.weight[offset:offset + m])
+                self.projections[s].weight.copy_(reference.projection.weight[:, s * d:(s + 1) * d])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        hashes = ngram_hashes(ids, self.spec, self.vocab_size, self.eos)
+        out = self.token(ids)
+        for s in range(self.num_tables):
+            out = out + self.projections[s](self.tables[s](hashes[..., s]))
+        return out / (self.num_tables + 1)
+
+
+def _median_ms(fn, params, warmup: int, rep: int) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=params, return_mode="median"))
+
+
+def run_benchmark(tokens: int = 16384, width: int = 1024, n: int = 4, k: int = 4, rows: int = 2_000_003,
+                  vocab: int = 131072, dtype: str = "bf16", warmup: int = 25, rep: int = 100,
+                  device: str = "cuda") -> dict:
+    """Time both forms; returns a dict of milliseconds and the sizes used."""
+    torch.manual_seed(0)
+    spec = NgramConfig(n=n, k=k, ratio=(rows - 1) / vocab)  # paper sizing: M_0 = m + 1 = rows
+    eos = 2
+    fast = NgramEmbedding(spec, vocab, width, eos, device=device, dtype=DTYPES[dtype])
+    naive = NaiveNgramEmbedding(fast)
+    ids = torch.randint(0, vocab, (1, tokens), device=device)
+    grad_out = torch.randn(1, tokens, width, device=device, dtype=DTYPES[dtype])
+
+    with torch.no_grad():
+        difference = (fast(ids).float() - naive(ids).float()).abs().max().item()
+
+    def forward_backward(module):
+        def step():
+            module(ids).backward(grad_out)
+        return step
+
+    def forward_only(module):
+        def step():
+            with torch.no_grad():
+                module(ids)
+        return step
+
+    results = {
+        "tokens": tokens, "width": width, "n": n, "k": k, "sub_tables": spec.num_tables,
+        "sub_table_width": fast.table_width, "rows_per_table": fast.plan.moduli[0],
+        "table_rows": fast.plan.total_rows, "dtype": dtype, "device": torch.cuda.get_device_name(device),
+        "max_abs_difference": difference,
+    }
+    results["hash_ms"] = _median_ms(lambda: fast.row_ids(ids), None, warmup, rep)
+    results["zero_fill_ms"] = _median_ms(lambda: torch.zeros_like(fast.tables.weight), None, warmup, rep)
+    for name, module in (("default", fast), ("naive", naive)):
+        params = list(module.parameters())
+        results[f"{name}_forward_ms"] = _median_ms(forward_only(module), None, warmup, rep)
+        results[f"{name}_forward_backward_ms"] = _median_ms(forward_backward(module), params, warmup, rep)
+    results["speedup"] = results["naive_forward_backward_ms"] / results["default_forward_backward_ms"]
+    table_bytes = fast.tables.weight.numel() * fast.tables.weight.element_size()
+    results["table_gib"] = table_bytes / 2**30
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--rows", type=int, default=2_000_003, help="rows of the first sub-table")
+    parser.add_argument("--vocab", type=int, default=131072)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up time, ms")
+    parser.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_ngram: needs a CUDA device", file=sys.stderr)
+        return 2
+    r = run_benchmark(args.tokens, args.width, args.n, args.k, args.rows, args.vocab, args.dtype,
+                      args.warmup, args.rep)
+    print(f"N-gram Embedding on {r['device']}: T={r['tokens']}, D={r['width']}, N={r['n']}, K={r['k']} "
+          f"(S={r['sub_tables']}, d={r['sub_table_width']}), {r['rows_per_table']:,} rows per sub-table "
+          f"({r['table_gib']:.2f} GiB of tables), {r['dtype']}")
+    print(f"  outputs agree: max |default - naive| = {r['max_abs_difference']:.3g}")
+    print(f"  {'hash (row ids)':<28}{r['hash_ms']:9.3f} ms")
+    print(f"  {'zero-fill one table grad':<28}{r['zero_fill_ms']:9.3f} ms  (floor of a dense backward)")
+    for name in ("default", "naive"):
+        print(f"  {name + ' forward':<28}{r[name + '_forward_ms']:9.3f} ms")
+        print(f"  {name + ' forward+backward':<28}{r[name + '_forward_backward_ms']:9.3f} ms")
+    print(f"  default is {r['speedup']:.2f}x the naive form (forward+backward)")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
+        tmp.write_text(json.dumps(r, indent=2) + "\n")
+        tmp.replace(args.json)
+    return 0 if math.isfinite(r["speedup"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Per-Layer Embedding (PLE) and Per-Layer N-gram Embedding (PLNE), BRIEF section 2.
+
+A per-layer embedding replaces the up-projection output of a layer's dense SwiGLU MLP::
+
+    FFN_l(x) = W_d( SiLU(W_g x) * E_l(t) )
+
+``E_l`` maps the token ids to ``dense_hidden`` features: for ``ple`` a per-layer token table ``E0_l``
+(``nn.Embedding(V0, dense_hidden)``), for ``plne`` a per-layer :class:`~models.ngram.NgramEmbedding` of width
+``dense_hidden`` (its own token table, sub-tables and projection). Only dense MLPs receive it; which ones of
+a shortcut layer is ``per_layer.targets`` (``first`` = MLP 0, ``second`` = MLP 1, ``both``). A dense standard
+layer has one MLP (index 0), so it takes ``targets: first`` only.
+
+Initialisation (the paper is silent): the PLE token tables are ``N(0, init_std^2)`` like every embedding
+table; PLNE uses NgramEmbedding's initialisation with ``init_std``, and its ``per_layer.ngram.amplification``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.config import ConfigError, ModelConfig
+from models.ngram import NgramEmbedding, ngram_parameter_counts
+
+_TARGET_MLPS = {"first": (0,), "second": (1,), "both": (0, 1)}
+
+
+def per_layer_slots(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """``(layer_index, mlp_index)`` of every dense MLP that receives a per-layer embedding (empty without
+    one)."""
+    if cfg.per_layer is None:
+        return []
+    mlps = _TARGET_MLPS[cfg.per_layer.targets]
+    available = cfg.dense_mlps_per_layer
+    if max(mlps) >= available:
+        raise ConfigError("per_layer.targets",
+                          f"{cfg.per_layer.targets!r} needs {max(mlps) + 1} dense MLPs per layer, but a "
+                          f"{cfg.layer_type} layer has {available}; use 'first'")
+    return [(layer, mlp) for layer in range(cfg.n_layers) for mlp in mlps]
+
+
+def per_layer_key(layer_index: int, mlp_index: int) -> str:
+    """The ``ModuleDict`` key of one slot: ``"{layer_index}_{mlp_index}"``."""
+    return f"{layer_index}_{mlp_index}"
+
+
+def build_per_layer_embeddings(cfg: ModelConfig, device: torch.device | str | None = None,
+                               dtype: torch.dtype | None = None) -> nn.ModuleDict:
+    """One module per slot, keyed ``"{layer_index}_{mlp_index}"``, each mapping ids ``(B, T)`` to
+    ``(B, T, dense_hidden)``. Empty without ``cfg.per_layer``."""
+    modules = nn.ModuleDict()
+    if cfg.per_layer is None:
+        return modules
+    for layer, mlp in per_layer_slots(cfg):
+        if cfg.per_layer.kind == "ple":
+            module: nn.Module = nn.Embedding(cfg.vocab_size, cfg.dense_hidden, device=device, dtype=dtype)
+            nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
+        else:
+            module = NgramEmbedding(cfg.per_layer.ngram, cfg.vocab_size, cfg.dense_hidden, cfg.eos_token_id,
+                                    init_std=cfg.init_std, device=device, dtype=dtype)
+        modules[per_layer_key(layer, mlp)] = module
+    return modules
+
+
+def per_layer_parameter_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Analytic parameter counts of :func:`build_per_layer_embeddings` (allocates nothing).
+
+    ``tables``: every lookup row (per-layer token tables and n-gram sub-tables; not activated);
+    ``projections``: the PLNE projections (activated); ``norm``: PLNE LayerNorms (``layernorm``
+    amplification).
+    """
+    counts = {"tables": 0, "projections": 0, "norm": 0}
+    slots = len(per_layer_slots(cfg))
+    if slots == 0:
+        return counts
+    if cfg.per_layer.kind == "ple":
+        counts["tables"] = slots * cfg.vocab_size * cfg.dense_hidden
+    else:
+        one = ngram_parameter_counts(cfg.per_layer.ngram, cfg.vocab_size, cfg.dense_hidden)
+        counts["tables"] = slots * (one["token"] + one["tables"])
+        counts["projections"] = slots * one["projections"]
+        counts["norm"] = slots * one["norm"]
+    return counts
+
+
+__all__ = ["build_per_layer_embeddings", "per_layer_key", "per_layer_parameter_counts", "per_layer_slots"]
