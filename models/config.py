@@ -38,7 +38,8 @@ class ConfigError(ValueError):
         """The same error, with its field path placed under ``prefix``."""
         if not prefix:
             return self
-        joined = f"{prefix}.{self.field}" if self.field and not self.field.startswith("[") else prefix + self.field
+        nested = self.field and not self.field.startswith("[")
+        joined = f"{prefix}.{self.field}" if nested else prefix + self.field
         return ConfigError(joined, self.message)
 
 
@@ -205,7 +206,8 @@ class ModelConfig:
                          f"must divide n_heads {self.n_heads}, got {self.n_kv_heads}")
             _require(self.mla is None, "mla", "only attention: mla takes an mla section")
         else:
-            _require(self.n_kv_heads is None, "n_kv_heads", "grouped-query heads apply to attention: mha only")
+            _require(self.n_kv_heads is None, "n_kv_heads",
+                     "grouped-query heads apply to attention: mha only")
             if self.mla is None:
                 object.__setattr__(self, "mla", MLAConfig())
 
@@ -225,7 +227,8 @@ class ModelConfig:
                      f"must not exceed the expert count {self.n_experts + self.n_zero_experts} "
                      f"(n_experts + n_zero_experts), got {self.top_k}")
         else:
-            _require(self.n_zero_experts == 0, "n_zero_experts", "zero experts need routed experts (n_experts > 0)")
+            _require(self.n_zero_experts == 0, "n_zero_experts",
+                     "zero experts need routed experts (n_experts > 0)")
             _require(self.top_k == 0, "top_k", "top_k needs routed experts (n_experts > 0)")
         if self.n_shared_experts > 0:
             _positive(self.expert_hidden, "expert_hidden")
@@ -233,12 +236,19 @@ class ModelConfig:
             _positive(self.dense_hidden, "dense_hidden")
 
         if self.ngram is not None:
+            _require(self.embedding_amplification == "none", "embedding_amplification",
+                     "applies to the plain token embedding; with an ngram section, set "
+                     "ngram.amplification instead")
             s = self.ngram.num_tables
             _require(self.d_model % s == 0, "ngram.k",
                      f"sub-table width d_model/((N-1)K) = {self.d_model}/{s} is not an integer")
         if self.per_layer is not None:
             _require(self.dense_hidden > 0 and (self.layer_type == "shortcut" or self.n_experts == 0),
-                     "per_layer", "needs a dense MLP in every layer (a shortcut layer, or a dense standard layer)")
+                     "per_layer",
+                     "needs a dense MLP in every layer (a shortcut layer, or a dense standard layer)")
+            _require(self.layer_type == "shortcut" or self.per_layer.targets == "first", "per_layer.targets",
+                     f"a standard layer has one dense MLP, so only 'first' applies; "
+                     f"got {self.per_layer.targets!r}")
             if self.per_layer.kind == "plne":
                 s = self.per_layer.ngram.num_tables
                 _require(self.dense_hidden % s == 0, "per_layer.ngram.k",
@@ -274,6 +284,13 @@ class ModelConfig:
     @property
     def attentions_per_layer(self) -> int:
         return 2 if self.layer_type == "shortcut" else 1
+
+    @property
+    def per_layer_mlp_indices(self) -> tuple[int, ...]:
+        """Dense MLPs of each layer (0 = MLP0, 1 = MLP1) fed by the per-layer embedding; () without one."""
+        if self.per_layer is None:
+            return ()
+        return {"first": (0,), "second": (1,), "both": (0, 1)}[self.per_layer.targets]
 
     # ----- (de)serialisation -----
     def to_dict(self) -> dict[str, Any]:
@@ -352,8 +369,8 @@ def build_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
     for name, value in data.items():
         path = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _check_type(value, hints[name], path)
-    missing = [n for n, f in known.items()
-               if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [n for n, f in known.items() if n not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
         path = f"{prefix}.{missing[0]}" if prefix else missing[0]
         raise ConfigError(path, "is required")
