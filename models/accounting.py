@@ -128,7 +128,7 @@ def count_parameters(cfg: ModelConfig) -> Accounting:
         if cfg.embedding_amplification == "layernorm":
             groups["norms"] += 2 * d
     else:
-        from models.ngram import ngram_parameter_counts
+        from models.sizes import ngram_parameter_counts
 
         ne = ngram_parameter_counts(cfg.ngram, v, d)
         groups["embedding"] += ne["token"]
@@ -136,7 +136,7 @@ def count_parameters(cfg: ModelConfig) -> Accounting:
         groups["ngram_projections"] += ne["projections"]
         groups["norms"] += ne.get("norm", 0)
     if cfg.per_layer is not None:
-        from models.per_layer import per_layer_parameter_counts
+        from models.sizes import per_layer_parameter_counts
 
         pl = per_layer_parameter_counts(cfg)
         groups["per_layer_tables"] += pl["tables"]

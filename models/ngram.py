@@ -33,107 +33,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ConfigError, NgramConfig
+from models.sizes import (  # noqa: F401  (re-exported: the public home of the hash and its sizes)
+    is_prime,
+    modulus_report,
+    next_prime,
+    ngram_parameter_counts,
+    table_moduli,
+    table_orders,
+)
 
 MAX_VOCAB = 2**21  # token ids < 2^21
 MAX_MODULUS = 2**31  # hash values < 2^31
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Table sizes
+# Hash plan (table sizes live in models.sizes, torch-free)
 # ------------------------------------------------------------------------------------------------------------
-
-_MILLER_RABIN_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)  # deterministic for every n < 3.3e24
-
-
-def is_prime(n: int) -> bool:
-    """Deterministic Miller-Rabin primality test, exact for every 64-bit integer."""
-    if n < 2:
-        return False
-    for p in _MILLER_RABIN_BASES:
-        if n % p == 0:
-            return n == p
-    d, r = n - 1, 0
-    while d % 2 == 0:
-        d //= 2
-        r += 1
-    for a in _MILLER_RABIN_BASES:
-        x = pow(a, d, n)
-        if x in (1, n - 1):
-            continue
-        for _ in range(r - 1):
-            x = x * x % n
-            if x == n - 1:
-                break
-        else:
-            return False
-    return True
-
-
-def next_prime(n: int) -> int:
-    """The smallest prime >= n."""
-    candidate = max(n, 2)
-    while not is_prime(candidate):
-        candidate += 1
-    return candidate
-
-
-def table_orders(spec: NgramConfig) -> list[tuple[int, int]]:
-    """``(n, k)`` of every sub-table, in sub-table order ``idx = (n-2)*K + (k-1)``."""
-    return [(n, k) for n in range(2, spec.n + 1) for k in range(1, spec.k + 1)]
-
-
-@functools.lru_cache(maxsize=256)
-def _table_moduli(spec: NgramConfig, vocab_size: int) -> tuple[int, ...]:
-    m = spec.base_rows(vocab_size)
-    if m < 2:
-        raise ConfigError("ngram.ratio", f"ratio * vocab_size = {spec.ratio} * {vocab_size} rounds to {m}; "
-                                         "a table needs at least 2 rows")
-    num_tables = spec.num_tables
-    if spec.sizing == "exact":
-        return (m,) * num_tables
-    paper = [m + 2 * idx + 1 for idx in range(num_tables)]
-    if spec.sizing == "paper":
-        return tuple(paper)
-    # prime: the next prime at or above the paper modulus, kept strictly increasing so that two sub-tables of
-    # one order never share a modulus (they would hash identically and one of them would be wasted).
-    moduli: list[int] = []
-    for value in paper:
-        moduli.append(next_prime(max(value, moduli[-1] + 1 if moduli else value)))
-    return tuple(moduli)
-
-
-def table_moduli(spec: NgramConfig, vocab_size: int) -> list[int]:
-    """Modulus ``M_idx`` (= row count) of every sub-table, by the sizing policy of ``spec``.
-
-    With ``m = round(ratio * V0)`` and ``idx = (n-2)*K + (k-1)``:
-
-    - ``paper``: ``M_idx = m + 2*idx + 1`` (the released code: one polynomial, K different odd moduli);
-    - ``prime``: the smallest prime ``>= m + 2*idx + 1`` that is also larger than the previous sub-table's
-      modulus (so the moduli stay distinct);
-    - ``exact``: ``M = m`` for every table (the K sub-tables of an order then hash identically; this policy
-      exists to study table sizes that are exact multiples of ``V0``).
-    """
-    return list(_table_moduli(spec, vocab_size))
-
-
-def modulus_report(spec: NgramConfig, vocab_size: int) -> list[dict]:
-    """Each sub-table's modulus and its distance to the nearest integer multiple of ``V0``.
-
-    2-gram collisions spike when a table size nears an integer multiple of ``V0`` (BRIEF section 2), so a run
-    records this. Keys: ``index``, ``n``, ``k``, ``modulus``, ``ratio`` (``M / V0``), ``nearest_multiple``
-    (the integer ``q`` minimising ``|M - q V0|``), ``distance`` (``|M - q V0|``), ``relative_distance``
-    (``distance / V0``).
-    """
-    rows = []
-    pairs = zip(table_orders(spec), table_moduli(spec, vocab_size), strict=True)
-    for index, ((n, k), modulus) in enumerate(pairs):
-        multiple = max(1, round(modulus / vocab_size))
-        distance = abs(modulus - multiple * vocab_size)
-        rows.append({"index": index, "n": n, "k": k, "modulus": modulus, "ratio": modulus / vocab_size,
-                     "nearest_multiple": multiple, "distance": distance,
-                     "relative_distance": distance / vocab_size})
-    return rows
-
 
 @dataclass(frozen=True)
 class HashPlan:
@@ -159,7 +74,7 @@ def hash_plan(spec: NgramConfig, vocab_size: int) -> HashPlan:
     if not 2 <= vocab_size <= MAX_VOCAB:
         raise ConfigError("vocab_size",
                           f"n-gram hashing is exact in int64 for 2 <= V0 <= 2^21, got {vocab_size}")
-    moduli = _table_moduli(spec, vocab_size)
+    moduli = tuple(table_moduli(spec, vocab_size))
     if max(moduli) > MAX_MODULUS:
         raise ConfigError("ngram.ratio",
                           f"largest table modulus {max(moduli)} exceeds 2^31 (int64-exact limit); "
@@ -246,21 +161,6 @@ def ngram_row_ids(ids: torch.Tensor, spec: NgramConfig, vocab_size: int,
 # ------------------------------------------------------------------------------------------------------------
 # The module
 # ------------------------------------------------------------------------------------------------------------
-
-def ngram_parameter_counts(spec: NgramConfig, vocab_size: int, width: int) -> dict[str, int]:
-    """Analytic parameter counts of :class:`NgramEmbedding` (allocates nothing).
-
-    ``token`` = ``V0 * width`` (E0), ``tables`` = ``sum_s M_s * d`` (lookup rows), ``projections`` =
-    ``S * d * width``, ``norm`` = ``2 * width`` with ``layernorm`` amplification, else 0.
-    """
-    d = spec.table_width(width)
-    return {
-        "token": vocab_size * width,
-        "tables": sum(table_moduli(spec, vocab_size)) * d,
-        "projections": spec.num_tables * d * width,
-        "norm": 2 * width if spec.amplification == "layernorm" else 0,
-    }
-
 
 class NgramEmbedding(nn.Module):
     """Token embedding plus hashed n-gram sub-tables, averaged (BRIEF section 1), then amplified.

@@ -19,24 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.config import ConfigError, ModelConfig
-from models.ngram import NgramEmbedding, ngram_parameter_counts
-
-_TARGET_MLPS = {"first": (0,), "second": (1,), "both": (0, 1)}
-
-
-def per_layer_slots(cfg: ModelConfig) -> list[tuple[int, int]]:
-    """``(layer_index, mlp_index)`` of every dense MLP that receives a per-layer embedding (empty without
-    one)."""
-    if cfg.per_layer is None:
-        return []
-    mlps = _TARGET_MLPS[cfg.per_layer.targets]
-    available = cfg.dense_mlps_per_layer
-    if max(mlps) >= available:
-        raise ConfigError("per_layer.targets",
-                          f"{cfg.per_layer.targets!r} needs {max(mlps) + 1} dense MLPs per layer, but a "
-                          f"{cfg.layer_type} layer has {available}; use 'first'")
-    return [(layer, mlp) for layer in range(cfg.n_layers) for mlp in mlps]
+from models.config import ModelConfig
+from models.ngram import NgramEmbedding
+from models.sizes import per_layer_parameter_counts, per_layer_slots  # noqa: F401  (re-exported)
 
 
 def per_layer_key(layer_index: int, mlp_index: int) -> str:
@@ -60,27 +45,6 @@ def build_per_layer_embeddings(cfg: ModelConfig, device: torch.device | str | No
                                     init_std=cfg.init_std, device=device, dtype=dtype)
         modules[per_layer_key(layer, mlp)] = module
     return modules
-
-
-def per_layer_parameter_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Analytic parameter counts of :func:`build_per_layer_embeddings` (allocates nothing).
-
-    ``tables``: every lookup row (per-layer token tables and n-gram sub-tables; not activated);
-    ``projections``: the PLNE projections (activated); ``norm``: PLNE LayerNorms (``layernorm``
-    amplification).
-    """
-    counts = {"tables": 0, "projections": 0, "norm": 0}
-    slots = len(per_layer_slots(cfg))
-    if slots == 0:
-        return counts
-    if cfg.per_layer.kind == "ple":
-        counts["tables"] = slots * cfg.vocab_size * cfg.dense_hidden
-    else:
-        one = ngram_parameter_counts(cfg.per_layer.ngram, cfg.vocab_size, cfg.dense_hidden)
-        counts["tables"] = slots * (one["token"] + one["tables"])
-        counts["projections"] = slots * one["projections"]
-        counts["norm"] = slots * one["norm"]
-    return counts
 
 
 __all__ = ["build_per_layer_embeddings", "per_layer_key", "per_layer_parameter_counts", "per_layer_slots"]
