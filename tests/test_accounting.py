@@ -202,11 +202,13 @@ def test_params_cli_errors(tmp_path, capsys):
     assert info.value.code == 2
 
 
-def test_accounting_does_not_import_torch():
+@pytest.mark.parametrize(("config", "activated"), [("bench_moe_100m.yaml", 112_505_856),
+                                                    ("bench_ne_100m.yaml", 113_406_976)])
+def test_accounting_does_not_import_torch(config, activated):
     code = ("import sys; from sweeps.cli import main; "
-            "main(['params', 'models/configs/bench_moe_100m.yaml', '--json']); "
+            f"main(['params', 'models/configs/{config}', '--json']); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["activated"] == 99_181_056
+    assert json.loads(result.stdout)["activated"] == activated
