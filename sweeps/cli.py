@@ -34,6 +34,16 @@ class UserError(Exception):
     """Bad input from the user (a missing file, an impossible request): exit code 2."""
 
 
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (exit code 2). ``analysis.store.ResultsError`` counts once that module is
+    loaded (it cannot have been raised before), which keeps pandas out of commands that never need it."""
+    types: tuple[type[BaseException], ...] = (ConfigError, UserError)
+    store = sys.modules.get("analysis.store")
+    if store is not None:
+        types += (store.ResultsError,)
+    return types
+
+
 def _available_commands() -> dict[str, tuple[str, str]]:
     return {name: spec for name, spec in COMMANDS.items() if importlib.util.find_spec(spec[0]) is not None}
 
@@ -61,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv[1:])
         try:
             return int(module.run(args) or 0)
-        except (ConfigError, UserError) as exc:
+        except Exception as exc:
+            if not isinstance(exc, user_error_types()):
+                raise
             print(f"embscale {argv[0]}: error: {exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
