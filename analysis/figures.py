@@ -1,0 +1,937 @@
+"""Figures of a sweep, in the paper's figure types, and the table of fits.
+
+:func:`plot_sweep` loads a sweep (collecting it first when its tables are stale), fits the laws and writes,
+as PNG and PDF under ``<sweep>/figures/``, every figure the sweep holds data for; a figure without data is
+skipped with a log line saying why:
+
+- ``fig2_loss_vs_ratio_<size>``: loss against ``ratio = total / activated`` for MoE and each NE anchor, per
+  split, linear and log x, with the fitted ratio laws (bootstrap band) and the crossover ratios marked
+  (those inside the ratios both series cover; the others are in the summary);
+- ``fig3_collisions``: hit and collision rates against the table size, from ``<sweep>/collisions.parquet``;
+- ``fig4_ngram_nk``: final loss per (N, K);
+- ``fig5_norms``: sub-layer output norms against the embedding's at the last evaluation, per amplification,
+  and the loss change each amplification brings;
+- ``fig6_width_loss_reduction`` / ``fig7_depth_loss_reduction``: matched NE-minus-MoE loss across ratios per
+  width / per depth;
+- ``fig9_per_layer``: NE against PLE and PLNE at matched size;
+- ``pareto_<split>``: loss against total and activated parameters, training FLOPs and ratio, with frontiers;
+- ``param_law``: observed against predicted final loss of the parameter-law fits;
+- ``loss_curves``: the curves of a readable subset of runs (at most 8 per series), with a ``L(D)`` fit and its
+  extrapolation to 4x the budget for one run per series.
+
+``<sweep>/summary.csv`` holds one row per fitted quantity (ratio-law slopes and intercepts, parameter-law
+constants and exponents, crossovers) with its bootstrap interval and held-out error.
+
+Figures use fixed margins rather than a layout engine: constrained layout doubled the drawing time, and a
+1,000-run sweep must plot in seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib import ticker  # noqa: E402
+
+from analysis import frontier, laws  # noqa: E402
+from analysis.curves import fit_loss_curve  # noqa: E402
+from analysis.store import (  # noqa: E402
+    FILE_MODE,
+    atomic_write_bytes,
+    load,
+    loss_column,
+    resolve_sweep_dir,
+    splits,
+    usable,
+)
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("png", "pdf")
+PNG_DPI = 130
+STYLE = {
+    "font.size": 8.5,
+    "axes.titlesize": 9.5,
+    "axes.labelsize": 8.5,
+    "figure.titlesize": 10.5,
+    "legend.fontsize": 7,
+    "legend.frameon": False,
+    "xtick.labelsize": 7.5,
+    "ytick.labelsize": 7.5,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.6,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "lines.linewidth": 1.4,
+    "lines.markersize": 4,
+    "pdf.fonttype": 3,  # Type 42 subsetting through fontTools cost a third of the plotting time
+}
+FAMILY_COLORS = {"moe": "#1f77b4", "ne": "#d62728", "ple": "#2ca02c", "plne": "#9467bd", "dense": "#7f7f7f"}
+FAMILY_NAMES = {"moe": "MoE", "ne": "NE", "ple": "PLE", "plne": "PLNE", "dense": "Dense"}
+# NE anchored at different base ratios: lighter for lower anchors
+ANCHOR_SHADES = ["#f4a582", "#d6604d", "#b2182b", "#67001f"]
+MAX_CURVES_PER_SERIES = 8
+NICE_RATIOS = (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+SUBLAYER_ORDER = ("attn0", "attn", "mlp0", "moe", "attn1", "mlp1", "mlp")
+
+Log = Callable[[str], None]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+def _isnan(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def human(n: float) -> str:
+    """6.4e9 -> '6.4B', 2.8e8 -> '280M'."""
+    if _isnan(n) or not np.isfinite(n):
+        return "?"
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def _sci(n: float, _pos: object = None) -> str:
+    """Compact tick label: 3e19, 1.5e20; parameter counts go through :func:`human`."""
+    if n <= 0:
+        return ""
+    exponent = int(math.floor(math.log10(n)))
+    mantissa = n / 10**exponent
+    return f"{mantissa:.2g}e{exponent}" if abs(mantissa - 1) > 1e-9 else f"1e{exponent}"
+
+
+def split_title(split: str) -> str:
+    return "training loss" if split == "train" else f"validation loss ({split[len('val_'):]})"
+
+
+def series_label(family: str, base_ratio: object = None) -> str:
+    name = FAMILY_NAMES.get(family, str(family))
+    if family != "moe" and not _isnan(base_ratio):
+        return f"{name} (base ratio {float(base_ratio):g})"
+    return name
+
+
+def series_color(family: str, base_ratio: object, anchors: Sequence[float]) -> str:
+    if family == "ne" and not _isnan(base_ratio) and len(anchors) > 1 and float(base_ratio) in anchors:
+        index = sorted(anchors).index(float(base_ratio))
+        span = np.linspace(0, len(ANCHOR_SHADES) - 1, len(anchors)).round().astype(int)
+        return ANCHOR_SHADES[span[index]]
+    return FAMILY_COLORS.get(family, "#333333")
+
+
+def size_label(width: object, depth: object, activated: float | None = None) -> str:
+    parts = []
+    if not _isnan(width):
+        parts.append(f"width {float(width):g}")
+    if not _isnan(depth):
+        parts.append(f"depth {float(depth):g}")
+    if activated is not None and np.isfinite(activated):
+        parts.append(f"{human(activated)} activated")
+    return ", ".join(parts)
+
+
+def _slug(*values: object) -> str:
+    out = []
+    for prefix, value in zip(("w", "d"), values, strict=False):
+        if not _isnan(value):
+            out.append(f"{prefix}{float(value):g}")
+    return "_".join(out) or "all"
+
+
+def subplots(nrows: int, ncols: int, panel: tuple[float, float] = (3.2, 2.5), *, left: float = 0.7,
+             right: float = 0.2, bottom: float = 0.55, top: float = 0.65, wgap: float = 0.7, hgap: float = 0.75,
+             **kwargs: object) -> tuple[plt.Figure, np.ndarray]:
+    """A grid of panels of ``panel`` inches with fixed margins (inches); ``axes`` is always 2-D."""
+    width = left + right + ncols * panel[0] + (ncols - 1) * wgap
+    height = bottom + top + nrows * panel[1] + (nrows - 1) * hgap
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, **kwargs)
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height,
+                        top=1 - top / height, wspace=wgap / panel[0], hspace=hgap / panel[1])
+    return fig, axes
+
+
+def _title(fig: plt.Figure, text: str) -> None:
+    fig.suptitle(text, y=1 - 0.12 / fig.get_figheight(), va="top")
+
+
+def ratio_axis(ax: plt.Axes, lo: float, hi: float, log: bool) -> None:
+    """Ratio x axis: log scale with plain ticks at 4, 8, 16, ... when ``log``."""
+    if not log:
+        return
+    ax.set_xscale("log")
+    ticks = [t for t in NICE_RATIOS if lo / 1.05 <= t <= hi * 1.05]
+    if len(ticks) > 7:
+        ticks = ticks[::2]
+    if len(ticks) >= 2:
+        ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _p: f"{v:g}"))
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+
+
+def count_axis(ax: plt.Axes, which: str = "x", kind: str = "params") -> None:
+    """Log axis of parameter counts (280M, 6.4B) or FLOPs (3e19)."""
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+    # ticks at 1, 2 and 5 per decade, so that a range narrower than a decade still gets labels
+    axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _p: human(v) if kind == "params" else _sci(v)))
+    axis.set_minor_locator(ticker.NullLocator())
+
+
+def save_figure(fig: plt.Figure, out_dir: Path, name: str, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Save ``fig`` as ``out_dir/name.<fmt>`` for each format, each atomically (temp file, rename); close it."""
+    paths = []
+    try:
+        for fmt in formats:
+            path = out_dir / f"{name}.{fmt}"
+            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=f".{fmt}")
+            os.close(fd)
+            try:
+                fig.savefig(tmp, format=fmt, dpi=PNG_DPI if fmt == "png" else None)
+                os.chmod(tmp, FILE_MODE)
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+            paths.append(path)
+    finally:
+        plt.close(fig)
+    return paths
+
+
+def _mean_std(frame: pd.DataFrame, by: list[str], column: str) -> pd.DataFrame:
+    return (frame.groupby(by, dropna=False)[column].agg(["mean", "std", "size"]).reset_index()
+            .assign(std=lambda d: d["std"].fillna(0.0)))
+
+
+def _members(runs: pd.DataFrame, keys: list[str], key: tuple) -> pd.DataFrame:
+    """Rows of ``runs`` whose ``keys`` equal ``key`` (NaN matching NaN)."""
+    mask = np.ones(len(runs), dtype=bool)
+    for name, value in zip(keys, key, strict=True):
+        column = runs[name]
+        mask &= column.isna().to_numpy() if _isnan(value) else (column == value).to_numpy()
+    return runs[mask]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# analysis shared by figures and summary
+
+@dataclass
+class Analysis:
+    runs: pd.DataFrame
+    split_names: list[str]
+    ratio_laws: laws.RatioLaws
+    param_laws: laws.ParamLaws
+    crossovers: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+
+def analyse(runs: pd.DataFrame, *, n_boot: int = 400, n_boot_param: int = 100, seed: int = 0) -> Analysis:
+    """Fit every ratio law and parameter law of a runs table and find the crossovers."""
+    split_names = splits(runs)
+    ratio_laws = laws.fit_ratio_laws(runs, split_names=split_names, n_boot=n_boot, seed=seed)
+    param_laws = laws.fit_param_laws(runs, split_names=split_names, n_boot=n_boot_param, seed=seed)
+    crossings = frontier.crossovers(ratio_laws)
+    notes = []
+    if param_laws.skipped:
+        notes.append(f"parameter law skipped for {len(param_laws.skipped)} group(s) whose sizes do not vary "
+                     f"enough, e.g. {param_laws.skipped[0]}")
+    excluded = int((~runs["fit_ok"]).sum()) if len(runs) else 0
+    if excluded:
+        notes.append(f"{excluded} run(s) excluded from fits (failed, diverged, running, ...): see "
+                     "excluded_reason in runs.parquet")
+    return Analysis(runs, split_names, ratio_laws, param_laws, crossings, notes)
+
+
+SUMMARY_COLUMNS = ["law", "group", "split", "parameter", "estimate", "ci_lo", "ci_hi", "n_runs", "heldout_mae",
+                   "heldout_mre", "note"]
+
+
+def summary_table(result: Analysis) -> pd.DataFrame:
+    """One row per fitted quantity, columns :data:`SUMMARY_COLUMNS` (intervals: 95% bootstrap)."""
+    rows = []
+    for _, row in result.ratio_laws.table.iterrows():
+        for name in ("b", "a"):
+            rows.append({"law": "ratio: L = a + b ln(ratio)", "group": row["label"], "split": row["split"],
+                         "parameter": name, "estimate": row[name], "ci_lo": row[f"{name}_lo"],
+                         "ci_hi": row[f"{name}_hi"], "n_runs": row["n_runs"], "heldout_mae": row["heldout_mae"],
+                         "heldout_mre": row["heldout_mre"], "note": row["heldout_note"]})
+    for _, row in result.param_laws.table.iterrows():
+        for name in ("alpha_act", "alpha_tot", "E", "A_act", "A_tot"):
+            rows.append({"law": "param: L = E + A_act/N_act^alpha_act + A_tot/N_tot^alpha_tot",
+                         "group": row["label"], "split": row["split"], "parameter": name,
+                         "estimate": row[name], "ci_lo": row[f"{name}_lo"], "ci_hi": row[f"{name}_hi"],
+                         "n_runs": row["n_runs"], "heldout_mae": row["heldout_mae"],
+                         "heldout_mre": row["heldout_mre"], "note": row["heldout_note"]})
+    keys = result.ratio_laws.keys
+    for _, row in result.crossovers.iterrows():
+        label = laws.group_label({k: row[k] for k in keys if k in row.index})
+        side = "NE lower above r*" if row["ne_wins_above"] else "NE lower below r*"
+        rows.append({"law": "crossover with MoE", "group": label, "split": row["split"], "parameter": "r*",
+                     "estimate": row["crossover"], "ci_lo": row["ci_lo"], "ci_hi": row["ci_hi"],
+                     "n_runs": math.nan, "heldout_mae": math.nan, "heldout_mre": math.nan,
+                     "note": "; ".join(p for p in (side, row["note"]) if p)})
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def format_summary(summary: pd.DataFrame, max_rows: int = 40) -> str:
+    """A compact printed form of the summary: slopes, exponents and crossovers."""
+    if summary.empty:
+        return "no fits (too few usable runs along any axis)"
+    keep = summary[summary["parameter"].isin(["b", "alpha_act", "alpha_tot", "r*"])]
+    # words every group shares (one corpus, amplification=none, ...) are printed once, not on every line
+    words = [set(str(g).split()) for g in keep["group"]]
+    common = set.intersection(*words) if words else set()
+    lines = [f"all groups: {' '.join(sorted(common))}"] if common else []
+    for law, group in keep.groupby("law", sort=False):
+        lines.append(law)
+        for _, row in group.head(max_rows).iterrows():
+            label = " ".join(w for w in str(row["group"]).split() if w not in common)
+            held = f"  held-out MAE {row['heldout_mae']:.4f}" if np.isfinite(row["heldout_mae"]) else ""
+            note = f"  ({row['note']})" if row["parameter"] == "r*" and row["note"] else ""
+            lines.append(f"  {row['split']:<10} {label[:60]:<60} {row['parameter']:>9} = "
+                         f"{row['estimate']:9.4g} [{row['ci_lo']:.4g}, {row['ci_hi']:.4g}]{held}{note}")
+        if len(group) > max_rows:
+            lines.append(f"  ... {len(group) - max_rows} more in summary.csv")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# figure 2: loss against ratio
+
+def _size_groups(result: Analysis) -> list[tuple]:
+    """Backbone sizes (fingerprint, width, depth) with a MoE ratio law and at least one embedding law."""
+    keys = result.ratio_laws.keys
+    size_keys = [k for k in ("corpus_fingerprint", "width", "depth") if k in keys]
+    fam_i = keys.index("family")
+    found: dict[tuple, set[str]] = {}
+    for key, _split in result.ratio_laws.fits:
+        size = tuple(None if _isnan(key[keys.index(k)]) else key[keys.index(k)] for k in size_keys)
+        found.setdefault(size, set()).add(key[fam_i])
+    return [s for s, fams in sorted(found.items(), key=lambda item: str(item[0]))
+            if "moe" in fams and fams & set(frontier.EMBEDDING_FAMILIES)]
+
+
+def fig_loss_vs_ratio(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
+    keys = result.ratio_laws.keys
+    sizes = _size_groups(result) if "family" in keys else []
+    if not sizes:
+        log("fig2 skipped: no backbone size has both a MoE and an NE ratio law (each needs >= 3 ratios)")
+        return []
+    size_keys = [k for k in ("corpus_fingerprint", "width", "depth") if k in keys]
+    fam_i = keys.index("family")
+    base_i = keys.index("base_ratio") if "base_ratio" in keys else None
+    runs = usable(result.runs)
+    multi_print = "corpus_fingerprint" in runs and runs["corpus_fingerprint"].nunique() > 1
+    paths = []
+    for size in sizes:
+        size_of = dict(zip(size_keys, size, strict=True))
+        series: dict[tuple, dict[str, laws.LogLinearFit]] = {}
+        for (key, split), fit in result.ratio_laws.fits.items():
+            if all((None if _isnan(key[keys.index(k)]) else key[keys.index(k)]) == v for k, v in size_of.items()):
+                series.setdefault(key, {})[split] = fit
+        order = sorted(series, key=lambda k: (k[fam_i] != "moe", k[fam_i],
+                                              -1 if base_i is None or _isnan(k[base_i]) else k[base_i]))
+        anchors = sorted({float(k[base_i]) for k in series if base_i is not None and not _isnan(k[base_i])
+                          and k[fam_i] == "ne"})
+        members = {key: _members(runs, keys, key) for key in order}
+        activated = float(pd.concat(members.values())["activated"].median())
+        ratio_lo = min(float(m["ratio"].min()) for m in members.values())
+        ratio_hi = max(float(m["ratio"].max()) for m in members.values())
+        split_names = [s for s in result.split_names if any(s in fits for fits in series.values())]
+        fig, axes = subplots(2, len(split_names), (3.3, 2.45), hgap=0.8)
+        for col, split in enumerate(split_names):
+            crossings = _crossings_for(result, size_of, split)
+            drawn = {}
+            for key in order:
+                fit = series[key].get(split)
+                if fit is None:
+                    continue
+                group = members[key]
+                stats = _mean_std(group, ["target_ratio"], loss_column(split))
+                x = group.groupby("target_ratio")["ratio"].mean().reindex(stats["target_ratio"]).to_numpy()
+                grid = np.geomspace(fit.ratio_min, fit.ratio_max, 40)
+                drawn[key] = (x, stats, grid, fit.predict(grid), *fit.predict_band(grid))
+            for row, log_x in enumerate((False, True)):
+                ax = axes[row, col]
+                for key, (x, stats, grid, line, band_lo, band_hi) in drawn.items():
+                    base = key[base_i] if base_i is not None else None
+                    color = series_color(key[fam_i], base, anchors)
+                    ax.errorbar(x, stats["mean"], yerr=stats["std"], fmt="o", color=color, ms=3.5, capsize=1.5,
+                                label=series_label(key[fam_i], base), zorder=3)
+                    ax.plot(grid, line, color=color, lw=1.2)
+                    ax.fill_between(grid, band_lo, band_hi, color=color, alpha=0.13, lw=0)
+                for _, cross in crossings.iterrows():
+                    if not cross["in_range"]:
+                        continue
+                    r_star = cross["crossover"]
+                    color = series_color(cross.get("family", "ne"), cross.get("base_ratio"), anchors)
+                    ax.axvline(r_star, color=color, ls="--", lw=0.9)
+                    if row == 0:
+                        ci = (f"\n[{cross['ci_lo']:.3g}, {cross['ci_hi']:.3g}]"
+                              if np.isfinite(cross["ci_lo"]) and np.isfinite(cross["ci_hi"]) else "")
+                        ax.annotate(f"r* = {r_star:.3g}{ci}", xy=(r_star, 0.03), xycoords=("data", "axes fraction"),
+                                    xytext=(3, 0), textcoords="offset points", ha="left", va="bottom",
+                                    fontsize=6.5, color=color)
+                ratio_axis(ax, ratio_lo, ratio_hi, log_x)
+                ax.set_xlabel("ratio = total / activated" + (" (log scale)" if log_x else ""))
+                if col == 0:
+                    ax.set_ylabel("final loss")
+                if row == 0:
+                    ax.set_title(split_title(split))
+        axes[0, 0].legend(loc="upper right")
+        width, depth = size_of.get("width"), size_of.get("depth")
+        title = f"Loss against sparsity ratio ({size_label(width, depth, activated)})"
+        name = f"fig2_loss_vs_ratio_{_slug(width, depth)}"
+        if multi_print:
+            title += f", corpus {str(size_of.get('corpus_fingerprint'))[:8]}"
+            name += f"_{str(size_of.get('corpus_fingerprint'))[:8]}"
+        _title(fig, title + "; dashed: crossover r* with 95% CI")
+        paths += save_figure(fig, out_dir, name)
+    return paths
+
+
+def _crossings_for(result: Analysis, size_of: dict, split: str) -> pd.DataFrame:
+    cross = result.crossovers
+    if cross.empty:
+        return cross
+    mask = cross["split"] == split
+    for name, value in size_of.items():
+        mask &= cross[name].isna() if value is None else cross[name] == value
+    return cross[mask]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# figure 3: collisions
+
+def fig_collisions(sweep_dir: Path | None, runs: pd.DataFrame, out_dir: Path, log: Log) -> list[Path]:
+    path = sweep_dir / "collisions.parquet" if sweep_dir is not None else None
+    if path is None or not path.exists():
+        log("fig3 skipped: no collisions.parquet in the sweep folder (`embscale collisions` writes it)")
+        return []
+    table = pd.read_parquet(path)
+    needed = {"table_size", "hit_rate", "collision_rate"}
+    if not needed <= set(table.columns):
+        log(f"fig3 skipped: {path} lacks columns {sorted(needed - set(table.columns))}")
+        return []
+    for name, default in (("policy", "default"), ("order", 2)):
+        if name not in table.columns:
+            table[name] = default
+    vocab = float(table["vocab_size"].iloc[0]) if "vocab_size" in table.columns else None
+    if vocab is None and "vocab_size" in runs.columns and runs["vocab_size"].notna().any():
+        vocab = float(runs["vocab_size"].mode().iloc[0])
+    table = table.assign(x=table["table_size"] / vocab if vocab else table["table_size"])
+    fig, axes = subplots(1, 2, (3.8, 2.6), right=1.3)
+    orders = sorted(table["order"].unique())
+    cmap = plt.get_cmap("viridis")
+    styles = ["-", "--", ":", "-."]
+    for p_i, policy in enumerate(sorted(table["policy"].astype(str).unique())):
+        for o_i, order in enumerate(orders):
+            sub = table[(table["policy"].astype(str) == policy) & (table["order"] == order)].sort_values("x")
+            color = cmap(o_i / max(1, len(orders) - 1) * 0.85)
+            label = f"{order}-gram, {policy}"
+            axes[0, 0].plot(sub["x"], sub["hit_rate"], ls=styles[p_i % 4], color=color, label=label, lw=1.1)
+            axes[0, 1].plot(sub["x"], sub["collision_rate"], ls=styles[p_i % 4], color=color, label=label, lw=1.1)
+    if vocab:
+        lo, hi = table["x"].min(), table["x"].max()
+        for m in range(int(math.ceil(lo)), int(math.floor(hi)) + 1):
+            axes[0, 1].axvline(m, color="#888888", lw=0.7, ls=":")
+    for ax in axes[0]:
+        ax.set_xlabel("table size / base vocabulary V0" if vocab else "table size (rows)")
+    axes[0, 0].set_ylabel("hit rate")
+    axes[0, 1].set_ylabel("collision rate")
+    axes[0, 0].set_title("n-gram hit rate")
+    axes[0, 1].set_title("collision rate (dotted: integer multiples of V0)" if vocab else "collision rate")
+    axes[0, 1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    _title(fig, "N-gram embedding table size")
+    return save_figure(fig, out_dir, "fig3_collisions")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# figure 4: N by K
+
+def fig_ngram_nk(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
+    runs = usable(result.runs)
+    if not {"ngram_n", "ngram_k", "target_ratio"} <= set(runs.columns):
+        log("fig4 skipped: no n-gram order/count columns")
+        return []
+    ne = runs[(runs["family"] == "ne") & runs["ngram_n"].notna() & runs["ngram_k"].notna()]
+    keys = [k for k in ("corpus_fingerprint", "width", "depth", "target_ratio", "base_ratio", "amplification",
+                        "sizing") if k in ne.columns]
+    best, best_count = None, 1
+    for key, group in ne.groupby(keys, dropna=False):
+        count = len(group[["ngram_n", "ngram_k"]].drop_duplicates())
+        if count > best_count:
+            best, best_count = (key, group), count
+    if best is None:
+        log("fig4 skipped: no NE configuration was run with more than one (N, K)")
+        return []
+    key, group = best
+    fixed = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
+    split_names = [s for s in result.split_names if loss_column(s) in group.columns]
+    fig, axes = subplots(1, len(split_names), (2.9, 2.4), bottom=0.75)
+    for ax, split in zip(axes[0], split_names, strict=True):
+        stats = _mean_std(group, ["ngram_n", "ngram_k"], loss_column(split)).sort_values(["ngram_n", "ngram_k"])
+        labels = [f"N{int(n)}-K{int(k)}" for n, k in zip(stats["ngram_n"], stats["ngram_k"], strict=True)]
+        xs = np.arange(len(stats))
+        means = stats["mean"].to_numpy()
+        floor = float(means.min())
+        span = max(float(means.max() - floor), 1e-3)
+        colors = [FAMILY_COLORS["ne"] if i != int(np.argmin(means)) else "#67001f" for i in range(len(stats))]
+        ax.bar(xs, means - (floor - 0.3 * span), bottom=floor - 0.3 * span, color=colors, alpha=0.85,
+               yerr=stats["std"], capsize=2, width=0.65)
+        ax.set_ylim(floor - 0.3 * span, float((means + stats["std"].to_numpy()).max()) + 0.15 * span)
+        ax.set_xticks(xs, labels, rotation=35, ha="right")
+        ax.set_title(split_title(split))
+        ax.grid(axis="x", visible=False)
+    axes[0, 0].set_ylabel("final loss (mean over seeds)")
+    activated = float(group["activated"].median()) if "activated" in group else None
+    _title(fig, f"N-gram order N and sub-tables per order K, NE at ratio {float(fixed['target_ratio']):g} "
+                f"({size_label(fixed.get('width'), fixed.get('depth'), activated)}); dark: best")
+    return save_figure(fig, out_dir, "fig4_ngram_nk")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# figure 5: output norms
+
+def norm_components(columns: Sequence[str], limit: int = 12) -> list[str]:
+    """``norm_embedding`` first, then sub-layer norms in layer and execution order, at most ``limit``."""
+    norms = [c for c in columns if c.startswith("norm_") and c != "norm_embedding"]
+
+    def order(name: str) -> tuple:
+        body = name[len("norm_"):]
+        layer, _, sub = body.partition(".")
+        digits = "".join(ch for ch in layer if ch.isdigit())
+        rank = SUBLAYER_ORDER.index(sub) if sub in SUBLAYER_ORDER else len(SUBLAYER_ORDER)
+        return (int(digits) if digits else 10**6, rank, body)
+
+    first = ["norm_embedding"] if "norm_embedding" in columns else []
+    return first + sorted(norms, key=order)[:limit - len(first)]
+
+
+def fig_norms(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
+    runs = usable(result.runs)
+    components = norm_components(list(runs.columns))
+    if "norm_embedding" not in components or len(components) < 2:
+        log("fig5 skipped: no norm_embedding and sub-layer norm_* columns in the metrics")
+        return []
+    with_norms = runs[runs["norm_embedding"].notna()]
+    if with_norms.empty:
+        log("fig5 skipped: no usable run recorded norms")
+        return []
+    amp = "amplification" if "amplification" in with_norms.columns else None
+    variant = with_norms[amp].fillna("none").astype(str) if amp else pd.Series("-", index=with_norms.index)
+    with_norms = with_norms.assign(_variant=variant)
+    keys = [k for k in ("corpus_fingerprint", "family", "width", "depth", "target_ratio", "base_ratio", "ngram_n",
+                        "ngram_k") if k in with_norms.columns]
+    # the configuration run with the most amplification variants (then the most runs)
+    best, best_rank = None, (-1, -1)
+    for key, group in with_norms.groupby(keys, dropna=False):
+        rank = (group["_variant"].nunique(), len(group))
+        if rank > best_rank:
+            best, best_rank = (key, group), rank
+    key, group = best
+    fixed = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
+    variants = sorted(group["_variant"].unique(), key=lambda v: (v != "none", v))
+    fig, axes = subplots(1, 2, (5.4, 2.6), bottom=0.95, wgap=0.9, width_ratios=[2.2, 1])
+    ax = axes[0, 0]
+    width = 0.8 / len(variants)
+    xs = np.arange(len(components))
+    cmap = plt.get_cmap("tab10")
+    for v_i, name in enumerate(variants):
+        values = group.loc[group["_variant"] == name, components].mean().to_numpy()
+        ax.bar(xs + (v_i - (len(variants) - 1) / 2) * width, values, width, label=f"amplification: {name}",
+               color=cmap(v_i))
+    ax.set_yscale("log")
+    ax.set_xticks(xs, [c[len("norm_"):] for c in components], rotation=40, ha="right")
+    ax.set_ylabel("RMS norm of output, last evaluation")
+    ax.set_title("embedding output against sub-layer outputs")
+    ax.grid(axis="x", visible=False)
+    ax.legend(loc="upper left")
+    ax = axes[0, 1]
+    split_names = [s for s in result.split_names if loss_column(s) in group.columns]
+    if len(variants) > 1:
+        reference = "none" if "none" in variants else variants[0]
+        others = [v for v in variants if v != reference]
+        step = 0.8 / max(1, len(split_names))
+        for s_i, split in enumerate(split_names):
+            means = group.groupby("_variant")[loss_column(split)].mean()
+            deltas = [means[v] - means[reference] for v in others]
+            ax.bar(np.arange(len(others)) + (s_i - (len(split_names) - 1) / 2) * step, deltas, step,
+                   label=split_title(split))
+        ax.axhline(0, color="#444444", lw=0.8)
+        ax.set_xticks(np.arange(len(others)), others)
+        ax.set_ylabel(f"final loss minus loss with '{reference}'")
+        ax.set_title("loss change from amplification")
+        ax.grid(axis="x", visible=False)
+        ax.legend(loc="best")
+    else:
+        for split in split_names:
+            ax.bar([split_title(split)], [group[loss_column(split)].mean()])
+        ax.set_title(f"final loss ({variants[0]})")
+        ax.tick_params(axis="x", rotation=30)
+    _title(fig, f"Output norms: {series_label(fixed.get('family', ''), fixed.get('base_ratio'))} at ratio "
+                f"{float(fixed.get('target_ratio', math.nan)):g}, {size_label(fixed.get('width'), fixed.get('depth'))}")
+    return save_figure(fig, out_dir, "fig5_norms")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# figures 6 and 7: NE minus matched MoE across width and depth
+
+def fig_reduction(result: Analysis, out_dir: Path, log: Log, by: str) -> list[Path]:
+    other = "depth" if by == "width" else "width"
+    number = "fig6" if by == "width" else "fig7"
+    runs = usable(result.runs)
+    if by not in runs.columns or other not in runs.columns:
+        log(f"{number} skipped: no {by} column")
+        return []
+    pairs = frontier.matched_pairs(runs, "train", families=("ne",))
+    if pairs.empty:
+        log(f"{number} skipped: no NE run has a matched MoE run (same target ratio, width, depth, seed)")
+        return []
+    counts = pairs.groupby(other, dropna=False)[by].nunique()
+    if counts.max() < 2:
+        log(f"{number} skipped: the matched NE/MoE pairs cover a single {by} at every {other}")
+        return []
+    fixed_other = counts.idxmax()
+    subset = runs[runs[other] == fixed_other] if not _isnan(fixed_other) else runs[runs[other].isna()]
+    split_names = result.split_names
+    fig, axes = subplots(1, len(split_names), (3.1, 2.5), sharey=True, wgap=0.35)
+    cmap = plt.get_cmap("viridis")
+    styles = ["-", "--", ":", "-."]
+    lo, hi = math.inf, 0.0
+    for ax, split in zip(axes[0], split_names, strict=True):
+        table = frontier.loss_reduction(subset, split, by=by)
+        if table.empty:
+            continue
+        values = sorted(table[by].dropna().unique())
+        bases = sorted(table["base_ratio"].dropna().unique()) if "base_ratio" in table else []
+        for v_i, value in enumerate(values):
+            for b_i, base in enumerate(bases or [None]):
+                sub = table[table[by] == value]
+                if base is not None:
+                    sub = sub[sub["base_ratio"] == base]
+                if sub.empty:
+                    continue
+                sub = sub.sort_values("ratio")
+                lo, hi = min(lo, float(sub["ratio"].min())), max(hi, float(sub["ratio"].max()))
+                color = cmap(v_i / max(1, len(values) - 1) * 0.85)
+                act = subset.loc[subset[by] == value, "activated"].median()
+                label = f"{by} {value:g} ({human(act)} act.)" + (f", base {base:g}" if len(bases) > 1 else "")
+                ax.errorbar(sub["ratio"], sub["delta"], yerr=sub["delta_std"], color=color, ls=styles[b_i % 4],
+                            marker="o", ms=3, capsize=1.5, label=label)
+        ax.axhline(0.0, color="#444444", lw=0.8)
+        ax.set_xlabel("ratio = total / activated")
+        ax.set_title(split_title(split))
+    for ax in axes[0]:
+        ratio_axis(ax, lo, hi, True)
+    axes[0, 0].set_ylabel("loss(NE) - loss(matched MoE)")
+    axes[0, 0].legend(loc="best")
+    _title(fig, f"NE against parameter-matched MoE across {by} ({other} {float(fixed_other):g}); "
+                "below zero: NE better")
+    return save_figure(fig, out_dir, f"{number}_{by}_loss_reduction")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# figure 9: NE, PLE, PLNE
+
+def fig_per_layer(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
+    runs = usable(result.runs)
+    emb = runs[runs["family"].isin(["ne", "ple", "plne"])]
+    if not ({"ple", "plne"} & set(emb["family"])) or emb["family"].nunique() < 2:
+        log("fig9 skipped: the sweep does not hold NE together with PLE or PLNE runs")
+        return []
+    ne = frontier.dominant_variant(emb[emb["family"] == "ne"])
+    candidates = pd.concat([ne, emb[emb["family"] != "ne"], runs[runs["family"] == "moe"]])
+    keys = [k for k in ("corpus_fingerprint", "width", "depth", "target_ratio") if k in candidates.columns]
+    configs = []
+    for key, group in candidates.groupby(keys, dropna=False):
+        if len(set(group["family"]) & {"ne", "ple", "plne"}) >= 2:
+            configs.append((dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True)), group))
+    if not configs:
+        log("fig9 skipped: no configuration (width, depth, ratio) holds two of NE, PLE, PLNE")
+        return []
+    configs = configs[:6]
+    split_names = result.split_names
+    families = [f for f in ("moe", "ne", "ple", "plne") if any(f in set(g["family"]) for _, g in configs)]
+    fig, axes = subplots(1, len(split_names), (max(2.4, 1.0 + 0.9 * len(configs)), 2.5), bottom=0.7)
+    step = 0.8 / len(families)
+    for ax, split in zip(axes[0], split_names, strict=True):
+        ymin, ymax = math.inf, -math.inf
+        for c_i, (_fixed, group) in enumerate(configs):
+            for f_i, family in enumerate(families):
+                sub = group[group["family"] == family]
+                if sub.empty:
+                    continue
+                mean, std = sub[loss_column(split)].mean(), sub[loss_column(split)].std()
+                x = c_i + (f_i - (len(families) - 1) / 2) * step
+                ax.errorbar([x], [mean], yerr=[0.0 if _isnan(std) else std], fmt="s", ms=5, capsize=2,
+                            color=FAMILY_COLORS[family], label=FAMILY_NAMES[family] if c_i == 0 else None)
+                ax.annotate(human(float(sub["total"].median())), (x, mean), textcoords="offset points",
+                            xytext=(0, 5), ha="center", fontsize=6)
+                spread = 0.0 if _isnan(std) else std
+                ymin, ymax = min(ymin, mean - spread), max(ymax, mean + spread)
+        ax.set_xticks(range(len(configs)), [
+            f"w{float(f.get('width', math.nan)):g} d{float(f.get('depth', math.nan)):g}\n"
+            f"ratio {float(f['target_ratio']):g}" for f, _ in configs])
+        pad = max(ymax - ymin, 1e-3) * 0.15
+        ax.set_ylim(ymin - pad, ymax + 2 * pad)
+        ax.set_xlim(-0.6, len(configs) - 0.4)
+        ax.set_title(split_title(split))
+        ax.grid(axis="x", visible=False)
+    axes[0, 0].set_ylabel("final loss")
+    axes[0, 0].legend(loc="best")
+    _title(fig, "NE against Per-Layer Embedding (PLE) and Per-Layer NE (PLNE); labels: total parameters")
+    return save_figure(fig, out_dir, "fig9_per_layer")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pareto frontiers
+
+AXIS_LABELS = {"total": "total parameters", "activated": "activated parameters",
+               "flops": "training FLOPs", "ratio": "ratio = total / activated"}
+
+
+def fig_pareto(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
+    runs = usable(result.runs)
+    axes_present = [a for a in frontier.COST_AXES if a in runs.columns and runs[a].notna().any()]
+    if runs.empty or not axes_present:
+        log("pareto skipped: no usable runs with costs")
+        return []
+    families = [f for f in FAMILY_COLORS if f in set(runs["family"])] + sorted(
+        set(runs["family"].dropna()) - set(FAMILY_COLORS))
+    paths = []
+    for split in result.split_names:
+        column = loss_column(split)
+        fig, axes = subplots(1, len(axes_present), (2.7, 2.4), sharey=True, wgap=0.3)
+        table = frontier.frontiers(runs, split, axes_present, by="family")
+        for ax, axis in zip(axes[0], axes_present, strict=True):
+            for family in families:
+                color = FAMILY_COLORS.get(family, "#333333")
+                sub = runs[runs["family"] == family]
+                ax.scatter(sub[axis], sub[column], s=6, color=color, alpha=0.3, lw=0, rasterized=True)
+                front = table[(table["axis"] == axis) & (table["group"] == family)]
+                if len(front):
+                    ax.step(front["cost"], front["loss"], where="post", color=color, lw=1.3,
+                            label=FAMILY_NAMES.get(family, family))
+                    ax.plot(front["cost"], front["loss"], "o", color=color, ms=3)
+            if axis == "ratio":
+                ratio_axis(ax, float(runs["ratio"].min()), float(runs["ratio"].max()), True)
+            else:
+                count_axis(ax, "x", "flops" if axis == "flops" else "params")
+            ax.set_xlabel(AXIS_LABELS[axis])
+        axes[0, 0].set_ylabel(f"final {split_title(split)}")
+        axes[0, -1].legend(loc="upper right")
+        _title(fig, f"Pareto frontiers, {split_title(split)} (points: runs; lines: frontier per family)")
+        paths += save_figure(fig, out_dir, f"pareto_{split}")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parameter-law parity
+
+def fig_param_law(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
+    fits = result.param_laws.fits
+    if not fits:
+        log("param_law skipped: no group has enough activated and total sizes for the parameter law")
+        return []
+    keys = result.param_laws.keys
+    runs = usable(result.runs)
+    split_names = [s for s in result.split_names if any(split == s for _, split in fits)]
+    fig, axes = subplots(1, len(split_names), (2.9, 2.9), wgap=0.8)
+    fam_i = keys.index("family")
+    base_i = keys.index("base_ratio") if "base_ratio" in keys else None
+    anchors = sorted({float(k[base_i]) for k, _ in fits if base_i is not None and not _isnan(k[base_i])})
+    for ax, split in zip(axes[0], split_names, strict=True):
+        lo, hi = math.inf, -math.inf
+        for (key, s), fit in fits.items():
+            if s != split:
+                continue
+            members = _members(runs, keys, key)
+            members = members[np.isfinite(members[loss_column(split)])]
+            pred = fit.predict(members["activated"].to_numpy(), members["total"].to_numpy())
+            obs = members[loss_column(split)].to_numpy()
+            base = key[base_i] if base_i is not None else None
+            label = f"{series_label(key[fam_i], base)}: a_act {fit.alpha[0]:.2f}, a_tot {fit.alpha[1]:.2f}"
+            ax.scatter(pred, obs, s=7, color=series_color(key[fam_i], base, anchors), label=label, alpha=0.6,
+                       lw=0, rasterized=True)
+            lo, hi = min(lo, pred.min(), obs.min()), max(hi, pred.max(), obs.max())
+        ax.plot([lo, hi], [lo, hi], color="#444444", lw=0.8)
+        ax.set_xlabel("predicted final loss")
+        ax.set_title(split_title(split))
+        ax.legend(loc="upper left")
+    axes[0, 0].set_ylabel("observed final loss")
+    _title(fig, "Parameter law L = E + A/N_act^a_act + B/N_tot^a_tot (Huber in log space, L-BFGS-B)")
+    return save_figure(fig, out_dir, "param_law")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loss curves of a readable subset of runs
+
+def pick_curve_runs(runs: pd.DataFrame, per_series: int = MAX_CURVES_PER_SERIES) -> dict[str, list[str]]:
+    """Up to ``per_series`` usable runs per series (family and NE anchor), spanning its ratios, from its most
+    common width, depth, seed and n-gram variant. Keys are series labels; runs are in ratio order."""
+    data = usable(runs)
+    out: dict[str, list[str]] = {}
+    keys = [k for k in ("family", "base_ratio") if k in data.columns]
+    for key, group in data.groupby(keys, dropna=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        family = str(key[0])
+        for name in ("width", "depth", "seed"):
+            if name in group.columns and group[name].notna().any():
+                group = group[group[name] == group[name].mode().iloc[0]]
+        if family != "moe":
+            group = frontier.dominant_variant(group)
+        group = group.sort_values(["ratio", "run_id"]).drop_duplicates("target_ratio")
+        if len(group) > per_series:
+            take = np.unique(np.linspace(0, len(group) - 1, per_series).round().astype(int))
+            group = group.iloc[take]
+        out[series_label(family, key[1] if len(key) > 1 else None)] = group["run_id"].tolist()
+    order = {name: i for i, name in enumerate(FAMILY_NAMES.values())}
+    return dict(sorted(out.items(), key=lambda item: (order.get(item[0].split(" ")[0], 99), item[0])))
+
+
+def fig_loss_curves(result: Analysis, curves: pd.DataFrame, out_dir: Path, log: Log) -> list[Path]:
+    if curves is None or curves.empty:
+        log("loss_curves skipped: no curves (no run has metrics)")
+        return []
+    runs = usable(result.runs)
+    chosen = pick_curve_runs(runs)
+    if not chosen:
+        log("loss_curves skipped: no usable runs")
+        return []
+    val = [s for s in result.split_names if s != "train"]
+    split = val[0] if val else "train"
+    column = f"{split}_loss" if split != "train" else "train_loss"
+    if column not in curves.columns:
+        column, split = "train_loss", "train"
+    wanted = {r for ids in chosen.values() for r in ids}
+    sub = curves[curves["run_id"].isin(wanted)]
+    if "sweep" in curves.columns and "sweep" in runs.columns:
+        sweep_of = runs.drop_duplicates("run_id").set_index("run_id")["sweep"]
+        sub = sub[sub["sweep"].to_numpy() == sub["run_id"].map(sweep_of).to_numpy()]
+    by_run = {rid: g for rid, g in sub.groupby("run_id", sort=False)}
+    ratio_of = runs.drop_duplicates("run_id").set_index("run_id")["ratio"]
+    target_of = (runs.drop_duplicates("run_id").set_index("run_id")["target_ratio"]
+                 if "target_ratio" in runs.columns else ratio_of)
+    series = list(chosen)
+    ncols = min(len(series), 5)
+    nrows = int(math.ceil(len(series) / ncols))
+    fig, axes = subplots(nrows, ncols, (2.8, 2.4), sharey=True, wgap=0.3, hgap=0.8)
+    cmap = plt.get_cmap("viridis")
+    ratios = [r for ids in chosen.values() for r in ratio_of.reindex(ids).to_numpy() if r > 0]
+    r_lo, r_hi = (math.log(min(ratios)), math.log(max(ratios))) if ratios else (0.0, 1.0)
+    r_hi = max(r_hi, r_lo + 1e-9)
+    for index, label in enumerate(series):
+        ax = axes[index // ncols, index % ncols]
+        ids = chosen[label]
+        for run_id in ids:
+            group = by_run.get(run_id)
+            if group is None:
+                continue
+            ratio = float(ratio_of.get(run_id, math.nan))
+            color = cmap((math.log(ratio) - r_lo) / (r_hi - r_lo) * 0.9) if ratio > 0 else "#333333"
+            target = float(target_of.get(run_id, math.nan))
+            ax.plot(group["tokens"], group[column], color=color, lw=1.0,
+                    label=f"ratio {target if np.isfinite(target) else ratio:.3g}")
+        if ids and ids[-1] in by_run:  # the data law and its extrapolation, for the largest-ratio run
+            group = by_run[ids[-1]]
+            try:
+                fit = fit_loss_curve(group["tokens"].to_numpy(), group[column].to_numpy())
+            except ValueError as exc:
+                log(f"loss_curves: no L(D) fit for {ids[-1]}: {exc}")
+            else:
+                grid = np.geomspace(fit.tokens_min, 4 * fit.tokens_max, 50)
+                mean, lo, hi = fit.extrapolate(grid)
+                ax.plot(grid, mean, color="black", ls="--", lw=0.9,
+                        label=f"fit {fit.E:.3g} + A D^-{fit.alpha:.2f}")
+                ax.fill_between(grid, lo, hi, color="black", alpha=0.12, lw=0)
+                ax.annotate(f"4x tokens: {mean[-1]:.3f}\n[{lo[-1]:.3f}, {hi[-1]:.3f}]", xy=(0.97, 0.97),
+                            xycoords="axes fraction", ha="right", va="top", fontsize=6.5)
+        count_axis(ax, "x", "params")
+        ax.set_xlabel("training tokens")
+        ax.set_title(f"{label} ({len(ids)} runs)")
+        ax.legend(loc="lower left", fontsize=6)
+    for index in range(len(series), nrows * ncols):
+        axes[index // ncols, index % ncols].set_visible(False)
+    for row in range(nrows):
+        axes[row, 0].set_ylabel(split_title(split))
+    finite = sub[column][np.isfinite(sub[column])] if column in sub else pd.Series(dtype=float)
+    if len(finite):
+        low, high = np.nanpercentile(finite, [0.5, 95])
+        axes[0, 0].set_ylim(low - 0.05 * (high - low), high)
+    _title(fig, f"Loss curves, one size and seed per series ({split_title(split)}); dashed: L(D) fit, 95% band")
+    return save_figure(fig, out_dir, "loss_curves")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the whole sweep
+
+@dataclass
+class PlotResult:
+    sweep_dir: Path
+    figures: list[Path]
+    summary: pd.DataFrame
+    summary_path: Path | None
+    skipped: list[str]
+
+
+def plot_results(runs: pd.DataFrame, curves: pd.DataFrame, out_dir: str | Path, *,
+                 sweep_dir: Path | None = None, n_boot: int = 400, n_boot_param: int = 100,
+                 log: Log | None = None) -> tuple[list[Path], pd.DataFrame, list[str]]:
+    """Fit and draw every figure the runs support into ``out_dir``; returns (paths, summary, skip lines)."""
+    skipped: list[str] = []
+    emit = log or logger.info
+
+    def note(message: str) -> None:
+        skipped.append(message)
+        emit(message)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = analyse(runs, n_boot=n_boot, n_boot_param=n_boot_param)
+    for line in result.notes:
+        emit(line)
+    paths: list[Path] = []
+    with plt.rc_context(STYLE):
+        paths += fig_loss_vs_ratio(result, out_dir, note)
+        paths += fig_collisions(sweep_dir, runs, out_dir, note)
+        paths += fig_ngram_nk(result, out_dir, note)
+        paths += fig_norms(result, out_dir, note)
+        paths += fig_reduction(result, out_dir, note, "width")
+        paths += fig_reduction(result, out_dir, note, "depth")
+        paths += fig_per_layer(result, out_dir, note)
+        paths += fig_pareto(result, out_dir, note)
+        paths += fig_param_law(result, out_dir, note)
+        paths += fig_loss_curves(result, curves, out_dir, note)
+    return paths, summary_table(result), skipped
+
+
+def plot_sweep(sweep: str | os.PathLike, *, results: str | os.PathLike = "results", n_boot: int = 400,
+               n_boot_param: int = 100, log: Log | None = None) -> PlotResult:
+    """Load (collecting when stale), fit and plot one sweep into ``<sweep>/figures/``; write ``summary.csv``."""
+    sweep_dir = resolve_sweep_dir(sweep, results)
+    emit = log or logger.info
+    runs, curves = load(sweep_dir, progress=lambda done, total: emit(f"collecting: {done}/{total} runs read"))
+    paths, summary, skipped = plot_results(runs, curves, sweep_dir / "figures", sweep_dir=sweep_dir,
+                                           n_boot=n_boot, n_boot_param=n_boot_param, log=log)
+    summary_path = sweep_dir / "summary.csv"
+    atomic_write_bytes(summary_path, summary.to_csv(index=False).encode())
+    return PlotResult(sweep_dir, paths, summary, summary_path, skipped)
