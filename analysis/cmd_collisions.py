@@ -32,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", default=",".join(POLICIES), help="comma list of paper, prime, exact")
     parser.add_argument("--max-order", type=int, default=4, help="highest n-gram order (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sequence sample")
-    parser.add_argument("--out", default="results/collisions", help="output folder")
+    parser.add_argument("--out", default="results/collisions",
+                        help="output folder; give a sweep's folder (results/<sweep>) to have `embscale plots` "
+                             "draw Figure 3 with that sweep")
 
 
 def parse_sizes(text: str, vocab_size: int) -> list[int]:
@@ -105,9 +107,14 @@ def run(args: argparse.Namespace) -> int:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
-    from analysis.figures import plot_collisions
+    import matplotlib.pyplot as plt
+    import pandas as pd
 
-    figures = plot_collisions(table, out)
+    from analysis.figures import STYLE, fig_collisions
+
+    (out / "figures").mkdir(exist_ok=True)
+    with plt.rc_context(STYLE):
+        figures = fig_collisions(out, pd.DataFrame(), out / "figures", lambda line: print(line, flush=True))
     summary = spike_summary(table, vocab_size, order=2)
     print(f"computed in {elapsed:.1f}s")
     print("2-gram collision rate near integer multiples of V0 (modulus within 0.002 V0) vs elsewhere:")
