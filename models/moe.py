@@ -171,13 +171,12 @@ def grouped_linear(a: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     if (_GROUPED_MM is not None and a.is_cuda and a.dtype == torch.bfloat16 and k % 8 == 0 and n % 8 == 0):
         return _GROUPED_MM(a, weight.transpose(-2, -1), offs=offsets)
     # Fallback (CPU, or CUDA outside bf16): a loop over the contiguous segments; reads offsets on the host.
-    ends = offsets.tolist()
-    pieces, start = [], 0
-    for e, end in enumerate(ends):
-        if end > start:
-            pieces.append(a[start:end] @ weight[e].T)
-        start = end
-    pieces.append(a.new_zeros(m - start, n))
+    # split/unbind rather than slicing and weight[e]: their backward concatenates and stacks, where slicing
+    # would zero-fill a full-size gradient for every expert (measured 3x slower per CPU training step).
+    sizes = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
+    segments = a.split(sizes + [m - sum(sizes)])
+    pieces = [segment @ w.T for segment, w in zip(segments[:-1], weight.unbind(0), strict=True)]
+    pieces.append(a.new_zeros(segments[-1].shape[0], n))
     return torch.cat(pieces, dim=0)
 
 
