@@ -1,0 +1,27 @@
+"""Both notebooks run top to bottom against the committed results fixture, so they never rot."""
+
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "tests" / "fixtures" / "results"
+
+
+@pytest.mark.parametrize("name", ["explore.ipynb", "frontiers.ipynb"])
+def test_notebook_runs(name, tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURE, results)  # the notebooks collect into the folder; keep the fixture untouched
+    monkeypatch.setenv("EMBSCALE_RESULTS", str(results))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    notebook = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "runs from 1 sweep(s)" in text
