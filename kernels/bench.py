@@ -259,8 +259,16 @@ def run(args: argparse.Namespace) -> int:
     report: dict = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                     "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                     "triton": triton.__version__, "python": platform.python_version(), "notes": []}
-    log = lambda message: print(f"[bench] {message}", flush=True)  # noqa: E731
+    def log(message: str) -> None:
+        print(f"[bench] {message}", flush=True)
+
+    def save() -> None:  # after every measurement, so a run cut short keeps what it measured
+        _write_atomic(Path(args.out), render(report))
+        if args.json:
+            _write_atomic(Path(args.json), json.dumps(report, indent=2))
+
     report["ceilings"] = measure_ceilings()
+    save()
     log(f"ceilings: copy {report['ceilings']['copy_tb_s']:.2f} TB/s, "
         f"GEMM {report['ceilings']['gemm_tflop_s']:.0f} TFLOP/s")
     if "moe" in sections:
@@ -268,10 +276,12 @@ def run(args: argparse.Namespace) -> int:
         for zero in (0, 32):
             report["moe"].append(measure_moe(report["ceilings"], zero))
             r = report["moe"][-1]
+            save()
             log(f"moe zero={zero}: {r['fast_ms']:.2f} ms (floor {r['floor_ms']:.2f}), "
                 f"loop {r.get('naive_ms', 0):.1f} ms")
     if "ngram" in sections:
         report["ngram"] = measure_ngram(report["ceilings"])
+        save()
         r = report["ngram"]
         log(f"ngram: default {r['default_forward_backward_ms']:.2f} ms, naive {r['naive_forward_backward_ms']:.2f} ms")
     if "model" in sections:
@@ -287,11 +297,10 @@ def run(args: argparse.Namespace) -> int:
                     log(report["notes"][-1])
                     continue
                 report["model"].append(r)
+                save()
                 log(f"model {name} compiled={compiled}: {r['step_ms']:.1f} ms/step, "
                     f"{r['tokens_per_s'] / 1e3:.0f}k tokens/s, MFU {r['mfu']:.1%}")
-    _write_atomic(Path(args.out), render(report))
-    if args.json:
-        _write_atomic(Path(args.json), json.dumps(report, indent=2))
+    save()
     print(render(report))
     return 0
 

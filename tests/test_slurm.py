@@ -1,0 +1,159 @@
+"""Dispatch through a real one-node Slurm cluster (installed with apt and started by the fixture): a sweep as a
+job array, a running job requeued with ``scontrol requeue`` that resumes from its checkpoint and ends on the
+uninterrupted loss curve, and a cancelled sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import tiny_sweep as T
+from slurm_cluster import ClusterUnavailable, SlurmCluster, ensure_installed
+
+from sweeps import dispatch
+from sweeps import jobs as J
+from sweeps.cli import main
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Install (if needed) and start a one-node cluster; stop it by process id afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster needs root (to install slurm and munge with apt and run slurmd)")
+    try:
+        spent = ensure_installed()
+    except ClusterUnavailable as exc:
+        pytest.skip(f"no local Slurm: {exc}")
+    if spent:
+        print(f"installed slurm and munge in {spent:.1f}s")
+    root = tmp_path_factory.mktemp("slurm")
+    data = T.write_corpus(root / "corpus")
+    env = T.job_environment(root / "cache", root / "results")
+    cluster = SlurmCluster(root / "cluster")
+    saved = dict(os.environ)
+    os.environ.update({k: env[k] for k in ("EMBSCALE_CACHE", "EMBSCALE_RESULTS", "EMBSCALE_PROGRESS",
+                                           "OMP_NUM_THREADS")})
+    os.environ.pop("EMBSCALE_FAKE_GPUS", None)
+    try:
+        cluster.start()
+        os.environ.update(cluster.env)
+        from sweeps.data import prepare_data
+        from sweeps.run_config import DataConfig
+
+        prepare_data(DataConfig(**data))
+        yield {"cluster": cluster, "root": root, "data": data, "results": root / "results"}
+    finally:
+        cluster.stop()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def wait_until(condition, timeout: float, what: str, cluster: SlurmCluster, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    queue = cluster.run("squeue", "-h", "-r", "-o", "%i %T %r", check=False).stdout
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; squeue:\n{queue}\n{cluster.logs(10)}")
+
+
+def status_of(sweep: Path, capsys) -> dict:
+    capsys.readouterr()
+    assert main(["status", str(sweep), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_sweep_as_job_array(cluster, capsys):
+    sweep = T.write_sweep(cluster["root"] / "slurm_array.yaml",
+                          T.sweep_mapping("slurm_array", cluster["data"], steps=4, seeds=2,
+                                          extra={"slurm": {"array_parallelism": 2, "time": 10}}))
+    code = main(["submit", str(sweep), "--executor", "slurm", "--wait", "--poll-s", "0.5",
+                 "--sbatch", "comment=embscale-test"])
+    assert code == 0, capsys.readouterr().err
+    assert status_of(sweep, capsys)["counts"] == {"completed": 4}
+    job_map = J.JobMap.load(cluster["results"] / "slurm_array" / "jobs.json")
+    job_ids = sorted(h[-1]["job_id"] for h in job_map.runs.values())
+    arrays = {j.split("_")[0] for j in job_ids}
+    assert len(arrays) == 1 and sorted(j.split("_")[1] for j in job_ids) == ["0", "1", "2", "3"]
+    array_id = next(iter(arrays))
+    script = (cluster["results"] / "slurm_array" / "submitit" / f"{array_id}_submission.sh").read_text()
+    assert "#SBATCH --array=0-3%2" in script and "#SBATCH --comment=embscale-test" in script
+    assert "export PYTHONPATH=" in script and str(cluster["results"] / "slurm_array" / "code") in script
+    # Submitting again submits nothing: the status files say every run is done.
+    capsys.readouterr()
+    assert main(["submit", str(sweep), "--executor", "slurm"]) == 0
+    assert "0 to run, 4 completed" in capsys.readouterr().err
+
+
+def test_requeued_job_resumes_on_the_same_curve(cluster, capsys, tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    mapping = T.sweep_mapping("slurm_requeue", cluster["data"], steps=40, seeds=1, widths=(16,),
+                              extra={"slurm": {"time": 10}})
+    mapping["training"]["checkpoint_every"] = 5
+    mapping["training"]["eval_every"] = 10
+    sweep = T.write_sweep(cluster["root"] / "slurm_requeue.yaml", mapping)
+    assert main(["submit", str(sweep), "--executor", "slurm"]) == 0
+    plan = dispatch.load_plan(sweep)
+    run_dir = plan.run_dir(plan.runs[0])
+    job_id = J.JobMap.load(plan.job_map_path).latest(plan.runs[0].run_id)["job_id"]
+    slurm = cluster["cluster"]
+
+    def training_past_a_checkpoint():
+        status = J.read_status(run_dir) or {}
+        return status.get("state") == "running" and (status.get("step") or 0) >= 7
+
+    wait_until(training_past_a_checkpoint, 120, "the run to pass step 7", slurm, interval=0.1)
+    slurm.run("scontrol", "requeue", job_id)
+    wait_until(lambda: (J.read_status(run_dir) or {}).get("state") == "interrupted", 60,
+               "the trainer to checkpoint and stop", slurm)
+    interrupted_at = J.read_status(run_dir)["step"]
+    assert 7 <= interrupted_at < 40
+    assert status_of(sweep, capsys)["runs"][0]["state"] == "queued"  # interrupted, but requeued in Slurm
+    # A requeued job waits ~2 minutes (its BeginTime) before it may start again: let it start now.
+    wait_until(lambda: "PENDING BeginTime" in slurm.run("squeue", "-h", "-r", "-o", "%T %r", "-j",
+                                                         job_id.split("_")[0]).stdout,
+               60, "the job to be pending again", slurm)
+    slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    wait_until(lambda: (J.read_status(run_dir) or {}).get("state") == "completed", 180,
+               "the requeued run to complete", slurm)
+    restarts = slurm.run("scontrol", "show", "job", job_id).stdout
+    assert "Restarts=1" in restarts
+
+    resumed = pd.read_parquet(run_dir / "metrics.parquet")
+    assert resumed["step"].tolist() == list(range(1, 41))
+    logs = Path(J.JobMap.load(plan.job_map_path).latest(plan.runs[0].run_id)["folder"])
+    log_text = "".join(p.read_text() for p in logs.glob(f"{job_id}_0_log.*"))
+    assert "resuming run" in log_text and "from step" in log_text
+
+    # The same run uninterrupted, in this process (debug executor), elsewhere.
+    capsys.readouterr()
+    assert main(["submit", str(sweep), "--executor", "debug", "--results", str(tmp_path)]) == 0
+    straight = pd.read_parquet(tmp_path / "slurm_requeue" / plan.runs[0].run_id / "metrics.parquet")
+    np.testing.assert_allclose(resumed["train_loss"], straight["train_loss"], rtol=1e-6)
+    np.testing.assert_allclose(resumed["val_code_loss"], straight["val_code_loss"], rtol=1e-6)
+
+
+def test_cancel_slurm_sweep(cluster, capsys):
+    sweep = T.write_sweep(cluster["root"] / "slurm_cancel.yaml",
+                          T.sweep_mapping("slurm_cancel", cluster["data"], steps=5000, seeds=2, widths=(16,),
+                                          extra={"slurm": {"time": 10}}))
+    assert main(["submit", str(sweep), "--executor", "slurm"]) == 0
+    plan = dispatch.load_plan(sweep)
+    slurm = cluster["cluster"]
+    wait_until(lambda: any((J.read_status(plan.run_dir(r)) or {}).get("state") == "running" for r in plan.runs),
+               120, "a running run", slurm)
+    capsys.readouterr()
+    assert main(["cancel", str(sweep)]) == 0
+    assert sorted(capsys.readouterr().out.split()) == sorted(r.run_id for r in plan.runs)
+    job_ids = [J.JobMap.load(plan.job_map_path).latest(r.run_id)["job_id"] for r in plan.runs]
+    assert J.squeue_states(job_ids) == {}
+    assert status_of(sweep, capsys)["counts"] == {"cancelled": 2}

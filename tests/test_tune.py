@@ -1,0 +1,133 @@
+"""``embscale tune``: Optuna studies over a real tiny sweep, per width, with pruning, a journal that survives the
+tuner, and a resolved ``tuned.yaml``."""
+
+from __future__ import annotations
+
+import os
+
+import optuna
+import pytest
+import tiny_sweep as T
+import yaml
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from models.config import ConfigError
+from sweeps import dispatch
+from sweeps.cli import main
+from sweeps.cmd_tune import parse_tune
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    data = T.write_corpus(root / "corpus")
+    env = T.job_environment(root / "cache", root / "results")
+    saved = dict(os.environ)
+    os.environ.update({k: env[k] for k in ("EMBSCALE_CACHE", "EMBSCALE_RESULTS", "EMBSCALE_PROGRESS",
+                                           "OMP_NUM_THREADS")})
+    os.environ.pop("EMBSCALE_FAKE_GPUS", None)
+    try:
+        from sweeps.data import prepare_data
+        from sweeps.run_config import DataConfig
+
+        prepare_data(DataConfig(**data))
+        yield {"root": root, "data": data, "results": root / "results"}
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def studies(results, name):
+    storage = JournalStorage(JournalFileBackend(str(results / name / "tune" / "optuna.journal")))
+    return {s.study_name: optuna.load_study(study_name=s.study_name, storage=storage)
+            for s in optuna.get_all_study_summaries(storage)}
+
+
+def test_tune_prunes_resumes_and_writes_tuned_sweep(workspace, capsys):
+    """Local executor, one trial at a time: a good lr completes, a hopeless one is pruned on its first
+    validation losses; a second ``tune`` continues the same study; tuned.yaml carries the best lr."""
+    tune = {"param": "lr", "low": 1.0e-6, "high": 3.0e-2, "log": True, "trials": 2, "per": "width",
+            "metric": "val_code_loss", "startup_trials": 1, "parallel": 1}
+    mapping = T.sweep_mapping("tiny_tune", workspace["data"], steps=30, seeds=1, widths=(16,),
+                              extra={"tune": tune})
+    mapping["training"]["checkpoint_every"] = 0
+    sweep = T.write_sweep(workspace["root"] / "tiny_tune.yaml", mapping)
+    plan = dispatch.load_plan(sweep)
+    assert plan.extras["tune"]["param"] == "lr"  # the sweep file with a tune: section still loads
+    journal = workspace["results"] / "tiny_tune" / "tune" / "optuna.journal"
+    journal.parent.mkdir(parents=True)
+    study = optuna.create_study(study_name="tiny_tune:lr:width-16", direction="minimize",
+                                storage=JournalStorage(JournalFileBackend(str(journal))))
+    study.enqueue_trial({"lr": 1.0e-2})
+    study.enqueue_trial({"lr": 1.0e-6})
+
+    assert main(["tune", str(sweep), "--executor", "local", "--cpu-jobs", "1", "--poll-s", "0.1"]) == 0
+    out = capsys.readouterr()
+    trials = studies(workspace["results"], "tiny_tune")["tiny_tune:lr:width-16"].get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED], out.err
+    good, hopeless = trials
+    assert good.params["lr"] == 1.0e-2 and hopeless.params["lr"] == 1.0e-6
+    assert good.intermediate_values and max(good.intermediate_values) == 30
+    assert max(hopeless.intermediate_values) < 30  # stopped early ...
+    assert min(hopeless.intermediate_values.values()) > good.intermediate_values[
+        max(hopeless.intermediate_values)]  # ... because it was worse than the completed trial
+    from sweeps import jobs as J
+
+    pruned_dir = hopeless.user_attrs["run_dir"]
+    assert J.run_state(pruned_dir) in ("interrupted", "running")  # its job got SIGTERM and checkpointed
+    assert not J.process_alive(hopeless.user_attrs["job"]["pid"], hopeless.user_attrs["job"]["proc_start"])
+
+    tuned = workspace["results"] / "tiny_tune" / "tuned.yaml"
+    text = tuned.read_text()
+    assert text.startswith("# tiny_tune with training.lr tuned")
+    tuned_plan = dispatch.load_plan(tuned)
+    assert tuned_plan.name == "tiny_tune_tuned" and "tune" not in tuned_plan.extras
+    assert [r.config["training"]["lr"] for r in tuned_plan.runs] == [1.0e-2]
+
+    # Running tune again with more trials continues the same study from its journal.
+    assert main(["tune", str(sweep), "--executor", "local", "--trials", "3", "--cpu-jobs", "1"]) == 0
+    trials = studies(workspace["results"], "tiny_tune")["tiny_tune:lr:width-16"].get_trials()
+    assert len(trials) == 3 and trials[2].state in (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def test_tune_per_width_in_process(workspace, capsys):
+    """One study per width (debug executor): tuned.yaml zips the best lr with the widths."""
+    tune = {"param": "lr", "low": 1.0e-3, "high": 2.0e-2, "log": True, "trials": 2, "per": "width",
+            "metric": "val_code_loss", "pruner": "none"}
+    sweep = T.write_sweep(workspace["root"] / "tiny_widths.yaml",
+                          T.sweep_mapping("tiny_widths", workspace["data"], steps=2, seeds=2, widths=(16, 24),
+                                          extra={"tune": tune}))
+    assert main(["tune", str(sweep), "--executor", "debug"]) == 0
+    found = studies(workspace["results"], "tiny_widths")
+    assert sorted(found) == ["tiny_widths:lr:width-16", "tiny_widths:lr:width-24"]
+    best = {int(name.rsplit("-", 1)[1]): s.best_trial.params["lr"] for name, s in found.items()}
+    assert all(len(s.get_trials(states=(TrialState.COMPLETE,))) == 2 for s in found.values())
+    data = yaml.safe_load((workspace["results"] / "tiny_widths" / "tuned.yaml").read_text())
+    assert data["zip"] == {"width": [16, 24], "lr": [best[16], best[24]]}
+    assert data["grid"] == {"seed": [0, 1]}
+    tuned_plan = dispatch.load_plan(workspace["results"] / "tiny_widths" / "tuned.yaml")
+    assert len(tuned_plan.runs) == 4
+    for run in tuned_plan.runs:
+        assert run.config["training"]["lr"] == best[run.point["width"]]
+
+
+def test_tune_section_errors():
+    axes = ("seed", "width")
+    spec = parse_tune({"param": "training.lr", "low": 1e-4, "high": 1e-2, "log": True, "per": "width"}, axes)
+    assert spec.param == "lr" and spec.per == "width" and spec.trials == 8
+    bad = [
+        ({"param": "lr", "low": 1e-2, "high": 1e-4}, "tune.high"),
+        ({"param": "lr", "low": 0.0, "high": 1e-2, "log": True}, "tune.low"),
+        ({"param": "learning_rate", "low": 1e-4, "high": 1e-2}, "tune.param"),
+        ({"param": "lr", "low": 1e-4, "high": 1e-2, "per": "depth"}, "tune.per"),
+        ({"param": "weight_decay", "low": 0.0, "high": 0.2, "per": "width"}, "tune.per"),
+        ({"param": "lr", "low": 1e-4, "high": 1e-2, "trials": 0}, "tune.trials"),
+        ({"param": "lr", "low": 1e-4, "high": 1e-2, "sampler": "tpe"}, "tune.sampler"),
+        ({"param": "lr", "high": 1e-2}, "tune.low"),
+    ]
+    for section, field in bad:
+        with pytest.raises(ConfigError) as info:
+            parse_tune(section, axes)
+        assert info.value.field == field, section

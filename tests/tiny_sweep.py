@@ -1,0 +1,72 @@
+"""A tiny corpus and tiny sweep files for the dispatch, Slurm and tune tests (real training, seconds per run).
+
+The corpus is text from a few modules of Python's standard library, written as JSON lines, with a separate
+validation file (split ``code``, so runs log ``val_code_loss``). Sweep files get absolute paths, so jobs find
+the corpus whatever their working folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODULES = ("json", "textwrap", "string", "csv", "shlex", "fnmatch", "glob", "bisect", "heapq", "difflib")
+
+
+def write_corpus(folder: Path) -> dict[str, str]:
+    """Write ``train.jsonl`` and ``val.jsonl`` under ``folder``; returns the sweep's ``data`` section."""
+    import importlib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    documents = []
+    for name in MODULES:
+        path = Path(importlib.import_module(name).__file__)
+        files = [path] if path.name != "__init__.py" else sorted(path.parent.glob("*.py"))
+        documents += [f.read_text(errors="replace") for f in files]
+    val = documents[-1:]
+    train = documents[:-1]
+    for file_name, docs in (("train.jsonl", train), ("val.jsonl", val)):
+        with open(folder / file_name, "w") as handle:
+            for doc in docs:
+                handle.write(json.dumps({"text": doc}) + "\n")
+    return {"corpus": str(folder / "train.jsonl"), "val_paths": {"code": str(folder / "val.jsonl")},
+            "vocab_size": 256}
+
+
+def sweep_mapping(name: str, data: dict[str, Any], *, steps: int = 8, seeds: int = 6,
+                  widths: tuple[int, ...] = (16, 24), extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``len(seeds) x len(widths)`` one-layer MoE runs of ``steps`` steps (64 tokens each)."""
+    sweep = {
+        "name": name,
+        "model": {"vocab_size": 264, "width": widths[0], "depth": 1, "head_dim": 8, "dense_mult": 2.0,
+                  "expert_mult": 1.0, "experts": 4, "top_k": 1, "max_seq_len": 32},
+        "training": {"steps": steps, "batch_tokens": 64, "micro_batch_size": 4, "seq_len": 16, "lr": 3.0e-3,
+                     "eval_every": 2, "eval_tokens": 64, "checkpoint_every": 2, "warmup_fraction": 0.0},
+        "data": data,
+        "grid": {"seed": list(range(seeds)), "width": list(widths)},
+    }
+    for key, value in (extra or {}).items():
+        sweep[key] = value
+    return sweep
+
+
+def write_sweep(path: Path, mapping: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(mapping, sort_keys=False))
+    return path
+
+
+def job_environment(cache: Path, results: Path) -> dict[str, str]:
+    """What the test's subprocesses (drivers and their jobs) need: a shared cache, quiet progress, CPU torch."""
+    return {
+        **os.environ,
+        "EMBSCALE_CACHE": str(cache),
+        "EMBSCALE_RESULTS": str(results),
+        "EMBSCALE_PROGRESS": "plain",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
