@@ -235,6 +235,19 @@ def render(report: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+KEPT_MARKER = "<!-- measured outside make bench: kept when make bench rewrites this file -->"
+
+
+def _keep_recorded(path: Path, text: str) -> str:
+    """Carry over the part of an existing report below :data:`KEPT_MARKER` (measurements of whole training runs
+    through ``embscale train``, which ``make bench`` does not repeat)."""
+    if path.exists():
+        old = path.read_text()
+        if KEPT_MARKER in old:
+            return text.rstrip() + "\n\n" + old[old.index(KEPT_MARKER):]
+    return text
+
+
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -263,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[bench] {message}", flush=True)
 
     def save() -> None:  # after every measurement, so a run cut short keeps what it measured
-        _write_atomic(Path(args.out), render(report))
+        _write_atomic(Path(args.out), _keep_recorded(Path(args.out), render(report)))
         if args.json:
             _write_atomic(Path(args.json), json.dumps(report, indent=2))
 
