@@ -10,11 +10,20 @@ per sub-table (``paper`` sizing with m = 2,000,002: M = m + 2 idx + 1), bf16 par
   (T, S*d) buffer, one GEMM with the concatenated projection.
 - ``naive``: S separate ``nn.Embedding`` tables and S per-table ``nn.Linear(d, D)``, summed one by one.
 
-Both hash the ids (the same :func:`models.ngram.ngram_hashes`) and both produce dense table gradients: the
-gradient of 12 x 2M x 85 rows has to be zero-filled every step whichever form computes it, so the
-``zero-fill`` line (writing one table-sized tensor) is the floor of the backward pass. Times are medians of
-``triton.testing.do_bench`` with every parameter's gradient reset to None before each call (no
-accumulation).
+- ``triton_sparse``: the same module with ``backend="triton", sparse_grad=True``: one fused hash + gather
+  kernel (:mod:`kernels.ngram`), and a sparse, deterministic table gradient (sort + segment sum into the
+  touched rows, appended to ``tables.weight.sparse_grads``; the list is cleared before each timed call, as the
+  table optimizer would). Reported as ``triton_forward_ms`` / ``triton_forward_backward_ms``, with
+  ``sparse_reduce_ms`` (the sort + segment sum alone) and ``gather_ms`` (the fused kernel alone).
+
+``default`` and ``naive`` hash the ids (the same :func:`models.ngram.ngram_hashes`) and produce dense table
+gradients: the gradient of 12 x 2M x 85 rows has to be zero-filled every step whichever dense form computes it,
+so the ``zero-fill`` line (writing one table-sized tensor) is the floor of a dense backward; the sparse variant
+does not pay it. Times are medians of ``triton.testing.do_bench`` with every parameter's gradient reset to
+None before each call (no accumulation).
+
+``--rows-scale 8`` multiplies the rows per sub-table (8x: ~16M rows, 32 GB of bf16 tables); run it with
+``--variants triton_sparse`` (the dense variants would need table-sized gradients and the naive copy).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from models.config import NgramConfig
 from models.ngram import NgramEmbedding, ngram_hashes
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+VARIANTS = ("default", "naive", "triton_sparse")
 
 
 class NaiveNgramEmbedding(nn.Module):
@@ -68,21 +78,46 @@ def _median_ms(fn, params, warmup: int, rep: int) -> float:
 
 def run_benchmark(tokens: int = 16384, width: int = 1024, n: int = 4, k: int = 4, rows: int = 2_000_003,
                   vocab: int = 131072, dtype: str = "bf16", warmup: int = 25, rep: int = 100,
-                  device: str = "cuda") -> dict:
-    """Time both forms; returns a dict of milliseconds and the sizes used."""
+                  device: str = "cuda", rows_scale: int = 1, variants: tuple[str, ...] = VARIANTS) -> dict:
+    """Time the chosen forms; returns a dict of milliseconds and the sizes used. ``rows_scale`` multiplies
+    the rows per sub-table."""
+    from kernels.ngram import ngram_gather, sparse_row_grad
+
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     torch.manual_seed(0)
+    rows = (rows - 1) * rows_scale + 1
     spec = NgramConfig(n=n, k=k, ratio=(rows - 1) / vocab)  # paper sizing: M_0 = m + 1 = rows
     eos = 2
     fast = NgramEmbedding(spec, vocab, width, eos, device=device, dtype=DTYPES[dtype])
-    naive = NaiveNgramEmbedding(fast)
+    naive = NaiveNgramEmbedding(fast) if "naive" in variants else None
     ids = torch.randint(0, vocab, (1, tokens), device=device)
     grad_out = torch.randn(1, tokens, width, device=device, dtype=DTYPES[dtype])
 
-    with torch.no_grad():
-        difference = (fast(ids).float() - naive(ids).float()).abs().max().item()
+    def use_kernels(on: bool) -> None:
+        fast.backend, fast.sparse_grad = ("triton", True) if on else ("torch", False)
+        fast.tables.weight.sparse_grads = []
 
-    def forward_backward(module):
+    results = {
+        "tokens": tokens, "width": width, "n": n, "k": k, "sub_tables": spec.num_tables,
+        "sub_table_width": fast.table_width, "rows_per_table": fast.plan.moduli[0], "rows_scale": rows_scale,
+        "table_rows": fast.plan.total_rows, "dtype": dtype, "device": torch.cuda.get_device_name(device),
+        "variants": list(variants),
+    }
+    with torch.no_grad():
+        reference = fast(ids).float()
+        if naive is not None:
+            results["max_abs_difference"] = (reference - naive(ids).float()).abs().max().item()
+        use_kernels(True)
+        results["triton_max_abs_difference"] = (fast(ids).float() - reference).abs().max().item()
+        use_kernels(False)
+    del reference
+
+    def forward_backward(module, clear_sparse: bool = False):
         def step():
+            if clear_sparse:
+                module.tables.weight.sparse_grads.clear()  # what the table optimizer does after consuming it
             module(ids).backward(grad_out)
         return step
 
@@ -92,19 +127,34 @@ def run_benchmark(tokens: int = 16384, width: int = 1024, n: int = 4, k: int = 4
                 module(ids)
         return step
 
-    results = {
-        "tokens": tokens, "width": width, "n": n, "k": k, "sub_tables": spec.num_tables,
-        "sub_table_width": fast.table_width, "rows_per_table": fast.plan.moduli[0],
-        "table_rows": fast.plan.total_rows, "dtype": dtype, "device": torch.cuda.get_device_name(device),
-        "max_abs_difference": difference,
-    }
     results["hash_ms"] = _median_ms(lambda: fast.row_ids(ids), None, warmup, rep)
     results["zero_fill_ms"] = _median_ms(lambda: torch.zeros_like(fast.tables.weight), None, warmup, rep)
     for name, module in (("default", fast), ("naive", naive)):
+        if name not in variants:
+            continue
         params = list(module.parameters())
         results[f"{name}_forward_ms"] = _median_ms(forward_only(module), None, warmup, rep)
         results[f"{name}_forward_backward_ms"] = _median_ms(forward_backward(module), params, warmup, rep)
-    results["speedup"] = results["naive_forward_backward_ms"] / results["default_forward_backward_ms"]
+        if name == "default":
+            fast.zero_grad(set_to_none=True)  # free the dense table gradient before the next variant
+    if "triton_sparse" in variants:
+        use_kernels(True)
+        dense_params = [fast.token.weight, fast.projection.weight]
+        results["triton_forward_ms"] = _median_ms(forward_only(fast), None, warmup, rep)
+        results["triton_forward_backward_ms"] = _median_ms(forward_backward(fast, clear_sparse=True),
+                                                           dense_params, warmup, rep)
+        weight = fast.tables.weight.detach()
+        results["gather_ms"] = _median_ms(lambda: ngram_gather(ids, weight, fast.plan, eos), None, warmup, rep)
+        gathered, row_ids = ngram_gather(ids, weight, fast.plan, eos)
+        grad_rows = torch.randn_like(gathered).view(-1, fast.table_width)
+        results["sparse_reduce_ms"] = _median_ms(
+            lambda: sparse_row_grad(row_ids, grad_rows, num_rows=weight.shape[0]), None, warmup, rep)
+        results["touched_rows"] = int(torch.unique(row_ids).numel())
+        use_kernels(False)
+    if "naive" in variants and "default" in variants:
+        results["speedup"] = results["naive_forward_backward_ms"] / results["default_forward_backward_ms"]
+    if "naive" in variants and "triton_sparse" in variants:
+        results["triton_speedup"] = results["naive_forward_backward_ms"] / results["triton_forward_backward_ms"]
     table_bytes = fast.tables.weight.numel() * fast.tables.weight.element_size()
     results["table_gib"] = table_bytes / 2**30
     return results
@@ -121,29 +171,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up time, ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms")
+    parser.add_argument("--rows-scale", type=int, default=1, help="multiply the rows per sub-table (e.g. 8)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_ngram: needs a CUDA device", file=sys.stderr)
         return 2
+    variants = tuple(v for v in args.variants.split(",") if v)
+    if not variants or set(variants) - set(VARIANTS):
+        print(f"bench_ngram: --variants must be a comma list of {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
     r = run_benchmark(args.tokens, args.width, args.n, args.k, args.rows, args.vocab, args.dtype,
-                      args.warmup, args.rep)
+                      args.warmup, args.rep, rows_scale=args.rows_scale, variants=variants)
     print(f"N-gram Embedding on {r['device']}: T={r['tokens']}, D={r['width']}, N={r['n']}, K={r['k']} "
           f"(S={r['sub_tables']}, d={r['sub_table_width']}), {r['rows_per_table']:,} rows per sub-table "
           f"({r['table_gib']:.2f} GiB of tables), {r['dtype']}")
-    print(f"  outputs agree: max |default - naive| = {r['max_abs_difference']:.3g}")
+    if "max_abs_difference" in r:
+        print(f"  outputs agree: max |default - naive| = {r['max_abs_difference']:.3g}")
+    print(f"  outputs agree: max |triton - default| = {r['triton_max_abs_difference']:.3g}")
     print(f"  {'hash (row ids)':<28}{r['hash_ms']:9.3f} ms")
     print(f"  {'zero-fill one table grad':<28}{r['zero_fill_ms']:9.3f} ms  (floor of a dense backward)")
-    for name in ("default", "naive"):
-        print(f"  {name + ' forward':<28}{r[name + '_forward_ms']:9.3f} ms")
-        print(f"  {name + ' forward+backward':<28}{r[name + '_forward_backward_ms']:9.3f} ms")
-    print(f"  default is {r['speedup']:.2f}x the naive form (forward+backward)")
+    for name in ("default", "naive", "triton"):
+        if name + "_forward_ms" in r:
+            print(f"  {name + ' forward':<28}{r[name + '_forward_ms']:9.3f} ms")
+            print(f"  {name + ' forward+backward':<28}{r[name + '_forward_backward_ms']:9.3f} ms")
+    if "gather_ms" in r:
+        print(f"  {'fused hash+gather kernel':<28}{r['gather_ms']:9.3f} ms")
+        print(f"  {'sparse reduce (sort+sum)':<28}{r['sparse_reduce_ms']:9.3f} ms  "
+              f"({r['touched_rows']:,} touched rows)")
+    if "speedup" in r:
+        print(f"  default is {r['speedup']:.2f}x the naive form (forward+backward)")
+    if "triton_speedup" in r:
+        print(f"  triton_sparse is {r['triton_speedup']:.2f}x the naive form (forward+backward)")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.json.with_suffix(args.json.suffix + ".tmp")
         tmp.write_text(json.dumps(r, indent=2) + "\n")
         tmp.replace(args.json)
-    return 0 if math.isfinite(r["speedup"]) else 1
+    timed = [r[key] for key in r if key.endswith("_forward_backward_ms")]
+    return 0 if all(math.isfinite(t) for t in timed) else 1
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from models.sizes import (  # noqa: F401  (re-exported: the public home of the h
 
 MAX_VOCAB = 2**21  # token ids < 2^21
 MAX_MODULUS = 2**31  # hash values < 2^31
+BACKENDS = ("torch", "triton")  # NgramEmbedding's gather: plain PyTorch, or kernels.ngram's fused kernel
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -185,12 +186,24 @@ class NgramEmbedding(nn.Module):
     directly: at init the average has a variance near 1e-5 (tables at std 0.02, divided by ``S+1``), which a
     LayerNorm ``eps`` would swamp; normalising the sum is the same function with ``eps`` scaled by
     ``1/(S+1)^2``.
+
+    Backends (opt-in; the default is the plain PyTorch form above): ``backend="triton"`` hashes and gathers in
+    one fused kernel (:func:`kernels.ngram.gather_rows`; on CUDA, or anywhere under ``TRITON_INTERPRET=1``,
+    its PyTorch twin otherwise). ``sparse_grad=True`` (either backend) delivers the table gradient as a
+    :class:`kernels.ngram.SparseRowGrad` (touched rows only, fp32, deterministic) appended to
+    ``tables.weight.sparse_grads`` (one entry per backward) and leaves ``tables.weight.grad`` None; the table
+    optimizer consumes and clears that list. ``token`` and ``projection`` stay dense parameters. Both are
+    plain attributes and may be switched after construction.
     """
 
     def __init__(self, spec: NgramConfig, vocab_size: int, width: int, eos_token_id: int | None, *,
                  init_std: float = 0.02, norm_eps: float = 1e-6, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, backend: str = "torch", sparse_grad: bool = False):
         super().__init__()
+        if backend not in BACKENDS:
+            raise ConfigError("backend", f"must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.backend = backend
+        self.sparse_grad = sparse_grad
         self.spec = spec
         self.vocab_size = vocab_size
         self.width = width
@@ -211,6 +224,8 @@ class NgramEmbedding(nn.Module):
         count = self.num_tables + 1
         self.scale = {"none": 1.0 / count, "sqrt_d": math.sqrt(width) / count, "layernorm": 1.0,
                       "sqrt_count": 1.0 / math.sqrt(count)}[spec.amplification]
+        if sparse_grad:
+            self.tables.weight.sparse_grads = []  # kernels.ngram appends one SparseRowGrad per backward
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -231,6 +246,13 @@ class NgramEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids -> (B, T, width). ``rows`` may pass precomputed :meth:`row_ids` (layers sharing a
         hash)."""
+        if self.backend != "torch" or self.sparse_grad:
+            from kernels.ngram import gather_rows  # the fused kernel (PyTorch twin without CUDA)
+
+            gathered = gather_rows(self.tables.weight, ids, self.plan, self.eos_token_id, rows=rows,
+                                   backend=self.backend, sparse_grad=self.sparse_grad)  # (B, T, S*d)
+            ngram = F.linear(gathered, self.projection.weight)
+            return self._finish(self.token(ids) + ngram)
         if rows is None:
             rows = self.row_ids(ids)
         gathered = F.embedding(rows, self.tables.weight)  # (B, T, S, d): one gather, concatenated table
