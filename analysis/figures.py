@@ -316,66 +316,102 @@ def format_summary(summary: pd.DataFrame, max_rows: int = 40) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # figure 2: loss against ratio
 
+def _series_runs(result: Analysis) -> dict[tuple, pd.DataFrame]:
+    """Usable runs grouped into ratio-law series (the same keys and key tuples as the ratio-law fits)."""
+    keys = result.ratio_laws.keys
+    runs = usable(result.runs)
+    if runs.empty or not keys:
+        return {}
+    out = {}
+    for key, group in runs.groupby(keys, dropna=False, sort=True):
+        out[_plain_key(key if isinstance(key, tuple) else (key,))] = group
+    return out
+
+
+def _plain_key(key: tuple) -> tuple:
+    """A series key with NaN replaced by None: NaN != NaN, so keys from two groupbys would never match."""
+    return tuple(None if _isnan(v) else v for v in key)
+
+
+def _size_of(key: tuple, keys: list[str], size_keys: list[str]) -> tuple:
+    return tuple(None if _isnan(key[keys.index(k)]) else key[keys.index(k)] for k in size_keys)
+
+
 def _size_groups(result: Analysis) -> list[tuple]:
-    """Backbone sizes (fingerprint, width, depth) with a MoE ratio law and at least one embedding law."""
+    """Backbone sizes (fingerprint, width, depth) with a MoE ratio law and runs of an embedding family (fitted
+    when they span enough ratios, drawn as points otherwise)."""
     keys = result.ratio_laws.keys
     size_keys = [k for k in ("corpus_fingerprint", "width", "depth") if k in keys]
     fam_i = keys.index("family")
-    found: dict[tuple, set[str]] = {}
-    for key, _split in result.ratio_laws.fits:
-        size = tuple(None if _isnan(key[keys.index(k)]) else key[keys.index(k)] for k in size_keys)
-        found.setdefault(size, set()).add(key[fam_i])
-    return [s for s, fams in sorted(found.items(), key=lambda item: str(item[0]))
-            if "moe" in fams and fams & set(frontier.EMBEDDING_FAMILIES)]
+    with_moe_law = {_size_of(key, keys, size_keys) for key, _split in result.ratio_laws.fits
+                    if key[fam_i] == "moe"}
+    with_embedding = {_size_of(key, keys, size_keys) for key in _series_runs(result)
+                      if key[fam_i] in frontier.EMBEDDING_FAMILIES}
+    return sorted(with_moe_law & with_embedding, key=str)
 
 
 def fig_loss_vs_ratio(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
     keys = result.ratio_laws.keys
     sizes = _size_groups(result) if "family" in keys else []
     if not sizes:
-        log("fig2 skipped: no backbone size has both a MoE and an NE ratio law (each needs >= 3 ratios)")
+        log("fig2 skipped: no backbone size has both a MoE ratio law (>= 3 ratios) and embedding-family runs")
         return []
     size_keys = [k for k in ("corpus_fingerprint", "width", "depth") if k in keys]
     fam_i = keys.index("family")
     base_i = keys.index("base_ratio") if "base_ratio" in keys else None
     runs = usable(result.runs)
     multi_print = "corpus_fingerprint" in runs and runs["corpus_fingerprint"].nunique() > 1
+    grouped = _series_runs(result)
     paths = []
     for size in sizes:
         size_of = dict(zip(size_keys, size, strict=True))
-        series: dict[tuple, dict[str, laws.LogLinearFit]] = {}
+        # every series of this size, with its fits by split where the series spans enough ratios to fit one
+        series: dict[tuple, dict[str, laws.LogLinearFit | None]] = {
+            key: {} for key in grouped if _size_of(key, keys, size_keys) == size}
         for (key, split), fit in result.ratio_laws.fits.items():
-            if all((None if _isnan(key[keys.index(k)]) else key[keys.index(k)]) == v for k, v in size_of.items()):
-                series.setdefault(key, {})[split] = fit
+            if _plain_key(key) in series:
+                series[_plain_key(key)][split] = fit
         order = sorted(series, key=lambda k: (k[fam_i] != "moe", k[fam_i],
-                                              -1 if base_i is None or _isnan(k[base_i]) else k[base_i]))
-        anchors = sorted({float(k[base_i]) for k in series if base_i is not None and not _isnan(k[base_i])
+                                              -1 if base_i is None or k[base_i] is None else k[base_i]))
+        anchors = sorted({float(k[base_i]) for k in series if base_i is not None and k[base_i] is not None
                           and k[fam_i] == "ne"})
-        members = {key: _members(runs, keys, key) for key in order}
+        members = {key: grouped[key] for key in order}
         activated = float(pd.concat(members.values())["activated"].median())
         ratio_lo = min(float(m["ratio"].min()) for m in members.values())
         ratio_hi = max(float(m["ratio"].max()) for m in members.values())
-        split_names = [s for s in result.split_names if any(s in fits for fits in series.values())]
+        split_names = [s for s in result.split_names
+                       if any(loss_column(s) in m.columns and m[loss_column(s)].notna().any()
+                              for m in members.values())]
         fig, axes = subplots(2, len(split_names), (3.3, 2.45), hgap=0.8)
         for col, split in enumerate(split_names):
             crossings = _crossings_for(result, size_of, split)
             drawn = {}
             for key in order:
-                fit = series[key].get(split)
-                if fit is None:
-                    continue
                 group = members[key]
-                stats = _mean_std(group, ["target_ratio"], loss_column(split))
-                x = group.groupby("target_ratio")["ratio"].mean().reindex(stats["target_ratio"]).to_numpy()
+                if loss_column(split) not in group.columns or group[loss_column(split)].isna().all():
+                    continue
+                by = "target_ratio" if "target_ratio" in group.columns and group["target_ratio"].notna().all() \
+                    else "ratio"
+                stats = _mean_std(group, [by], loss_column(split))
+                x = group.groupby(by)["ratio"].mean().reindex(stats[by]).to_numpy()
+                fit = series[key].get(split)
+                if fit is None:  # too few ratios for a law: the points, joined
+                    drawn[key] = (x, stats, None)
+                    continue
                 grid = np.geomspace(fit.ratio_min, fit.ratio_max, 40)
-                drawn[key] = (x, stats, grid, fit.predict(grid), *fit.predict_band(grid))
+                drawn[key] = (x, stats, (grid, fit.predict(grid), *fit.predict_band(grid)))
             for row, log_x in enumerate((False, True)):
                 ax = axes[row, col]
-                for key, (x, stats, grid, line, band_lo, band_hi) in drawn.items():
+                for key, (x, stats, fitted) in drawn.items():
                     base = key[base_i] if base_i is not None else None
                     color = series_color(key[fam_i], base, anchors)
+                    label = series_label(key[fam_i], base) + ("" if fitted is not None else " (no fit: < 3 ratios)")
                     ax.errorbar(x, stats["mean"], yerr=stats["std"], fmt="o", color=color, ms=3.5, capsize=1.5,
-                                label=series_label(key[fam_i], base), zorder=3)
+                                label=label, zorder=3)
+                    if fitted is None:
+                        ax.plot(x, stats["mean"], color=color, lw=0.9, ls=":")
+                        continue
+                    grid, line, band_lo, band_hi = fitted
                     ax.plot(grid, line, color=color, lw=1.2)
                     ax.fill_between(grid, band_lo, band_hi, color=color, alpha=0.13, lw=0)
                 for _, cross in crossings.iterrows():
