@@ -24,8 +24,10 @@ token's ``k`` slots (deterministic, no atomics) whose backward is a plain gather
 
 Expert products: ``torch.nn.functional.grouped_mm`` (bf16, CUDA) with gate and up fused into one weight
 ``w_gate_up (E, 2H, D)``; elsewhere (CPU, or CUDA in float32) a loop over the sorted contiguous segments,
-which reads the offsets on the host. ``forward_reference`` is the plain per-expert loop that defines the
-meaning; tests compare the two.
+which reads the offsets on the host. Traced by ``torch.compile`` off CUDA, the expert products take forms with
+no host read, so the whole layer is one graph (``tests/test_moe_compile.py``): bf16 the same ``grouped_mm``
+as on CUDA, other dtypes a masked per-expert product (``E`` times the FLOPs). ``forward_reference`` is the
+plain per-expert loop that defines the meaning; tests compare the two.
 """
 
 from __future__ import annotations
@@ -168,9 +170,17 @@ def grouped_linear(a: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     weight = weight.to(a.dtype)
     m, k = a.shape
     n = weight.shape[1]
-    if (_GROUPED_MM is not None and a.is_cuda and a.dtype == torch.bfloat16 and k % 8 == 0 and n % 8 == 0):
+    bf16 = a.dtype == torch.bfloat16
+    compiling_off_cuda = not a.is_cuda and torch.compiler.is_compiling()
+    # Under torch.compile off CUDA (tests, CPU development) bf16 traces the CUDA op itself (PyTorch has a CPU
+    # grouped_mm; its meta function only takes bf16) and other dtypes take the static-shape masked form below,
+    # so neither breaks the graph. Eager CPU keeps the segment loop (the numerics tests compare).
+    if _GROUPED_MM is not None and bf16 and ((a.is_cuda and k % 8 == 0 and n % 8 == 0) or compiling_off_cuda):
         return _GROUPED_MM(a, weight.transpose(-2, -1), offs=offsets)
-    # Fallback (CPU, or CUDA outside bf16): a loop over the contiguous segments; reads offsets on the host.
+    if compiling_off_cuda:
+        return _grouped_linear_masked(a, weight, offsets)
+    # Fallback (eager CPU, or CUDA outside bf16): a loop over the contiguous segments; reads offsets on the
+    # host, which breaks a torch.compile graph (so CUDA in float32 still does).
     # split/unbind rather than slicing and weight[e]: their backward concatenates and stacks, where slicing
     # would zero-fill a full-size gradient for every expert (measured 3x slower per CPU training step).
     sizes = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
@@ -178,6 +188,19 @@ def grouped_linear(a: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     pieces = [segment @ w.T for segment, w in zip(segments[:-1], weight.unbind(0), strict=True)]
     pieces.append(a.new_zeros(segments[-1].shape[0], n))
     return torch.cat(pieces, dim=0)
+
+
+def _grouped_linear_masked(a: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """:func:`grouped_linear` with static shapes only (no host read of ``offsets``): every expert's product
+    over all ``M`` rows, kept on its own segment. ``E`` times the FLOPs; for tracing off CUDA, not for speed.
+    Rows past ``offsets[-1]`` are zero, as in the segment loop."""
+    row = torch.arange(a.shape[0], device=a.device)
+    starts = torch.cat((offsets.new_zeros(1), offsets[:-1]))
+    out = a.new_zeros(a.shape[0], weight.shape[1])
+    for e, w in enumerate(weight.unbind(0)):
+        inside = ((row >= starts[e]) & (row < offsets[e])).unsqueeze(-1)  # (M, 1)
+        out = out + torch.where(inside, a @ w.T, 0.0)  # each row is in one segment: exact sums
+    return out
 
 
 class MoE(nn.Module):

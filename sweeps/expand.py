@@ -48,7 +48,7 @@ from typing import Any
 
 from models.accounting import Accounting, count_parameters
 from models.config import ConfigError, ModelConfig, NgramConfig, PerLayerConfig, build_dataclass
-from sweeps.run_config import DataConfig, RunConfig, TrainingConfig
+from sweeps.run_config import DataConfig, RunConfig, TrainingConfig, training_identity
 from sweeps.sweepfile import Sweep, apply_model_rules, load_sweep
 
 EMBEDDING_FAMILIES = ("ne", "ple", "plne")
@@ -339,7 +339,7 @@ class _Expander:
         if self.lr_rule is not None:
             template["lr"] = self.lr_rule["base"]
         self.training_template: TrainingConfig = build_dataclass(TrainingConfig, template)
-        identity = dataclasses.asdict(self.training_template)
+        identity = training_identity(self.training_template)
         self.training_keys = sorted(identity)
         self.training_fragments = [f"{json.dumps(key)}:{_canonical(identity[key])}"
                                    for key in self.training_keys]

@@ -13,7 +13,8 @@ given, it must be at least the tokenizer's size (a larger value pads the embeddi
 
 ``run_id`` is a short hash (10 hex digits) of the model, training and data sections with every default filled
 in, so the same run written two ways gets the same id, and the output section (where results go) does not
-change it.
+change it. Opt-in training fields added later (``table_optimizer``, ``ngram_backend``) enter the hash only when
+they differ from their defaults, so existing run ids are unchanged.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ import yaml
 from models.config import ConfigError, ModelConfig, build_dataclass
 
 SCHEDULES = ("cosine", "wsd")
+TABLE_OPTIMIZERS = ("adamw", "dense", "sparse")
+NGRAM_BACKENDS = ("torch", "triton")
+# Training fields added after runs were recorded: left out of the run id at their default, so the ids of
+# earlier runs (and of runs that do not use them) stay what they were.
+_OPT_IN_TRAINING_DEFAULTS = {"table_optimizer": "adamw", "ngram_backend": "torch"}
 DEVICES = ("auto", "cpu", "cuda")
 FORMATS = ("auto", "dir", "jsonl", "parquet")
 SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -53,6 +59,11 @@ class TrainingConfig:
     Schedules: ``cosine`` (linear warmup over ``warmup_fraction`` of the steps, cosine decay to
     ``lr * min_lr_ratio``) and ``wsd`` (warmup, constant, then linear decay to ``lr * min_lr_ratio`` over the
     last ``decay_fraction`` of the steps). ``eval_every`` / ``checkpoint_every`` of 0 mean only at the end.
+    ``table_optimizer``: ``adamw`` trains the N-gram tables in the ordinary AdamW with dense gradients;
+    ``dense`` / ``sparse`` give every ``NgramEmbedding``'s ``tables.weight`` row-sparse gradients and train
+    it with ``kernels.table_optim.TableAdamW`` in that mode (``dense``: exactly AdamW; ``sparse``: lazy
+    Adam on the touched rows; single process only). ``ngram_backend``: the N-gram gather, ``torch`` or
+    ``triton`` (``kernels.ngram``).
     A run has diverged when its loss is NaN/inf or exceeds ``spike_factor`` times the running mean
     (exponential, over about 20 steps; 0 turns the spike test off).
     """
@@ -80,6 +91,8 @@ class TrainingConfig:
     compile: bool = False
     spike_factor: float = 4.0
     device: str = "auto"
+    table_optimizer: str = "adamw"
+    ngram_backend: str = "torch"
 
     def __post_init__(self) -> None:
         _require(self.steps >= 0, "steps", f"must be non-negative, got {self.steps}")
@@ -117,6 +130,10 @@ class TrainingConfig:
                  f"must be 0 (off) or above 1, got {self.spike_factor}")
         _require(self.device in DEVICES, "device",
                  f"unknown value {self.device!r}; expected one of {', '.join(DEVICES)}")
+        _require(self.table_optimizer in TABLE_OPTIMIZERS, "table_optimizer",
+                 f"unknown value {self.table_optimizer!r}; expected one of {', '.join(TABLE_OPTIMIZERS)}")
+        _require(self.ngram_backend in NGRAM_BACKENDS, "ngram_backend",
+                 f"unknown value {self.ngram_backend!r}; expected one of {', '.join(NGRAM_BACKENDS)}")
         self.accumulation_steps(1)
 
     @property
@@ -135,6 +152,16 @@ class TrainingConfig:
                  f" * world_size = {self.seq_len} * {self.micro_batch_size} * {world_size} = {per_micro}"
                  " tokens")
         return self.batch_tokens // per_micro
+
+
+def training_identity(training: TrainingConfig) -> dict[str, Any]:
+    """The training section as it enters the run id: every field, except the opt-in ones at their defaults
+    (``sweeps.expand`` hashes the same mapping)."""
+    identity = dataclasses.asdict(training)
+    for name, default in _OPT_IN_TRAINING_DEFAULTS.items():
+        if identity[name] == default:
+            del identity[name]
+    return identity
 
 
 @dataclass(frozen=True)
@@ -249,12 +276,13 @@ class RunConfig:
 
     # ----- identity -----
     def identity(self) -> dict[str, Any]:
-        """Everything that determines the run's results, with defaults filled in."""
+        """Everything that determines the run's results, with defaults filled in (except the opt-in training
+        fields ``table_optimizer`` and ``ngram_backend``, present only when not at their defaults)."""
         model = self.provisional_model().to_dict()
         for omitted in ("vocab_size", "eos_token_id"):
             if omitted not in self.model:
                 model[omitted] = None
-        return {"model": model, "training": dataclasses.asdict(self.training),
+        return {"model": model, "training": training_identity(self.training),
                 "data": dataclasses.asdict(self.data)}
 
     @property
@@ -298,4 +326,5 @@ class RunConfig:
         return RunConfig.from_dict(data)
 
 
-__all__ = ["DataConfig", "OutputConfig", "RunConfig", "TrainingConfig", "DEVICES", "FORMATS", "SCHEDULES"]
+__all__ = ["DataConfig", "OutputConfig", "RunConfig", "TrainingConfig", "DEVICES", "FORMATS", "NGRAM_BACKENDS",
+           "SCHEDULES", "TABLE_OPTIMIZERS", "training_identity"]

@@ -17,6 +17,16 @@ What a run does, in order:
    auxiliary loss added to the loss and ``update_router_biases()`` after every optimizer step. Under
    ``torchrun`` the model is wrapped in DDP (NCCL on GPU, gloo on CPU); MoE load counts are summed over ranks
    before the bias update so every rank balances alike; only rank 0 writes.
+   ``training.table_optimizer`` ``dense`` / ``sparse`` (opt-in; default ``adamw`` is the above): every
+   ``NgramEmbedding`` of the model (the N-gram embedding and per-layer n-gram tables) gets
+   ``sparse_grad = True`` after the model is built (a plain attribute of the module), so its
+   ``tables.weight`` receives ``sparse_grads`` (touched rows) instead of a dense ``.grad``; those tables leave
+   the AdamW groups and are trained by ``kernels.table_optim.TableAdamW`` in that mode (weight decay only with
+   ``table_weight_decay``), with the same learning rate schedule. Gradient clipping takes the global norm over
+   the dense gradients and the merged sparse ones (``norm^2 = sum ||dense||^2 + sum ||values||^2``) and scales
+   both. Checkpoints hold the table optimizer's state under ``table_optimizer``. Not supported under DDP yet
+   (the sparse gradients are not all-reduced): refused when the world size is above 1.
+   ``training.ngram_backend`` sets every ``NgramEmbedding``'s ``backend`` (``torch`` or ``triton``).
 4. Evaluates every ``eval_every`` steps and at the end on every validation split with ``eval_tokens`` tokens,
    writes one metrics row per step, checkpoints every ``checkpoint_every`` steps and at the end.
 
@@ -109,16 +119,19 @@ def peak_flops(device: torch.device) -> float:
     return float("nan")
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float,
-                     table_weight_decay: bool) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """AdamW groups: decay on weight matrices; none on norms, biases and (unless asked) lookup tables."""
+def parameter_groups(model: torch.nn.Module, weight_decay: float, table_weight_decay: bool,
+                     exclude: list[torch.Tensor] | tuple[torch.Tensor, ...] = ()
+                     ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """AdamW groups: decay on weight matrices; none on norms, biases and (unless asked) lookup tables.
+    ``exclude``: parameters trained by another optimizer (left out of the groups and the counts)."""
     from models.accounting import LOOKUP_GROUPS, parameter_group
 
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    excluded = {id(p) for p in exclude}
     decay, no_decay = [], []
     counts = {"decay": 0, "no_decay": 0}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if not param.requires_grad or id(param) in excluded:
             continue
         try:
             group = parameter_group(name)
@@ -133,6 +146,57 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float,
             counts["decay"] += param.numel()
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]], counts
+
+
+def ngram_tables(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """``tables.weight`` of every ``NgramEmbedding`` in ``model`` (embedding and per-layer), once each."""
+    from models.ngram import NgramEmbedding
+
+    tables: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, NgramEmbedding):
+            tables.setdefault(id(module.tables.weight), module.tables.weight)
+    return list(tables.values())
+
+
+def configure_ngram(model: torch.nn.Module, tcfg: TrainingConfig) -> None:
+    """Set every ``NgramEmbedding``'s ``backend`` and, for a table optimizer, its ``sparse_grad`` switch
+    (plain module attributes: the model builder does not take them)."""
+    from models.ngram import NgramEmbedding
+
+    for module in model.modules():
+        if isinstance(module, NgramEmbedding):
+            module.backend = tcfg.ngram_backend
+            if tcfg.table_optimizer != "adamw":
+                module.sparse_grad = True
+
+
+def clip_gradients(params: list[torch.Tensor], tables: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` over the dense gradients of ``params`` and the row-sparse ones of ``tables``.
+
+    Each table's ``sparse_grads`` (one per micro-batch) is merged in place into one entry first. The total
+    norm is the 2-norm over every dense gradient and every merged ``values`` (the merged rows are unique, so
+    ``||values||`` is the norm of the equivalent dense gradient); both kinds are scaled by
+    ``min(1, max_norm / (norm + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_`` does."""
+    from kernels.table_optim import merge_row_grads
+
+    dense = [p for p in params if p.grad is not None]
+    sparse_values = []
+    for table in tables:
+        pending = getattr(table, "sparse_grads", None)
+        if pending:
+            merged = merge_row_grads(list(pending))
+            pending[:] = [merged]
+            sparse_values.append(merged.values)
+    grads = [p.grad for p in dense] + sparse_values
+    if not grads:
+        return torch.zeros(())
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    torch.nn.utils.clip_grads_with_norm_(dense, max_norm, total)
+    if sparse_values:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(sparse_values, coef.to(sparse_values[0].device))
+    return total
 
 
 def capture_rng(device: torch.device) -> dict[str, Any]:
@@ -369,6 +433,10 @@ def _train(run_cfg: RunConfig, run_dir: Path, resume: bool, dist: Distributed) -
     # ----- validate everything; write nothing -----
     device = resolve_device(tcfg.device, dist.local_rank)
     accumulation = tcfg.accumulation_steps(dist.world_size)
+    if tcfg.table_optimizer != "adamw" and dist.enabled:
+        raise ConfigError("training.table_optimizer",
+                          f"{tcfg.table_optimizer!r} (sparse table gradients) is not supported under DDP yet "
+                          f"(world size {dist.world_size}); use adamw or a single process")
     tokenizer, shards = prepare_data(run_cfg.data, report=log if dist.is_main else None)
     model_cfg = run_cfg.resolve_model(tokenizer.vocab_size, tokenizer.eos_token_id)
     for split, shard in shards.val.items():
@@ -396,9 +464,25 @@ def _train(run_cfg: RunConfig, run_dir: Path, resume: bool, dist: Distributed) -
     # ----- build (seeded), then restore a checkpoint if there is one -----
     seed_everything(tcfg.seed)
     raw_model = build_model(model_cfg, device=device)
-    groups, group_counts = parameter_groups(raw_model, tcfg.weight_decay, tcfg.table_weight_decay)
+    configure_ngram(raw_model, tcfg)
+    tables = ngram_tables(raw_model) if tcfg.table_optimizer != "adamw" else []
+    if tcfg.table_optimizer != "adamw" and not tables:
+        raise ConfigError("training.table_optimizer",
+                          f"{tcfg.table_optimizer!r} trains N-gram tables, and this model has none (no model.ngram"
+                          " or n-gram per-layer embeddings); use adamw")
+    groups, group_counts = parameter_groups(raw_model, tcfg.weight_decay, tcfg.table_weight_decay,
+                                            exclude=tables)
     optimizer = torch.optim.AdamW(groups, lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps,
                                   fused=device.type == "cuda")
+    table_optimizer = None
+    if tables:
+        from kernels.table_optim import TableAdamW
+
+        table_optimizer = TableAdamW(tables, lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps,
+                                     weight_decay=tcfg.weight_decay if tcfg.table_weight_decay else 0.0,
+                                     mode=tcfg.table_optimizer)
+        group_counts["table_optimizer"] = sum(t.numel() for t in tables)
+    optimizers = [optimizer] + ([table_optimizer] if table_optimizer is not None else [])
     batches = TrainBatches(shards.train.tokens(), tcfg.seq_len, tcfg.sequences_per_step,
                            tcfg.micro_batch_size, tcfg.seed, dist.rank, dist.world_size)
 
@@ -419,6 +503,8 @@ def _train(run_cfg: RunConfig, run_dir: Path, resume: bool, dist: Distributed) -
             start_step, state = found
             raw_model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
+            if table_optimizer is not None:
+                table_optimizer.load_state_dict(state["table_optimizer"])
             batches.load_state_dict(state["data"])
             restore_rng(state["rng"], device)
             loss_ema = state["loss_ema"]
@@ -475,11 +561,14 @@ def _train(run_cfg: RunConfig, run_dir: Path, resume: bool, dist: Distributed) -
         nonlocal last_checkpoint_step
         metrics.flush()
         if is_main:
-            save_checkpoint(ckpt_dir, at_step, {
+            payload = {
                 "step": at_step, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "data": batches.state_dict(), "rng": capture_rng(device), "loss_ema": loss_ema,
                 "wall_s": wall_before + time.monotonic() - started, "run_id": run_id,
-            }, keep=tcfg.keep_checkpoints)
+            }
+            if table_optimizer is not None:
+                payload["table_optimizer"] = table_optimizer.state_dict()
+            save_checkpoint(ckpt_dir, at_step, payload, keep=tcfg.keep_checkpoints)
         last_checkpoint_step = at_step
         dist.barrier()
 
@@ -488,8 +577,9 @@ def _train(run_cfg: RunConfig, run_dir: Path, resume: bool, dist: Distributed) -
         while step < total_steps:
             step_start = time.monotonic()
             lr = learning_rate(step, tcfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = lr
             micro_batches = batches.next_step()
             loss_sum = torch.zeros((), device=device)
             aux_sum = torch.zeros((), device=device)
@@ -507,10 +597,14 @@ def _train(run_cfg: RunConfig, run_dir: Path, resume: bool, dist: Distributed) -
             # Load statistics of the step's last micro-batch: reading them syncs with the device, and a sync per
             # micro-batch would stall the launch queue (measured 25% of step time on an H100 for a 100M MoE).
             load = raw_model.load_stats() if raw_model.cfg.is_moe else {}
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
-                                                       tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            max_norm = tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")
+            if table_optimizer is None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+            else:  # the tables' gradients are row-sparse: one global norm over both kinds
+                grad_norm = clip_gradients(list(raw_model.parameters()), tables, max_norm)
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             if pending_counts:  # DDP: every rank balances on the loads of the whole global batch
                 flat = dist.sum_(torch.cat(pending_counts))
                 sizes = [c.numel() for c in pending_counts]
@@ -705,5 +799,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["EXIT_CODES", "add_arguments", "evaluate", "learning_rate", "parameter_groups", "peak_flops",
-           "run", "run_dir_for", "train_run"]
+__all__ = ["EXIT_CODES", "add_arguments", "clip_gradients", "configure_ngram", "evaluate", "learning_rate",
+           "ngram_tables", "parameter_groups", "peak_flops", "run", "run_dir_for", "train_run"]
