@@ -70,14 +70,14 @@ def run(args: argparse.Namespace) -> int:
 
     print()
     print(f"Runs of sweep '{plan.name}' (results in {plan.sweep_dir}):")
-    header = f"{'run':<14}{'family':<8}{'ratio':>7}{'total':>10}{'activated':>11}{'status':>11}"
+    header = f"{'run':<14}{'family':<8}{'ratio':>7}{'total':>10}{'activated':>11}{'state':>11}"
     loss_columns = [c for c in runs.columns if c.startswith("final_") and c.endswith("_loss")]
     header += "".join(f"{c[len('final_'):-len('_loss')]:>12}" for c in loss_columns)
     print(header)
     for row in runs.sort_values(["family", "ratio"]).itertuples(index=False):
         record = row._asdict()
         line = (f"{record['run_id']:<14}{record['family']:<8}{record['ratio']:>7.2f}"
-                f"{record['total'] / 1e6:>9.2f}M{record['activated'] / 1e6:>10.2f}M{record['status']:>11}")
+                f"{record['total'] / 1e6:>9.2f}M{record['activated'] / 1e6:>10.2f}M{record['state']:>11}")
         line += "".join(f"{_fmt_loss(record[c]):>12}" for c in loss_columns)
         print(line)
     if not result.summary.empty:

@@ -54,8 +54,23 @@ def available_gpus() -> list[str]:
     return [str(i) for i in range(count)]
 
 
+def _usable_cpus() -> int:
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def default_cpu_jobs() -> int:
-    return max(1, (os.cpu_count() or 2) // 2)
+    return max(1, _usable_cpus() // 2)
+
+
+def cpu_job_environment(cpu_jobs: int) -> dict[str, str]:
+    """Thread limits for a CPU job that shares the machine with ``cpu_jobs - 1`` others: torch would otherwise
+    start one intra-op thread per core in every job, and oversubscribed OpenMP threads spin against each other
+    (several times slower than one thread per job). An ``OMP_NUM_THREADS`` the user set is kept."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, _usable_cpus() // max(1, cpu_jobs)))}
 
 
 class SlotPool:
@@ -294,7 +309,9 @@ class LocalQueue:
         )
         executor.devices = ",".join(gpus)
         executor.cwd = self.cwd
-        executor.extra_env = self.extra_env
+        executor.extra_env = dict(self.extra_env)
+        if not self.pool.has_gpus:
+            executor.extra_env = {**cpu_job_environment(self.pool.cpu_jobs), **executor.extra_env}
         job = executor.submit(item.fn)
         pid = int(job.job_id)
         record = {

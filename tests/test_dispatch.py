@@ -280,15 +280,18 @@ def test_status_reconciles_with_the_scheduler(workspace, capsys):
 def _recorder(path: Path, sleep_s: float) -> submitit.helpers.CommandFunction:
     code = ("import json, os, sys, time; start = time.time(); time.sleep(float(sys.argv[2])); "
             "print(json.dumps([start, time.time(), os.environ['CUDA_VISIBLE_DEVICES'], "
-            "os.environ['SUBMITIT_LOCAL_JOB_ID'], os.environ['SUBMITIT_LOCAL_GLOBALID']]), "
+            "os.environ['SUBMITIT_LOCAL_JOB_ID'], os.environ['SUBMITIT_LOCAL_GLOBALID'], "
+            "os.environ.get('OMP_NUM_THREADS')]), "
             "file=open(sys.argv[1], 'a'))")
     return submitit.helpers.CommandFunction([sys.executable, "-c", code, str(path), str(sleep_s)])
 
 
 @pytest.mark.parametrize("gpus,cpu_jobs", [(["0", "1"], 1), ([], 2)])
-def test_local_queue_limits_and_pinning(tmp_path, gpus, cpu_jobs):
+def test_local_queue_limits_and_pinning(tmp_path, monkeypatch, gpus, cpu_jobs):
     """Never more jobs than GPUs (or CPU slots); GPU jobs pinned to disjoint devices; a 2-GPU job gets both,
-    as two tasks (one per GPU, the DDP ranks)."""
+    as two tasks (one per GPU, the DDP ranks); CPU jobs share the cores (OMP_NUM_THREADS) instead of each
+    starting a thread per core."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     log = tmp_path / "times.txt"
     items = [QueueItem(key=f"job{i}", fn=_recorder(log, 0.6), gpus=1 if gpus else 0) for i in range(5)]
     if gpus:
@@ -303,8 +306,9 @@ def test_local_queue_limits_and_pinning(tmp_path, gpus, cpu_jobs):
     assert all(rec["exit_code"] == 0 for rec in ended.values())
     tasks = [json.loads(line) for line in log.read_text().splitlines()]
     jobs: dict[str, list] = {}
-    for start, end, devices, job_id, rank in tasks:
+    for start, end, devices, job_id, rank, threads in tasks:
         jobs.setdefault(job_id, []).append((start, end, devices, rank))
+        assert threads == (None if gpus else str(max(1, len(os.sched_getaffinity(0)) // cpu_jobs)))
     assert len(jobs) == len(items)
     spans = [(min(t[0] for t in ts), max(t[1] for t in ts), ts[0][2]) for ts in jobs.values()]
     assert max_overlap([(a, b) for a, b, _ in spans]) <= (len(gpus) or cpu_jobs)
