@@ -439,7 +439,8 @@ def fig_loss_vs_ratio(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
         if multi_print:
             title += f", corpus {str(size_of.get('corpus_fingerprint'))[:8]}"
             name += f"_{str(size_of.get('corpus_fingerprint'))[:8]}"
-        _title(fig, title + "; dashed: crossover r* with 95% CI")
+        crossed = any(not _crossings_for(result, size_of, split).empty for split in split_names)
+        _title(fig, title + ("; dashed: crossover r* with 95% CI" if crossed else ""))
         paths += save_figure(fig, out_dir, name)
     return paths
 

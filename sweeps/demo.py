@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     _say("step 2/4: training through the local executor (completed runs are skipped)")
     options = SubmitOptions(executor="local", cpu_jobs=args.cpu_jobs, wait=True, log_interval_s=15.0)
-    report = submit(plan, options, log=_say)
+    report = submit(plan, options, log=lambda line: print(line, flush=True))  # its lines name the sweep
     failed = {run_id: state for run_id, state in report.final.items() if state != "completed"}
     if failed:
         _say(f"{len(failed)} runs did not complete: " + ", ".join(f"{k} ({v})" for k, v in failed.items()))
@@ -86,7 +86,5 @@ def run(args: argparse.Namespace) -> int:
     print("\nFigures:")
     for path in result.figures:
         print(f"  {path}")
-    for line in result.skipped:
-        print(f"  (skipped: {line})")
     _say(f"done in {time.perf_counter() - started:.0f}s")
     return 0 if not failed else 1
