@@ -302,25 +302,35 @@ class ModelConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(str(path), f"cannot read config file: {exc.strerror or exc}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(str(path), f"not valid YAML: {exc}") from None
-        if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
-            data = data["model"]
-        try:
+        """A model config file, or the ``model:`` section of a run file."""
+        def model_section(data: Any) -> ModelConfig:
+            if isinstance(data, dict) and isinstance(data.get("model"), dict):
+                data = data["model"]
             return cls.from_dict(data)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc.field}", exc.message) from None
+
+        return load_yaml_config(path, model_section, "config file")
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed, validated again."""
         return dataclasses.replace(self, **changes)
+
+
+def load_yaml_config(path: str | Path, build: typing.Callable[[Any], Any], what: str) -> Any:
+    """Read a YAML file (``yaml.safe_load``) and ``build`` a config from it. Every error, unreadable file, bad
+    YAML or bad field, is a :class:`ConfigError` that names the file (and the field)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read {what}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), f"not valid YAML: {exc}") from None
+    try:
+        return build(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc.field}", exc.message) from None
 
 
 def _check_type(value: Any, annotation: Any, field_path: str) -> Any:

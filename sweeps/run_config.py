@@ -28,9 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from models.config import ConfigError, ModelConfig, build_dataclass
+from models.config import ConfigError, ModelConfig, build_dataclass, load_yaml_config
 
 SCHEDULES = ("cosine", "wsd")
 TABLE_OPTIMIZERS = ("adamw", "dense", "sparse")
@@ -301,19 +299,7 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(str(path), f"cannot read run file: {exc.strerror or exc}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(str(path), f"not valid YAML: {exc}") from None
-        try:
-            return cls.from_dict(data)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc.field}", exc.message) from None
+        return load_yaml_config(path, cls.from_dict, "run file")
 
     def replace(self, **sections: Any) -> RunConfig:
         """A copy with whole sections or section fields changed: ``replace(training={"steps": 10})``."""
