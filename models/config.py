@@ -254,6 +254,15 @@ class ModelConfig:
                 _require(self.dense_hidden % s == 0, "per_layer.ngram.k",
                          f"sub-table width dense_hidden/((N-1)K) = {self.dense_hidden}/{s} is not an integer")
 
+    def __hash__(self) -> int:
+        # Configs key the caches of sweep expansion (tens of thousands of lookups); hashing ~30 fields, nested
+        # ones too, each time was a fifth of its time, so the hash is computed once per (immutable) config.
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
     # ----- derived sizes -----
     @property
     def head_dim(self) -> int:

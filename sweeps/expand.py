@@ -325,6 +325,11 @@ def check_run_sections(sweep: Sweep) -> None:
     sweep_vocab_size(sweep)
 
 
+def _validated(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` built again through its constructor, so every validation runs (equal to ``cfg``)."""
+    return dataclasses.replace(cfg)
+
+
 class _Expander:
     def __init__(self, sweep: Sweep):
         self.sweep = sweep
@@ -382,8 +387,14 @@ class _Expander:
         return cfg
 
     def with_experts(self, base: ModelConfig, n: int) -> ModelConfig:
+        """``base`` with ``n`` experts, as a search candidate: not validated again (the search keeps ``n`` at or
+        above :meth:`_min_experts`, so only counts change, inside their valid range; validation was half the
+        expansion time). Whatever the search picks goes through :func:`_validated`."""
         zero = int(round(self.zero_ratio * n)) if self.zero_ratio is not None else base.n_zero_experts
-        return base.replace(n_experts=n, n_zero_experts=zero)
+        fields = {k: v for k, v in vars(base).items() if k != "_hash"}  # the cached hash is base's, not ours
+        candidate = object.__new__(ModelConfig)
+        candidate.__dict__.update(fields, n_experts=n, n_zero_experts=zero)
+        return candidate
 
     def _min_experts(self, base: ModelConfig) -> int:
         n = 1
@@ -418,7 +429,7 @@ class _Expander:
             lo = self._min_experts(base)
             curve = self.expert_curve(base)
             n, achieved = closest_integer(lambda n: curve(n)[1].ratio, ratio, lo, MAX_EXPERTS)
-            cfg = curve(n)[0]
+            cfg = _validated(curve(n)[0])
             error = achieved / ratio - 1
             if abs(error) > self.limits.ratio_tolerance:
                 if n == lo and achieved > ratio:
@@ -444,7 +455,8 @@ class _Expander:
             curve = self.expert_curve(base)
             n, _ = closest_integer(lambda n: curve(n)[1].total, total, self._min_experts(base), MAX_EXPERTS,
                                    affine=self.zero_ratio is None)
-            self.by_total[key] = curve(n)
+            cfg, acc = curve(n)
+            self.by_total[key] = (_validated(cfg), acc)
         return self.by_total[key]
 
     def with_table(self, anchor: ModelConfig, family: str, spec: dict[str, Any], targets: str,
