@@ -4,7 +4,6 @@ per-table formula (forward and gradients), table sizing, parameter accounting an
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import sympy
 import torch
+from training import train_briefly
 
 from models.config import ConfigError, ModelConfig, NgramConfig
 from models.ngram import (
@@ -336,14 +336,8 @@ def test_forward_accepts_precomputed_rows_and_runs_on_meta():
     assert meta(ids.to("meta")).shape == (2, 8, 16)
 
 
-# ----- with the backbone (runs once models/model.py and models/accounting.py exist) -----
+# ----- with the backbone -----
 
-def _needs(module: str):
-    return pytest.mark.skipif(importlib.util.find_spec(module) is None,
-                              reason=f"{module} is not written yet (another engineer's file)")
-
-
-@_needs("models.model")
 def test_model_with_ngram_embedding_trains():
     from models.model import build_model
 
@@ -355,19 +349,10 @@ def test_model_with_ngram_embedding_trains():
     model = build_model(cfg)
     assert any(isinstance(m, NgramEmbedding) for m in model.modules())
     ids = random_ids(random.Random(7), 64, 4, 33, EOS)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(30):
-        output = model(ids[:, :-1], targets=ids[:, 1:])
-        optimizer.zero_grad(set_to_none=True)
-        (output.loss + output.aux_loss).backward()
-        optimizer.step()
-        model.update_router_biases()
-        losses.append(output.loss.item())
+    losses = train_briefly(model, ids)
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-@_needs("models.accounting")
 def test_released_model_accounting_through_the_cli():
     from sweeps.cli import main
 
