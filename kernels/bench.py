@@ -124,14 +124,18 @@ def measure_ngram(ceilings: dict, rows: int = 2_000_003) -> dict:
 
 
 def measure_tables(ceilings: dict, rows_scale: int, table_dtype: str = "fp32", with_optimizer: bool = True,
-                   tokens: int = 16384, width: int = 1024, n: int = 4, k: int = 4, rows: int = 2_000_003,
-                   vocab: int = 131072) -> dict:
+                   with_compact: bool = False, tokens: int = 16384, width: int = 1024, n: int = 4, k: int = 4,
+                   rows: int = 2_000_003, vocab: int = 131072, device: str = "cuda") -> dict:
     """The N-gram Embedding training path at one table size: the fused Triton forward + sparse backward, the
-    table optimizer step in both modes, and a whole NE training step (forward, backward, sparse optimizer).
+    table optimizer step and a whole NE training step (forward, backward, sparse optimizer).
 
-    Tables in ``table_dtype``, optimizer moments in fp32, bf16 autocast for the projection. At 8x the rows the
-    tables hold 16.3B parameters: their fp32 moments (130 GB) fit no single GPU here, so that size is measured
-    with bf16 tables and without the optimizer."""
+    Tables in ``table_dtype``, bf16 autocast for the projection. ``with_optimizer``: the optimizer step in both
+    modes with full (fp32) moments, and the training step with the sparse one. ``with_compact``: the sparse
+    step with compact moments (bf16 ``exp_avg`` per element, fp32 ``exp_avg_sq`` per row) and the training
+    step with it. At 8x the rows the tables hold 16.3B parameters: their fp32 moments (130 GB) fit no single
+    GPU here, compact ones do (bf16 table 32.6 GB + m 32.6 GB + v 0.8 GB + row steps 1.5 GB), so that size is
+    measured with compact moments only. ``device`` other than cuda (with ``TRITON_INTERPRET=1``) only checks
+    the code path at tiny sizes."""
     import torch
 
     from kernels.table_optim import TableAdamW
@@ -142,16 +146,17 @@ def measure_tables(ceilings: dict, rows_scale: int, table_dtype: str = "fp32", w
     spec = NgramConfig(n=n, k=k, ratio=(rows - 1) / vocab)  # paper sizing: the first sub-table has ``rows``
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[table_dtype]
-    emb = NgramEmbedding(spec, vocab, width, 2, device="cuda", dtype=dtype, backend="triton",
+    emb = NgramEmbedding(spec, vocab, width, 2, device=device, dtype=dtype, backend="triton",
                          sparse_grad=True)
     table = emb.tables.weight
-    ids = torch.randint(0, vocab, (1, tokens), device="cuda")
-    grad_out = torch.randn(1, tokens, width, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, vocab, (1, tokens), device=device)
+    grad_out = torch.randn(1, tokens, width, device=device, dtype=torch.bfloat16)
     dense_params = [p for p in emb.parameters() if p is not table]
+    device_type = torch.device(device).type
 
     def forward_backward() -> None:
         table.sparse_grads.clear()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
             out = emb(ids)
         out.backward(grad_out)
 
@@ -160,34 +165,51 @@ def measure_tables(ceilings: dict, rows_scale: int, table_dtype: str = "fp32", w
                     "table_gib": table.numel() * table.element_size() / 2**30}
     result["forward_backward_ms"] = _median_ms(forward_backward, grad_to_none=dense_params)
     forward_backward()
-    touched = int(table.sparse_grads[0].rows.numel())
+    # The gradient is padded to one slot per lookup (kernels.ngram.SparseRowGrad): count the real rows.
+    grad_rows = table.sparse_grads[0].rows
+    touched = int((grad_rows < table.shape[0]).sum())
     result["touched_rows"] = touched
+    result["gradient_slots"] = int(grad_rows.numel())
     gathered = 2 * tokens * spec.num_tables * table.shape[1] * table.element_size()
     flops = 6 * tokens * spec.num_tables * table.shape[1] * width
     result["forward_backward_floor_ms"] = (gathered / (ceilings["copy_tb_s"] * 1e9)
                                            + flops / (ceilings["gemm_tflop_s"] * 1e9))
-    if not with_optimizer:
-        return result
-    row_bytes = table.shape[1] * 4
-    for mode in ("dense", "sparse"):
-        optimizer = TableAdamW([table], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, mode=mode)
-        result[f"optimizer_{mode}_ms"] = _median_ms(optimizer.step)  # the same sparse gradient every call
-        moved_rows = table.shape[0] if mode == "dense" else touched
-        # param, exp_avg and exp_avg_sq read and written, the row gradient read once
-        floor_bytes = moved_rows * row_bytes * 6 + touched * row_bytes
-        result[f"optimizer_{mode}_floor_ms"] = floor_bytes / (ceilings["copy_tb_s"] * 1e9)
-        del optimizer
-    sparse_optimizer = TableAdamW([table], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, mode="sparse")
-    dense_optimizer = torch.optim.AdamW(dense_params, lr=1e-3, fused=True)
+    d = table.shape[1]
+    dense_optimizer = torch.optim.AdamW(dense_params, lr=1e-3, fused=device_type == "cuda")
 
-    def train_step() -> None:
+    def train_step(sparse_optimizer: TableAdamW) -> None:
         forward_backward()
         sparse_optimizer.step()
         dense_optimizer.step()
         sparse_optimizer.zero_grad()
         dense_optimizer.zero_grad(set_to_none=True)
 
-    result["train_step_sparse_ms"] = _median_ms(train_step)
+    if with_optimizer:
+        row_bytes = d * 4
+        for mode in ("dense", "sparse"):
+            optimizer = TableAdamW([table], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, mode=mode)
+            result[f"optimizer_{mode}_ms"] = _median_ms(optimizer.step)  # the same sparse gradient every call
+            moved_rows = table.shape[0] if mode == "dense" else touched
+            # param, exp_avg and exp_avg_sq read and written, the row gradient read once
+            floor_bytes = moved_rows * row_bytes * 6 + touched * row_bytes
+            result[f"optimizer_{mode}_floor_ms"] = floor_bytes / (ceilings["copy_tb_s"] * 1e9)
+            del optimizer
+        sparse_optimizer = TableAdamW([table], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, mode="sparse")
+        result["train_step_sparse_ms"] = _median_ms(lambda: train_step(sparse_optimizer))
+        del sparse_optimizer
+    if with_compact:
+        forward_backward()  # a training step leaves no gradient behind
+        compact = TableAdamW([table], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, mode="sparse",
+                             moments="compact")
+        result["optimizer_sparse_compact_ms"] = _median_ms(compact.step)
+        state = compact.state[table]
+        result["compact_state_gib"] = sum(state[key].numel() * state[key].element_size()
+                                          for key in ("exp_avg", "exp_avg_sq", "row_step")) / 2**30
+        # per touched row: param and bf16 exp_avg read and written, fp32 exp_avg_sq and int64 row step read
+        # and written, the fp32 row gradient read once
+        floor_bytes = touched * (2 * d * table.element_size() + 2 * d * 2 + 2 * 4 + 2 * 8 + d * 4)
+        result["optimizer_sparse_compact_floor_ms"] = floor_bytes / (ceilings["copy_tb_s"] * 1e9)
+        result["train_step_sparse_compact_ms"] = _median_ms(lambda: train_step(compact))
     return result
 
 
@@ -287,20 +309,36 @@ def render(report: dict) -> str:
             lines.append(f"| fused Triton, sparse row gradients | {r['triton_forward_ms']:.2f} ms | "
                          f"{r['triton_forward_backward_ms']:.3f} ms | {r['floor_ms']:.3f} ms | "
                          f"{r['triton_forward_backward_ms'] / r['floor_ms']:.1f}x |")
+            graph, naive_graph = r.get("triton_graph_forward_backward_ms"), r.get("naive_graph_forward_backward_ms")
+            if graph:
+                lines.append(f"| fused Triton, sparse row gradients, replayed from a CUDA graph | | {graph:.3f} ms | "
+                             f"{r['floor_ms']:.3f} ms | {graph / r['floor_ms']:.1f}x |")
+            if naive_graph:
+                lines.append(f"| naive, replayed from a CUDA graph | | {naive_graph:.2f} ms | | "
+                             f"{naive_graph / r['floor_ms']:.1f}x |")
             lines.append("")
             lines.append(f"Fused Triton path: {r['naive_forward_backward_ms'] / r['triton_forward_backward_ms']:.1f}x "
-                         "faster than the naive form.")
+                         "faster than the naive form eagerly"
+                         + (f", {naive_graph / graph:.1f}x both replayed from CUDA graphs (GPU time without Python's "
+                            "launch overhead, `triton.testing.do_bench_cudagraph`)" if graph and naive_graph else "")
+                         + ".")
+        pieces = ""
+        if "gather_ms" in r:
+            pieces = (f" Pieces of the fused path: hash + gather kernel {r['gather_ms'] * 1e3:.0f} us; backward sort "
+                      f"{r['sort_ms'] * 1e3:.0f} us; sort + segment sum {r['sparse_reduce_ms'] * 1e3:.0f} us "
+                      f"({r['touched_rows']:,} distinct rows of {r['tokens'] * r['sub_tables']:,} lookups).")
         lines += ["",
-                  f"Hash alone {r['hash_ms']:.2f} ms; zero-filling one table-sized gradient {r['zero_fill_ms']:.2f} ms "
-                  "(both forms still produce dense table gradients: the sparse path is the kernels issue's). "
-                  "Floor: gathered rows read forward and row gradients written backward at the copy rate, plus the "
-                  "projection's FLOPs at the GEMM rate.", ""]
+                  f"Hash alone (PyTorch form) {r['hash_ms']:.2f} ms; zero-filling one table-sized gradient "
+                  f"{r['zero_fill_ms']:.2f} ms (the default and naive forms produce dense table gradients; the fused "
+                  "path never does)." + pieces + " Floor: gathered rows read forward and row gradients written "
+                  "backward at the copy rate, plus the projection's FLOPs at the GEMM rate.", ""]
     if report.get("tables"):
         lines += ["## N-gram Embedding training path: fused Triton kernels, sparse gradients, table optimizer "
                   "(T=16384, D=1024, N=4, K=4, bf16 projection)", "",
                   "| rows per sub-table | table | fwd+bwd | its floor | optimizer dense | its floor | optimizer sparse "
-                  "| its floor | NE training step (sparse) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| its floor | NE training step (sparse) | optimizer sparse, compact moments | its floor "
+                  "| NE training step (sparse, compact) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in report["tables"]:
             def cell(key: str, fmt: str = ".3f", r: dict = r) -> str:
                 return f"{r[key]:{fmt}} ms" if key in r else "-"
@@ -308,20 +346,28 @@ def render(report: dict) -> str:
                          f"{r['table_dtype']} | {cell('forward_backward_ms')} | {cell('forward_backward_floor_ms')} | "
                          f"{cell('optimizer_dense_ms', '.2f')} | {cell('optimizer_dense_floor_ms', '.2f')} | "
                          f"{cell('optimizer_sparse_ms')} | {cell('optimizer_sparse_floor_ms')} | "
-                         f"{cell('train_step_sparse_ms')} |")
-        with_steps = [r for r in report["tables"] if "train_step_sparse_ms" in r]
-        if len(with_steps) >= 2:
-            small, large = with_steps[0], with_steps[-1]
-            lines.append("")
-            lines.append(f"NE training step with {large['rows_scale']}x the rows: "
-                         f"{large['train_step_sparse_ms'] / small['train_step_sparse_ms']:.2f}x the time of the "
-                         f"original size ({small['touched_rows']:,} rows touched per step).")
+                         f"{cell('train_step_sparse_ms')} | {cell('optimizer_sparse_compact_ms')} | "
+                         f"{cell('optimizer_sparse_compact_floor_ms')} | {cell('train_step_sparse_compact_ms')} |")
+        for key, what in (("train_step_sparse_ms", "NE training step"),
+                          ("train_step_sparse_compact_ms", "NE training step with compact moments")):
+            with_steps = [r for r in report["tables"] if key in r]
+            large = with_steps[-1] if with_steps else None
+            small = next((r for r in with_steps if large and r["table_dtype"] == large["table_dtype"]), None)
+            if small is not None and small is not large:  # the same table dtype, the smallest and largest size
+                lines.append("")
+                lines.append(f"{what} with {large['rows_scale']}x the rows: "
+                             f"{large[key] / small[key]:.2f}x the time of the "
+                             f"original size ({small['touched_rows']:,} rows touched per step).")
         lines += ["", "fwd+bwd: `NgramEmbedding(backend='triton', sparse_grad=True)`: hash, look-back and gather in "
                   "one kernel, the projection as one GEMM, row gradients reduced in a fixed order into fp32 "
                   "(no table-sized gradient). At 8x the rows (16.3B table parameters) AdamW's fp32 moments would take "
-                  "130 GB, more than one GPU here holds, so that size is measured without the optimizer. "
+                  "130 GB, more than one GPU here holds, so that size is measured with compact moments only "
+                  "(`TableAdamW(moments='compact')`: bf16 first moment per element, fp32 second moment per row, "
+                  "FBGEMM's partial row-wise Adam: a different optimizer from AdamW; bf16 table 32.6 GB + 32.6 GB "
+                  "+ 0.8 GB + 1.5 GB of row steps). "
                   "Optimizer floors: parameter and both moments read and written "
-                  "(dense: every row; sparse: touched rows) plus the row gradients, at the copy rate. The "
+                  "(dense: every row; sparse: touched rows; compact: bf16 first moment, one fp32 second moment "
+                  "and one row step per row) plus the row gradients, at the copy rate. The "
                   "training step adds fused AdamW on the token table and projection.", ""]
     if report.get("model"):
         lines += ["## Whole-model training steps (sequence 1024, bf16 autocast, fused AdamW)", "",
@@ -403,9 +449,11 @@ def run(args: argparse.Namespace) -> int:
         log(f"ngram: default {r['default_forward_backward_ms']:.2f} ms, naive {r['naive_forward_backward_ms']:.2f} ms")
     if "tables" in sections:
         report["tables"] = []
-        for scale, table_dtype, with_optimizer in ((1, "fp32", True), (1, "bf16", False), (8, "bf16", False)):
+        for scale, table_dtype, with_optimizer, with_compact in ((1, "fp32", True, True), (1, "bf16", False, True),
+                                                                 (8, "bf16", False, True)):
             try:
-                report["tables"].append(measure_tables(report["ceilings"], scale, table_dtype, with_optimizer))
+                report["tables"].append(measure_tables(report["ceilings"], scale, table_dtype, with_optimizer,
+                                                       with_compact))
             except Exception as exc:  # an out-of-memory at 8x must not lose the other measurements
                 report["notes"].append(f"tables at {scale}x rows ({table_dtype}) failed: {type(exc).__name__}: "
                                        f"{str(exc)[:300]}")
@@ -415,8 +463,10 @@ def run(args: argparse.Namespace) -> int:
             r = report["tables"][-1]
             nan = float("nan")
             log(f"tables {scale}x {table_dtype}: fwd+bwd {r['forward_backward_ms']:.3f} ms, optimizer dense "
-                f"{r.get('optimizer_dense_ms', nan):.2f} / sparse {r.get('optimizer_sparse_ms', nan):.3f} ms, "
-                f"step {r.get('train_step_sparse_ms', nan):.3f} ms")
+                f"{r.get('optimizer_dense_ms', nan):.2f} / sparse {r.get('optimizer_sparse_ms', nan):.3f} / "
+                f"sparse compact {r.get('optimizer_sparse_compact_ms', nan):.3f} ms, step "
+                f"{r.get('train_step_sparse_ms', nan):.3f} / compact "
+                f"{r.get('train_step_sparse_compact_ms', nan):.3f} ms")
     if "model" in sections:
         report["model"] = []
         modes = {"on": [True], "off": [False], "both": [False, True]}[args.compile]

@@ -28,6 +28,9 @@ which reads the offsets on the host. Traced by ``torch.compile`` off CUDA, the e
 no host read, so the whole layer is one graph (``tests/test_moe_compile.py``): bf16 the same ``grouped_mm``
 as on CUDA, other dtypes a masked per-expert product (``E`` times the FLOPs). ``forward_reference`` is the
 plain per-expert loop that defines the meaning; tests compare the two.
+
+The weighted SwiGLU between the two products runs on CUDA as one fused Triton kernel each way
+(``kernels.swiglu``; ``EMBSCALE_MOE_TRITON=0`` or torch.compile tracing keep the compiled torch functions).
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 # Elementwise and gather-reduce steps are compiled into single kernels on CUDA (set EMBSCALE_MOE_COMPILE=0 to
 # run them eagerly). On CPU they always run eagerly.
 _USE_COMPILE = os.environ.get("EMBSCALE_MOE_COMPILE", "1") != "0"
+# The weighted SwiGLU runs as fused Triton kernels (kernels/swiglu.py) on CUDA outside torch.compile tracing
+# (set EMBSCALE_MOE_TRITON=0 for the compiled torch functions above instead).
+_USE_TRITON = os.environ.get("EMBSCALE_MOE_TRITON", "1") != "0"
 
 
 def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -60,7 +66,8 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Elementwise / gather steps. Plain functions define the meaning; on CUDA they are compiled (fused).
+# Elementwise / gather steps. Plain functions define the meaning; on CUDA they are compiled (fused), except the
+# weighted SwiGLU, which runs as Triton kernels there (kernels/swiglu.py) unless traced or switched off.
 # ----------------------------------------------------------------------------------------------------------
 def _sum_slots(rows: torch.Tensor, slot_pos: torch.Tensor, slot_real: torch.Tensor | None) -> torch.Tensor:
     """``out[t] = sum_j rows[slot_pos[t, j]]`` over real slots, accumulated in fp32. (M, D) -> (T, D).
@@ -144,21 +151,44 @@ class _Combine(torch.autograd.Function):
         return grad.index_select(0, token_of_row), None, None, None
 
 
+def _use_triton_swiglu(gate_up: torch.Tensor) -> bool:
+    """Whether the weighted SwiGLU takes the Triton kernels: CUDA, not traced by torch.compile (the traced
+    graph keeps the torch functions, with no graph break), fp32 or narrower data, ``EMBSCALE_MOE_TRITON`` on."""
+    if not _USE_TRITON or gate_up.device.type != "cuda" or torch.compiler.is_compiling():
+        return False
+    if gate_up.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False  # the kernels compute in fp32; float64 keeps the torch functions
+    from kernels.swiglu import triton_usable
+
+    return triton_usable(gate_up.device)
+
+
 class _SwiGLUWeighted(torch.autograd.Function):
-    """``silu(g) * u * w`` per sorted row, saving only ``gate_up`` (recomputed in backward)."""
+    """``silu(g) * u * w`` per sorted row, saving only ``gate_up`` (recomputed in backward). On CUDA one fused
+    Triton kernel each way (``kernels.swiglu``, see :func:`_use_triton_swiglu`); else the functions above."""
 
     @staticmethod
     def forward(ctx, gate_up, weight, row_real):
         ctx.save_for_backward(gate_up, weight, row_real)
         ctx.has_mask = row_real is not None
+        ctx.use_triton = _use_triton_swiglu(gate_up)
+        if ctx.use_triton:
+            from kernels.swiglu import swiglu_weighted_forward
+
+            return swiglu_weighted_forward(gate_up, weight)
         return _kernel("swiglu_fwd", _swiglu_weighted_fwd, gate_up.device)(gate_up, weight)
 
     @staticmethod
     def backward(ctx, grad):
         gate_up, weight, row_real = ctx.saved_tensors
         row_real = row_real if ctx.has_mask else None
-        grad_gate_up, grad_weight = _kernel("swiglu_bwd", _swiglu_weighted_bwd, grad.device)(
-            grad, gate_up, weight, row_real)
+        if ctx.use_triton:
+            from kernels.swiglu import swiglu_weighted_backward
+
+            grad_gate_up, grad_weight = swiglu_weighted_backward(grad, gate_up, weight, row_real)
+        else:
+            grad_gate_up, grad_weight = _kernel("swiglu_bwd", _swiglu_weighted_bwd, grad.device)(
+                grad, gate_up, weight, row_real)
         return grad_gate_up, grad_weight, None
 
 

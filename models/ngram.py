@@ -247,12 +247,19 @@ class NgramEmbedding(nn.Module):
         """(B, T) ids -> (B, T, width). ``rows`` may pass precomputed :meth:`row_ids` (layers sharing a
         hash)."""
         if self.backend != "torch" or self.sparse_grad:
-            from kernels.ngram import gather_rows  # the fused kernel (PyTorch twin without CUDA)
+            from kernels.ngram import gather_rows, project_and_add  # PyTorch twins without CUDA
 
+            # the gather writes the GEMM's dtype and pads S*d to an aligned width (zeros); the projection and
+            # the token row are added, and averaged, in one addmm
+            dtype = (torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type)
+                     else self.projection.weight.dtype)
             gathered = gather_rows(self.tables.weight, ids, self.plan, self.eos_token_id, rows=rows,
-                                   backend=self.backend, sparse_grad=self.sparse_grad)  # (B, T, S*d)
-            ngram = F.linear(gathered, self.projection.weight)
-            return self._finish(self.token(ids) + ngram)
+                                   backend=self.backend, sparse_grad=self.sparse_grad, out_dtype=dtype,
+                                   pad=True)  # (B, T, W >= S*d)
+            token = self.token(ids)  # (B, T, width)
+            scale = 1.0 if self.norm is not None else self.scale
+            summed = project_and_add(token, gathered, self.projection.weight, scale, dtype)
+            return self.norm(summed) if self.norm is not None else summed
         if rows is None:
             rows = self.row_ids(ids)
         gathered = F.embedding(rows, self.tables.weight)  # (B, T, S, d): one gather, concatenated table

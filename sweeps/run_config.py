@@ -13,8 +13,8 @@ given, it must be at least the tokenizer's size (a larger value pads the embeddi
 
 ``run_id`` is a short hash (10 hex digits) of the model, training and data sections with every default filled
 in, so the same run written two ways gets the same id, and the output section (where results go) does not
-change it. Opt-in training fields added later (``table_optimizer``, ``ngram_backend``) enter the hash only when
-they differ from their defaults, so existing run ids are unchanged.
+change it. Opt-in training fields added later (``table_optimizer``, ``table_optimizer_moments``,
+``ngram_backend``) enter the hash only when they differ from their defaults, so existing run ids are unchanged.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ from models.config import ConfigError, ModelConfig, build_dataclass, load_yaml_c
 
 SCHEDULES = ("cosine", "wsd")
 TABLE_OPTIMIZERS = ("adamw", "dense", "sparse")
+TABLE_OPTIMIZER_MOMENTS = ("full", "compact")
 NGRAM_BACKENDS = ("torch", "triton")
 # Training fields added after runs were recorded: left out of the run id at their default, so the ids of
 # earlier runs (and of runs that do not use them) stay what they were.
-_OPT_IN_TRAINING_DEFAULTS = {"table_optimizer": "adamw", "ngram_backend": "torch"}
+_OPT_IN_TRAINING_DEFAULTS = {"table_optimizer": "adamw", "table_optimizer_moments": "full", "ngram_backend": "torch"}
 DEVICES = ("auto", "cpu", "cuda")
 FORMATS = ("auto", "dir", "jsonl", "parquet")
 SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -60,7 +61,10 @@ class TrainingConfig:
     ``table_optimizer``: ``adamw`` trains the N-gram tables in the ordinary AdamW with dense gradients;
     ``dense`` / ``sparse`` give every ``NgramEmbedding``'s ``tables.weight`` row-sparse gradients and train
     it with ``kernels.table_optim.TableAdamW`` in that mode (``dense``: exactly AdamW; ``sparse``: lazy
-    Adam on the touched rows; single process only). ``ngram_backend``: the N-gram gather, ``torch`` or
+    Adam on the touched rows; single process only). ``table_optimizer_moments``: that optimizer's state,
+    ``full`` (fp32 moments per element: AdamW's) or ``compact`` (bf16 first moment per element, fp32 second
+    moment per row: partial row-wise Adam, a different optimizer, for tables whose fp32 moments do not fit);
+    only with ``table_optimizer`` ``dense`` or ``sparse``. ``ngram_backend``: the N-gram gather, ``torch`` or
     ``triton`` (``kernels.ngram``).
     A run has diverged when its loss is NaN/inf or exceeds ``spike_factor`` times the running mean
     (exponential, over about 20 steps; 0 turns the spike test off).
@@ -90,6 +94,7 @@ class TrainingConfig:
     spike_factor: float = 4.0
     device: str = "auto"
     table_optimizer: str = "adamw"
+    table_optimizer_moments: str = "full"
     ngram_backend: str = "torch"
 
     def __post_init__(self) -> None:
@@ -130,6 +135,14 @@ class TrainingConfig:
                  f"unknown value {self.device!r}; expected one of {', '.join(DEVICES)}")
         _require(self.table_optimizer in TABLE_OPTIMIZERS, "table_optimizer",
                  f"unknown value {self.table_optimizer!r}; expected one of {', '.join(TABLE_OPTIMIZERS)}")
+        _require(self.table_optimizer_moments in TABLE_OPTIMIZER_MOMENTS, "table_optimizer_moments",
+                 f"unknown value {self.table_optimizer_moments!r}; expected one of "
+                 f"{', '.join(TABLE_OPTIMIZER_MOMENTS)}")
+        _require(self.table_optimizer_moments == "full" or self.table_optimizer != "adamw",
+                 "table_optimizer_moments",
+                 f"{self.table_optimizer_moments!r} moments belong to the table optimizer "
+                 "(kernels.table_optim.TableAdamW), and training.table_optimizer is 'adamw'; set "
+                 "training.table_optimizer to dense or sparse, or leave table_optimizer_moments at full")
         _require(self.ngram_backend in NGRAM_BACKENDS, "ngram_backend",
                  f"unknown value {self.ngram_backend!r}; expected one of {', '.join(NGRAM_BACKENDS)}")
         self.accumulation_steps(1)
@@ -275,7 +288,8 @@ class RunConfig:
     # ----- identity -----
     def identity(self) -> dict[str, Any]:
         """Everything that determines the run's results, with defaults filled in (except the opt-in training
-        fields ``table_optimizer`` and ``ngram_backend``, present only when not at their defaults)."""
+        fields ``table_optimizer``, ``table_optimizer_moments`` and ``ngram_backend``, present only when not at
+        their defaults)."""
         model = self.provisional_model().to_dict()
         for omitted in ("vocab_size", "eos_token_id"):
             if omitted not in self.model:

@@ -22,10 +22,12 @@ What a run does, in order:
    ``sparse_grad = True`` after the model is built (a plain attribute of the module), so its
    ``tables.weight`` receives ``sparse_grads`` (touched rows) instead of a dense ``.grad``; those tables leave
    the AdamW groups and are trained by ``kernels.table_optim.TableAdamW`` in that mode (weight decay only with
-   ``table_weight_decay``), with the same learning rate schedule. Gradient clipping takes the global norm over
-   the dense gradients and the merged sparse ones (``norm^2 = sum ||dense||^2 + sum ||values||^2``) and scales
-   both. Checkpoints hold the table optimizer's state under ``table_optimizer``. Not supported under DDP yet
-   (the sparse gradients are not all-reduced): refused when the world size is above 1.
+   ``table_weight_decay``), with the same learning rate schedule and ``training.table_optimizer_moments``
+   (``full`` fp32 moments, or ``compact``: bf16 first moment, fp32 second moment per row). Gradient clipping
+   takes the global norm over the dense gradients and the merged sparse ones (``norm^2 = sum ||dense||^2 + sum
+   ||values||^2``; the sparse gradients' padding slots are zero) and scales both. Checkpoints hold the table
+   optimizer's state under ``table_optimizer``. Not supported under DDP yet (the sparse gradients are not
+   all-reduced): refused when the world size is above 1.
    ``training.ngram_backend`` sets every ``NgramEmbedding``'s ``backend`` (``torch`` or ``triton``).
 4. Evaluates every ``eval_every`` steps and at the end on every validation split with ``eval_tokens`` tokens,
    writes one metrics row per step, checkpoints every ``checkpoint_every`` steps and at the end.
@@ -175,9 +177,11 @@ def clip_gradients(params: list[torch.Tensor], tables: list[torch.Tensor], max_n
     """``clip_grad_norm_`` over the dense gradients of ``params`` and the row-sparse ones of ``tables``.
 
     Each table's ``sparse_grads`` (one per micro-batch) is merged in place into one entry first. The total
-    norm is the 2-norm over every dense gradient and every merged ``values`` (the merged rows are unique, so
-    ``||values||`` is the norm of the equivalent dense gradient); both kinds are scaled by
-    ``min(1, max_norm / (norm + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_`` does."""
+    norm is the 2-norm over every dense gradient and every merged ``values`` (the merged rows are unique and
+    the padding slots' values are exactly zero, so ``||values||`` is the norm of the equivalent dense
+    gradient; nothing here reads the number of touched rows, so there is no host sync for it); both kinds
+    are scaled by ``min(1, max_norm / (norm + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_`` does (scaling
+    keeps the padding at zero)."""
     from kernels.table_optim import merge_row_grads
 
     dense = [p for p in params if p.grad is not None]
@@ -480,7 +484,7 @@ def _train(run_cfg: RunConfig, run_dir: Path, resume: bool, dist: Distributed) -
 
         table_optimizer = TableAdamW(tables, lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps,
                                      weight_decay=tcfg.weight_decay if tcfg.table_weight_decay else 0.0,
-                                     mode=tcfg.table_optimizer)
+                                     mode=tcfg.table_optimizer, moments=tcfg.table_optimizer_moments)
         group_counts["table_optimizer"] = sum(t.numel() for t in tables)
     optimizers = [optimizer] + ([table_optimizer] if table_optimizer is not None else [])
     batches = TrainBatches(shards.train.tokens(), tcfg.seq_len, tcfg.sequences_per_step,

@@ -1,0 +1,127 @@
+"""Fused weighted SwiGLU kernels (kernels/swiglu.py) against their PyTorch twins and models.moe's torch
+functions: forward and backward on ragged row counts, non-power-of-two hidden sizes, with and without the
+``row_real`` mask, bf16 and fp32; and ``models.moe._SwiGLUWeighted`` routed through the kernels. Triton runs
+in its CPU interpreter here (set below, before any kernel is jitted), so the shapes are small."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is jitted: triton.jit reads it when it decorates
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kernels import swiglu as ks  # noqa: E402
+from models import moe as moe_module  # noqa: E402
+
+pytestmark = pytest.mark.skipif(ks.triton is None, reason="Triton is not installed")
+
+TOL = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def inputs(m: int, h: int, dtype: torch.dtype, seed: int = 0, mask: bool = False):
+    """Random non-zero ``grad (M, H)``, ``gate_up (M, 2H)`` in ``dtype``, weights ``(M,)`` fp32 in (0.1, 1.1),
+    and (``mask``) a ``row_real`` with a trailing block of False rows holding large garbage."""
+    gen = torch.Generator().manual_seed(seed)
+    gate_up = (2 * torch.randn(m, 2 * h, generator=gen)).to(dtype)
+    grad = torch.randn(m, h, generator=gen).to(dtype)
+    weight = torch.rand(m, generator=gen) + 0.1
+    row_real = None
+    if mask:
+        row_real = torch.arange(m) < (2 * m) // 3
+        gate_up[~row_real] = 50.0  # uncomputed rows of the grouped product: anything
+    return grad, gate_up, weight, row_real
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype])
+
+
+SHAPES = [(1, 24), (37, 96), (130, 160), (16, 8)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("m", "h"), SHAPES)
+def test_forward_matches_twin(m, h, dtype):
+    _, gate_up, weight, _ = inputs(m, h, dtype, seed=m + h)
+    out = ks.swiglu_weighted_forward(gate_up, weight)
+    expected = ks.reference_forward(gate_up, weight)
+    close(out, expected, dtype)
+    close(expected, moe_module._swiglu_weighted_fwd(gate_up, weight), dtype)  # the twin is the MoE's math
+
+
+@pytest.mark.parametrize("mask", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("m", "h"), SHAPES)
+def test_backward_matches_twin(m, h, dtype, mask):
+    grad, gate_up, weight, row_real = inputs(m, h, dtype, seed=m * h, mask=mask)
+    grad_gate_up, grad_weight = ks.swiglu_weighted_backward(grad, gate_up, weight, row_real)
+    expected_gu, expected_w = ks.reference_backward(grad, gate_up, weight, row_real)
+    real = slice(None) if row_real is None else row_real
+    close(grad_gate_up[real], expected_gu[real], dtype)  # rows with row_real False are never used
+    close(grad_weight, expected_w, torch.float32)  # fp32 row sums, fp32 weights
+    if row_real is not None:
+        assert torch.all(grad_weight[~row_real] == 0)
+    twin_gu, twin_w = moe_module._swiglu_weighted_bwd(grad, gate_up, weight, row_real)
+    assert torch.equal(twin_gu, expected_gu) and torch.equal(twin_w, expected_w)
+
+
+@pytest.mark.parametrize(("block_m", "block_h"), [(1, 16), (4, 32), (8, 256)])
+def test_chunked_tiles_match_twin(block_m, block_h):
+    """Tiles narrower than H (the loop over column chunks, with a ragged last chunk) and ragged row blocks."""
+    m, h, dtype = 37, 96 if block_h < 96 else 160, torch.bfloat16
+    grad, gate_up, weight, row_real = inputs(m, h, dtype, seed=block_h, mask=True)
+    out = ks.swiglu_weighted_forward(gate_up, weight, block_m=block_m, block_h=block_h)
+    close(out, ks.reference_forward(gate_up, weight), dtype)
+    grad_gate_up, grad_weight = ks.swiglu_weighted_backward(grad, gate_up, weight, row_real,
+                                                            block_m=block_m, block_h=block_h)
+    expected_gu, expected_w = ks.reference_backward(grad, gate_up, weight, row_real)
+    close(grad_gate_up[row_real], expected_gu[row_real], dtype)
+    close(grad_weight, expected_w, torch.float32)
+
+
+def test_strided_rows_and_empty():
+    """Row-strided inputs (a column slice of a wider buffer) and zero rows."""
+    grad, gate_up, weight, _ = inputs(20, 24, torch.float32, seed=3)
+    wide = torch.randn(20, 64)
+    wide[:, :48] = gate_up
+    close(ks.swiglu_weighted_forward(wide[:, :48], weight), ks.reference_forward(gate_up, weight), torch.float32)
+    grad_gate_up, grad_weight = ks.swiglu_weighted_backward(grad, wide[:, :48], weight)
+    expected_gu, expected_w = ks.reference_backward(grad, gate_up, weight, None)
+    close(grad_gate_up, expected_gu, torch.float32)
+    close(grad_weight, expected_w, torch.float32)
+    empty = torch.empty(0, 48)
+    assert ks.swiglu_weighted_forward(empty, torch.empty(0)).shape == (0, 24)
+    grad_gate_up, grad_weight = ks.swiglu_weighted_backward(torch.empty(0, 24), empty, torch.empty(0))
+    assert grad_gate_up.shape == (0, 48) and grad_weight.shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autograd_function_through_kernels(monkeypatch, dtype):
+    """models.moe._SwiGLUWeighted routed to the kernels (as on CUDA) gives the twin's output and gradients;
+    by default on CPU it keeps the torch path."""
+    assert not moe_module._use_triton_swiglu(torch.empty(1, 2))  # CPU: never the kernels, even interpreted
+    calls = []
+    forward, backward = ks.swiglu_weighted_forward, ks.swiglu_weighted_backward
+    monkeypatch.setattr(ks, "swiglu_weighted_forward", lambda *a: calls.append("fwd") or forward(*a))
+    monkeypatch.setattr(ks, "swiglu_weighted_backward", lambda *a: calls.append("bwd") or backward(*a))
+    monkeypatch.setattr(moe_module, "_use_triton_swiglu", lambda gate_up: True)
+    grad, gate_up, weight, row_real = inputs(45, 40, dtype, seed=7, mask=True)
+    gu, w = gate_up.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    out = moe_module._SwiGLUWeighted.apply(gu, w, row_real)
+    out.backward(grad)
+    assert calls == ["fwd", "bwd"]
+    close(out.detach(), ks.reference_forward(gate_up, weight), dtype)
+    expected_gu, expected_w = ks.reference_backward(grad, gate_up, weight, row_real)
+    close(gu.grad[row_real], expected_gu[row_real], dtype)
+    close(w.grad, expected_w, torch.float32)
