@@ -10,11 +10,14 @@ per sub-table (``paper`` sizing with m = 2,000,002: M = m + 2 idx + 1), bf16 par
   (T, S*d) buffer, one GEMM with the concatenated projection.
 - ``naive``: S separate ``nn.Embedding`` tables and S per-table ``nn.Linear(d, D)``, summed one by one.
 
-- ``triton_sparse``: the same module with ``backend="triton", sparse_grad=True``: one fused hash + gather
-  kernel (:mod:`kernels.ngram`), and a sparse, deterministic table gradient (sort + segment sum into the
-  touched rows, appended to ``tables.weight.sparse_grads``; the list is cleared before each timed call, as the
-  table optimizer would). Reported as ``triton_forward_ms`` / ``triton_forward_backward_ms``, with
-  ``sparse_reduce_ms`` (the sort + segment sum alone) and ``gather_ms`` (the fused kernel alone).
+- ``triton_sparse``: the same module with ``backend="triton", sparse_grad=True, sparse_token_grad=True``
+  (:func:`kernels.ngram.ngram_embed`): one fused hash + gather kernel, the token rows and the projection in one
+  ``addmm``, and sparse, deterministic gradients for the token table and the n-gram tables from one shared sort
+  (appended to each weight's ``sparse_grads``; the lists are cleared before each timed call, as the table
+  optimizer would). Reported as ``triton_forward_ms`` / ``triton_forward_backward_ms`` (and replayed from a
+  CUDA graph), then with the token table's gradient dense (``triton_token_dense_*``: what a run whose token
+  table stays in AdamW does), with the pieces from CUDA graphs: ``gather_ms``, ``sort_ms`` (all keys),
+  ``ngram_reduce_ms`` and ``token_reduce_ms`` (each table's segment sum).
 
 ``default`` and ``naive`` hash the ids (the same :func:`models.ngram.ngram_hashes`) and produce dense table
 gradients: the gradient of 12 x 2M x 85 rows has to be zero-filled every step whichever dense form computes it,
@@ -93,7 +96,7 @@ def run_benchmark(tokens: int = 16384, width: int = 1024, n: int = 4, k: int = 4
                   device: str = "cuda", rows_scale: int = 1, variants: tuple[str, ...] = VARIANTS) -> dict:
     """Time the chosen forms; returns a dict of milliseconds and the sizes used. ``rows_scale`` multiplies
     the rows per sub-table."""
-    from kernels.ngram import ngram_gather, sort_segments, sparse_row_grad
+    from kernels.ngram import Part, ngram_gather, sort_segments, triton_segment_sum
 
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
@@ -107,9 +110,11 @@ def run_benchmark(tokens: int = 16384, width: int = 1024, n: int = 4, k: int = 4
     ids = torch.randint(0, vocab, (1, tokens), device=device)
     grad_out = torch.randn(1, tokens, width, device=device, dtype=DTYPES[dtype])
 
-    def use_kernels(on: bool) -> None:
+    def use_kernels(on: bool, token_sparse: bool = True) -> None:
         fast.backend, fast.sparse_grad = ("triton", True) if on else ("torch", False)
+        fast.sparse_token_grad = on and token_sparse
         fast.tables.weight.sparse_grads = []
+        fast.token.weight.sparse_grads = []
 
     results = {
         "tokens": tokens, "width": width, "n": n, "k": k, "sub_tables": spec.num_tables,
@@ -128,8 +133,9 @@ def run_benchmark(tokens: int = 16384, width: int = 1024, n: int = 4, k: int = 4
 
     def forward_backward(module, clear_sparse: bool = False):
         def step():
-            if clear_sparse:
-                module.tables.weight.sparse_grads.clear()  # what the table optimizer does after consuming it
+            if clear_sparse:  # what the table optimizer does after consuming them
+                module.tables.weight.sparse_grads.clear()
+                module.token.weight.sparse_grads.clear()
             module(ids).backward(grad_out)
         return step
 
@@ -150,23 +156,39 @@ def run_benchmark(tokens: int = 16384, width: int = 1024, n: int = 4, k: int = 4
         if name == "default":
             fast.zero_grad(set_to_none=True)  # free the dense table gradient before the next variant
     if "triton_sparse" in variants:
+        from triton.testing import do_bench_cudagraph
+
         use_kernels(True)
-        dense_params = [fast.token.weight, fast.projection.weight]
         results["triton_forward_ms"] = _median_ms(forward_only(fast), None, warmup, rep)
-        results["triton_forward_backward_ms"] = _median_ms(forward_backward(fast, clear_sparse=True),
-                                                           dense_params, warmup, rep)
+        projection = [fast.projection.weight]
+        results["triton_forward_backward_ms"] = _median_ms(forward_backward(fast, clear_sparse=True), projection,
+                                                           warmup, rep)
         # the same call replayed from a CUDA graph (no host synchronisation anywhere in it, so it captures):
-        # the kernels' time without the eager launch overhead of ~20 small launches
+        # the kernels' time without the eager launch overhead
         results["triton_graph_forward_backward_ms"] = _graph_ms(forward_backward(fast, clear_sparse=True),
-                                                                dense_params, rep)
+                                                                projection, rep)
+        use_kernels(True, token_sparse=False)  # the token table's gradient dense (its AdamW takes .grad)
+        dense_params = [fast.token.weight, fast.projection.weight]
+        results["triton_token_dense_forward_backward_ms"] = _median_ms(forward_backward(fast, clear_sparse=True),
+                                                                       dense_params, warmup, rep)
+        results["triton_token_dense_graph_forward_backward_ms"] = _graph_ms(
+            forward_backward(fast, clear_sparse=True), dense_params, rep)
         weight = fast.tables.weight.detach()
-        results["gather_ms"] = _median_ms(lambda: ngram_gather(ids, weight, fast.plan, eos, pad=True), None,
-                                          warmup, rep)
-        gathered, row_ids = ngram_gather(ids, weight, fast.plan, eos)
-        grad_rows = torch.randn_like(gathered).view(-1, fast.table_width)
-        results["sparse_reduce_ms"] = _median_ms(lambda: sparse_row_grad(row_ids, grad_rows), None, warmup, rep)
-        results["sort_ms"] = _median_ms(lambda: sort_segments(row_ids), None, warmup, rep)
-        results["touched_rows"] = int(torch.unique(row_ids).numel())
+        results["gather_ms"] = _median_ms(lambda: ngram_gather(ids, weight, fast.plan, eos, pad=True,
+                                                               token_keys=True), None, warmup, rep)
+        gathered, keys = ngram_gather(ids, weight, fast.plan, eos, pad=True, token_keys=True)
+        segments = sort_segments(keys)
+        grad_gathered, grad_token = torch.randn_like(gathered), torch.randn_like(grad_out).view(tokens, width)
+        s, d = fast.num_tables, fast.table_width
+        ngram_part = Part(first=0, count=tokens * s, width=d, group=s + 1, col_step=d, scale=fast.scale)
+        token_part = Part(first=tokens * s, count=tokens, group=s + 1, key_offset=fast.plan.total_rows,
+                          scale=fast.scale)
+        results["sort_ms"] = float(do_bench_cudagraph(lambda: sort_segments(keys), rep=rep, return_mode="median"))
+        results["ngram_reduce_ms"] = float(do_bench_cudagraph(
+            lambda: triton_segment_sum(grad_gathered, segments, part=ngram_part), rep=rep, return_mode="median"))
+        results["token_reduce_ms"] = float(do_bench_cudagraph(
+            lambda: triton_segment_sum(grad_token, segments, part=token_part), rep=rep, return_mode="median"))
+        results["touched_rows"] = int(torch.unique(keys[:, :s]).numel())
         use_kernels(False)
     if "naive" in variants:
         use_kernels(False)
@@ -219,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name + ' forward+backward':<28}{r[name + '_forward_backward_ms']:9.3f} ms")
     if "gather_ms" in r:
         print(f"  {'fused hash+gather kernel':<28}{r['gather_ms']:9.3f} ms")
-        print(f"  {'sparse reduce (sort+sum)':<28}{r['sparse_reduce_ms']:9.3f} ms  "
-              f"({r['touched_rows']:,} touched rows)")
+        print(f"  {'backward sort (all keys)':<28}{r['sort_ms']:9.3f} ms")
+        print(f"  {'n-gram segment sum':<28}{r['ngram_reduce_ms']:9.3f} ms  ({r['touched_rows']:,} touched rows)")
+        print(f"  {'token segment sum':<28}{r['token_reduce_ms']:9.3f} ms")
     if "speedup" in r:
         print(f"  default is {r['speedup']:.2f}x the naive form (forward+backward)")
     if "triton_speedup" in r:

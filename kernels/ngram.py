@@ -10,26 +10,33 @@ token hashes with its full look-back; context beyond the sequence start is id 0)
 offset, writes the row id and copies the row (``d`` features) straight into its slot of the output, cast to
 the GEMM's dtype. ``W`` is ``S*d`` rounded up to a multiple of :data:`ALIGN` (zeros past ``S*d``): with ``K =
 S*d = 1020`` cuBLAS falls back to its sm80 kernels (0.151 ms per GEMM at the benchmark shape on an H200),
-with ``K = 1024`` it runs its sm90 ones (0.052 ms). :func:`project_and_add` then does the projection, the token
-row and the average in one ``addmm`` against the projection weight zero-padded to ``W``.
+with ``K = 1024`` it runs its sm90 ones (0.052 ms).
 
-Backward (:func:`sparse_row_grad`): the ``B*T*S`` gathered-row gradients are reduced into the distinct rows
-touched, in fp32, in a fixed order, with no host synchronisation: a stable sort of the row ids
-(:func:`sort_segments`; int32 keys: half the radix passes of int64), a device cumsum of the segment starts,
-then two kernels. The first takes chunks of :data:`SEGMENT_CHUNK` sorted positions; in each, the lane where a
-run of equal rows starts walks the run (at most the chunk) adding its lookups' rows in sorted order; runs
-inside the chunk are final, a run crossing a chunk boundary leaves its pieces in a small ``carry`` buffer
-which the second kernel adds in chunk order. So a row looked up ``c`` times costs ``c / CHUNK`` serial
-steps: frequent n-grams in real text stay cheap. Nothing table-sized is allocated and two backwards are
-bit-identical. The result is a padded :class:`SparseRowGrad` (``P = B*T*S`` slots: the distinct rows
-ascending, then :data:`PAD_ROW`), so its size is known without reading the device and the whole
-forward + backward can be captured in a CUDA graph. :func:`merge_sparse_grads` re-reduces a list of them
-(micro-batches) the same way; :func:`dense_row_grad` writes the same sums into a dense gradient.
+The whole lookup (:func:`ngram_embed`, what :class:`models.ngram.NgramEmbedding` runs with ``backend="triton"``):
+the gather kernel also writes each token's sort key (``total_rows + token id``) beside its n-gram rows, the
+token rows are gathered by ``F.embedding`` into the output buffer, and one ``addmm`` adds the projection and
+averages. Its backward: two GEMMs (the gathered buffer's gradient, unscaled, and the projection's), then ONE
+stable sort of all ``T*(S+1)`` keys (:func:`sort_segments`; int32 keys: half the radix passes of int64) and a
+device cumsum of the segment starts. The n-gram lookups sort first and the token lookups after them, so each
+table's reduction is a :class:`Part` of the same sort, read straight from its gradient buffer (no slicing
+copies) and scaled by the average's factor on the way.
 
-Autograd (:func:`gather_rows`): a ``torch.autograd.Function`` whose forward takes the table weight and returns
-the gathered rows. With ``sparse_grad=True`` its backward appends the :class:`SparseRowGrad` to
-``weight.sparse_grads`` (a list; one entry per backward) and returns no gradient, so ``weight.grad`` stays
-None; with ``sparse_grad=False`` it writes the dense gradient (deterministic too).
+Reduction (:func:`triton_segment_sum`), in fp32, in a fixed order, with no host synchronisation: program
+``(c, b)`` takes :data:`SEGMENT_CHUNK` sorted positions and :data:`SEGMENT_BLOCK_D` columns; every lane loads
+its lookup's row and a segmented scan over the chunk (a fixed tree) leaves each run's sum at its last lane.
+Runs inside the chunk are final; a run crossing a chunk boundary leaves its pieces in a small ``carry`` buffer
+that a second kernel adds in chunk order. No lane walks a run, so a row looked up thousands of times (frequent
+n-grams and tokens in real text) costs what a row looked up once does, plus ``count / CHUNK`` carried pieces:
+Zipf-distributed ids run at 1.05x the time of uniform ones. Nothing table-sized is allocated and two
+backwards are bit-identical. The result is a padded :class:`SparseRowGrad` (``P`` = the part's lookups: the
+distinct rows ascending, then :data:`PAD_ROW`), so its size is known without reading the device and the whole
+forward + backward can be captured in a CUDA graph. :func:`sparse_row_grad` is the same reduction for one
+flat array of per-lookup rows; :func:`merge_sparse_grads` re-reduces a list of them (micro-batches);
+:func:`dense_row_grad` writes the same sums into a dense gradient.
+
+Autograd: :func:`ngram_embed` (above) and :func:`gather_rows` (the n-gram rows alone). With sparse gradients
+the backward appends the :class:`SparseRowGrad` to ``weight.sparse_grads`` (a list; one entry per backward) and
+returns no gradient, so ``weight.grad`` stays None; otherwise it writes the dense gradient (deterministic too).
 
 Every kernel has a plain-PyTorch twin (``reference_*``) that defines its meaning; the Triton versions run on
 CUDA tensors, or anywhere with ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by the tests). Kernels
@@ -37,15 +44,18 @@ are jitted on first use, not at import, so the interpreter switch is read at the
 imports without a GPU (or without Triton).
 
 Predicted against measured for ``make bench`` (T=16384, D=1024, N=4, K=4, S=12, d=85, 2,000,003 rows per
-sub-table, bf16; 196,608 lookups), NVIDIA H200, 2026-11-23 (BENCHMARKS.md):
+sub-table, bf16; 196,608 n-gram lookups), 2026-11-23 (BENCHMARKS.md):
 
-- gather: predicted 0.02-0.03 ms, measured 0.041 ms;
-- projection GEMMs (K padded to 1024): predicted 0.16 ms for the three, measured 0.052 ms each;
-- sort: predicted 0.03-0.05 ms, measured 0.082 ms (8 radix launches, latency-bound at this size);
-- segment sum: predicted 0.02 ms, measured ~0.12 ms (+ 0.03 ms carry): latency-bound walks, not bandwidth;
-- forward + backward: predicted 0.40-0.50 ms; measured 0.895 ms replayed from a CUDA graph and 1.75 ms eagerly
-  (about 20 launches from Python, the host is the bottleneck), against 5.2-5.5 ms for the naive form. The
-  token table's dense gradient (torch's embedding backward with its 256 MB zero-fill) is the other large part.
+- gather: predicted 0.02-0.03 ms, measured 0.041 ms (H200);
+- projection GEMMs (K padded to 1024): predicted 0.16 ms for the three, measured 0.052 ms each (H200);
+- first version (a sort for the n-gram rows, a lane walking each run, torch's embedding backward for the token
+  table): 0.895 ms from a CUDA graph on an H200, 0.95 ms on an H100, of which the token table's backward
+  (its 256 MB zero-fill, sort and scatter) took 0.42 ms and the walk 0.12 ms;
+- one shared sort, the token table's gradient through the same reduction, no slicing copies, the projection's
+  gradient over the aligned width (a strided K=1020 operand had sent cuBLAS to a 0.127 ms sm80 kernel):
+  predicted 0.55 ms, measured 0.63 ms (H100);
+- the scan instead of the walk, launched at 1 warp: predicted 0.50 ms, measured 0.475 ms uniform, 0.499 ms
+  Zipf-distributed ids (H100); eagerly the call is host-bound near 1 ms (about 16 launches from Python).
 """
 
 from __future__ import annotations
@@ -69,6 +79,7 @@ except ImportError:  # pragma: no cover - exercised only without Triton
 class Plan(Protocol):
     """The fields of :class:`models.ngram.HashPlan` used here (duck-typed: kernels never import models)."""
 
+    vocab_size: int
     max_order: int
     moduli: tuple[int, ...]
     powers: tuple[tuple[int, ...], ...]
@@ -78,14 +89,18 @@ class Plan(Protocol):
 
 PAD_ROW = 2**63 - 1  # the row id of a SparseRowGrad's padding slots: sorts after every real row
 ALIGN = 8  # the gathered buffer's row length is a multiple of this (16 bytes in bf16): cuBLAS's fast path
-# Launch shapes, from a sweep on an H200 at the benchmark shape (196,608 lookups of 85 bf16 features):
-# gather 32 tokens x 1 warp per program 41 us (64 x 4 warps: 1.08 ms, 128 x 8: 2.3 ms: the sweep matters);
-# segment sum 32 sorted positions x 2 warps: 126 us random rows; a row looked up 5,000 times costs ~0.9 ms at
-# width 1024 (chunks of 64: 0.85 ms, of 16: 1.5 ms).
+# Launch shapes, from sweeps at the benchmark shape (196,608 lookups of 85 bf16 features, 16,384 token rows of
+# 1024): gather 32 tokens x 1 warp per program, 41 us on an H200 (64 x 4 warps: 1.08 ms, 128 x 8: 2.3 ms: the
+# sweep matters). Segment sum (a scan per chunk), whole NE forward + backward from a CUDA graph on an H100,
+# 2026-11-23: 32 positions x 64 columns x 1 warp 0.475 ms (Zipf-distributed ids 0.499 ms); the same with
+# 2 warps 0.79 ms, 4 warps 0.71 ms; chunks of 16 0.56 ms, of 64 0.52-0.57 ms. Carry: 16 chunks x 1 warp.
 GATHER_BLOCK_T = 32
 GATHER_WARPS = 1
 SEGMENT_CHUNK = 32
-SEGMENT_WARPS = 2
+SEGMENT_WARPS = 1
+SEGMENT_BLOCK_D = 64  # columns per program of the segment sum (d = 85 in two, the token table's 1024 in 16)
+CARRY_BLOCK = 16
+CARRY_WARPS = 1
 
 
 @dataclass
@@ -168,13 +183,16 @@ def reference_row_ids(ids: torch.Tensor, plan: Plan, eos_token_id: int | None) -
 
 
 def _gather_kernel(ids_ptr, rows_in_ptr, weight_ptr, out_ptr, rows_out_ptr, moduli_ptr, powers_ptr, offsets_ptr,
-                   n_tokens, seq_len, eos_id, d, stride_w, stride_out, width,
+                   n_tokens, seq_len, eos_id, d, stride_w, stride_out, width, token_key_offset,
                    S: tl.constexpr, N: tl.constexpr, HASH: tl.constexpr, HAS_EOS: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PAD_BLOCK: tl.constexpr):
-    # program (i, s): tokens i*BLOCK_T .. +BLOCK_T, sub-table s
+                   TOKEN_KEYS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PAD_BLOCK: tl.constexpr):
+    # program (i, s): tokens i*BLOCK_T .. +BLOCK_T, sub-table s. With TOKEN_KEYS the row ids are written
+    # (T, S+1), column S holding the token's key (token id + token_key_offset) for a shared backward sort.
     tok = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # flat position b*T + t
     s = tl.program_id(1)
     tmask = tok < n_tokens
+    keys_width = S + 1 if TOKEN_KEYS else S
     if HASH:
         pos = tok % seq_len
         modulus = tl.load(moduli_ptr + s)
@@ -191,9 +209,16 @@ def _gather_kernel(ids_ptr, rows_in_ptr, weight_ptr, out_ptr, rows_out_ptr, modu
             # acc < M <= 2^31, t < 2^21, power < 2^31: below 2^53, exact in int64
             acc = (acc + t * power) % modulus
         row = acc + tl.load(offsets_ptr + s)
-        tl.store(rows_out_ptr + tok * S + s, row.to(rows_out_ptr.dtype.element_ty), mask=tmask)
+        tl.store(rows_out_ptr + tok * keys_width + s, row.to(rows_out_ptr.dtype.element_ty), mask=tmask)
     else:
         row = tl.load(rows_in_ptr + tok * S + s, mask=tmask, other=0).to(tl.int64)
+        if TOKEN_KEYS:
+            tl.store(rows_out_ptr + tok * keys_width + s, row.to(rows_out_ptr.dtype.element_ty), mask=tmask)
+    if TOKEN_KEYS:
+        if s == S - 1:
+            token = tl.load(ids_ptr + tok, mask=tmask, other=0).to(tl.int64)
+            tl.store(rows_out_ptr + tok * keys_width + S, (token + token_key_offset).to(rows_out_ptr.dtype.element_ty),
+                     mask=tmask)
     cols = tl.arange(0, BLOCK_D)
     mask = tmask[:, None] & (cols < d)[None, :]
     values = tl.load(weight_ptr + row[:, None] * stride_w + cols[None, :], mask=mask)
@@ -220,12 +245,15 @@ def row_id_dtype(total_rows: int) -> torch.dtype:
 
 def triton_gather(ids: torch.Tensor, weight: torch.Tensor, plan: Plan, eos_token_id: int | None,
                   rows: torch.Tensor | None = None, *, out_dtype: torch.dtype | None = None, pad: bool = False,
-                  block_t: int | None = None, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  token_keys: bool = False, block_t: int | None = None, num_warps: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hash (unless ``rows`` is given) and gather in one kernel: ``(gathered (B*T, W), rows (B*T, S))``.
 
     ``ids`` ``(..., T)``; ``weight`` the concatenated table ``(total_rows, d)`` (any row stride). ``W = S*d``,
     or with ``pad=True`` :func:`padded_width` of it, the extra columns zero. ``out_dtype`` (default the
-    table's) is the gathered buffer's dtype: the kernel casts on store. Row ids are :func:`row_id_dtype`."""
+    table's) is the gathered buffer's dtype: the kernel casts on store. Row ids are :func:`row_id_dtype`.
+    ``token_keys=True``: the row ids come back ``(B*T, S+1)``, column ``S`` the token's key ``token id +
+    total_rows`` (:func:`token_key_dtype`), so one sort serves the token table and the n-gram tables."""
     num_tables, d = len(plan.moduli), weight.shape[1]
     seq_len = ids.shape[-1]
     ids = ids.reshape(-1).contiguous()
@@ -236,27 +264,35 @@ def triton_gather(ids: torch.Tensor, weight: torch.Tensor, plan: Plan, eos_token
     stride_out = padded_width(width) if pad else width
     out = torch.empty(n_tokens, stride_out, dtype=out_dtype or weight.dtype, device=weight.device)
     moduli, powers, offsets = _plan_tensors(plan, weight.device)
-    if rows is None:
-        rows_out = torch.empty(n_tokens, num_tables, dtype=row_id_dtype(plan.total_rows), device=weight.device)
-        rows_in = rows_out  # unused
-    else:
-        rows_out = rows_in = rows.reshape(n_tokens, num_tables).contiguous()
+    keys_dtype = token_key_dtype(plan) if token_keys else row_id_dtype(plan.total_rows)
+    keys_width = num_tables + 1 if token_keys else num_tables
+    if rows is None or token_keys:
+        rows_out = torch.empty(n_tokens, keys_width, dtype=keys_dtype, device=weight.device)
+    rows_in = rows_out if rows is None else rows.reshape(n_tokens, num_tables).contiguous()
+    if rows is not None and not token_keys:
+        rows_out = rows_in
     if n_tokens == 0:
         return out, rows_out
     block_t = block_t or GATHER_BLOCK_T
     num_warps = num_warps or GATHER_WARPS
     pad_block = _next_pow2(stride_out - width) if stride_out > width else 0
     common = dict(S=num_tables, N=plan.max_order, HASH=rows is None, HAS_EOS=eos_token_id is not None,
-                  BLOCK_T=block_t, BLOCK_D=_next_pow2(d), PAD_BLOCK=pad_block, num_warps=num_warps)
+                  TOKEN_KEYS=token_keys, BLOCK_T=block_t, BLOCK_D=_next_pow2(d), PAD_BLOCK=pad_block,
+                  num_warps=num_warps)
     args = (ids, rows_in, weight, out, rows_out, moduli, powers, offsets, n_tokens, seq_len,
-            -1 if eos_token_id is None else eos_token_id, d, weight.stride(0), stride_out, width)
+            -1 if eos_token_id is None else eos_token_id, d, weight.stride(0), stride_out, width, plan.total_rows)
     _kernels()["gather"][(triton.cdiv(n_tokens, block_t), num_tables)](*args, **common)
     return out, rows_out
 
 
+def token_key_dtype(plan: Plan) -> torch.dtype:
+    """The dtype of the shared sort keys (n-gram rows, then ``total_rows + token id``)."""
+    return row_id_dtype(plan.total_rows + plan.vocab_size)
+
+
 def reference_gather(ids: torch.Tensor, weight: torch.Tensor, plan: Plan, eos_token_id: int | None,
-                     rows: torch.Tensor | None = None, *, out_dtype: torch.dtype | None = None, pad: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     rows: torch.Tensor | None = None, *, out_dtype: torch.dtype | None = None, pad: bool = False,
+                     token_keys: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Twin of :func:`triton_gather` (same outputs, same dtypes)."""
     if rows is None:
         rows = reference_row_ids(ids, plan, eos_token_id).to(row_id_dtype(plan.total_rows))
@@ -264,6 +300,9 @@ def reference_gather(ids: torch.Tensor, weight: torch.Tensor, plan: Plan, eos_to
     gathered = weight[rows.reshape(-1).long()].reshape(rows.shape[0], -1).to(out_dtype or weight.dtype)
     if pad and padded_width(gathered.shape[1]) != gathered.shape[1]:
         gathered = F.pad(gathered, (0, padded_width(gathered.shape[1]) - gathered.shape[1]))
+    if token_keys:
+        token = ids.reshape(-1, 1).long() + plan.total_rows
+        rows = torch.cat([rows.long(), token], dim=1).to(token_key_dtype(plan))
     return gathered, rows
 
 
@@ -304,23 +343,59 @@ def sort_segments(rows: torch.Tensor) -> Segments:
     return Segments(keys=keys, order=order, boundaries=boundaries)
 
 
-def reference_segment_sum(values: torch.Tensor, segments: Segments, dense_rows: int | None = None,
-                          out_dtype: torch.dtype | None = None) -> torch.Tensor | SparseRowGrad:
-    """Twin of the segment-sum kernel. Each distinct row's gradient is the fp32 sum of its lookups' ``values``
-    rows, added in sorted (row, lookup) order (``index_add_`` on CPU walks the index sequentially, so the sums
-    match the kernel's bit for bit; on CUDA it is atomic and only the kernel is deterministic).
+@dataclass(frozen=True)
+class Part:
+    """Which sorted positions to reduce and where their gradient rows live (the shared sort of
+    :func:`ngram_embed` holds the n-gram lookups first and the token lookups after them).
 
-    ``dense_rows=None``: a padded :class:`SparseRowGrad` (``R`` slots: the ``U`` distinct rows ascending,
+    Positions ``first .. first + count`` of the :class:`Segments`; lookup ``o`` (an ``order`` value) reads
+    ``values[o // group, (o % group) * col_step : ... + width]``; the reduced row's id is its key minus
+    ``key_offset``; each reduced row is multiplied by ``scale``. The defaults describe one flat ``(R, d)``
+    array of per-lookup rows."""
+
+    first: int = 0
+    count: int | None = None  # None: to the end
+    width: int | None = None  # None: values.shape[1]
+    group: int = 1
+    col_step: int = 0
+    key_offset: int = 0
+    scale: float = 1.0
+
+    def resolve(self, segments: Segments, values: torch.Tensor) -> tuple[int, int]:
+        """(count, width) with the defaults filled in."""
+        count = segments.keys.numel() - self.first if self.count is None else self.count
+        return count, values.shape[1] if self.width is None else self.width
+
+
+WHOLE = Part()
+
+
+def reference_segment_sum(values: torch.Tensor, segments: Segments, dense_rows: int | None = None,
+                          out_dtype: torch.dtype | None = None, part: Part = WHOLE
+                          ) -> torch.Tensor | SparseRowGrad:
+    """Twin of the segment-sum kernel. Each distinct row's gradient is the fp32 sum of its lookups' rows,
+    added in sorted (row, lookup) order (``index_add_`` on CPU walks the index sequentially, so the sums
+    match the kernel's bit for bit when no run crosses a chunk; on CUDA it is atomic and only the kernel is
+    deterministic), times ``part.scale``.
+
+    ``dense_rows=None``: a padded :class:`SparseRowGrad` (``count`` slots: the ``U`` distinct rows ascending,
     then :data:`PAD_ROW` with zero values). Otherwise the dense ``(dense_rows, d)`` gradient in
     ``out_dtype`` (default ``values.dtype``)."""
-    count, d = segments.keys.numel(), values.shape[1]
-    unique, counts = torch.unique_consecutive(segments.keys, return_counts=True)
+    count, d = part.resolve(segments, values)
+    keys = segments.keys[part.first:part.first + count].long() - part.key_offset
+    order = segments.order[part.first:part.first + count]
+    lookup, slot = order // part.group, order % part.group
+    cols = slot[:, None] * part.col_step + torch.arange(d, device=values.device)
+    rows_values = values[lookup[:, None], cols].float()  # (count, d)
+    unique, counts = torch.unique_consecutive(keys, return_counts=True)
     segment = torch.repeat_interleave(torch.arange(unique.numel(), device=values.device), counts)
     sums = torch.zeros(unique.numel(), d, dtype=torch.float32, device=values.device)
-    sums.index_add_(0, segment, values[segments.order].float())
+    sums.index_add_(0, segment, rows_values)
+    if part.scale != 1.0:
+        sums *= part.scale
     if dense_rows is not None:
         dense = torch.zeros(dense_rows, d, dtype=out_dtype or values.dtype, device=values.device)
-        return dense.index_copy_(0, unique.long(), sums.to(dense.dtype))
+        return dense.index_copy_(0, unique, sums.to(dense.dtype))
     rows = torch.full((count,), PAD_ROW, dtype=torch.int64, device=values.device)
     rows[:unique.numel()] = unique
     out = torch.zeros(count, d, dtype=torch.float32, device=values.device)
@@ -328,110 +403,124 @@ def reference_segment_sum(values: torch.Tensor, segments: Segments, dense_rows: 
     return SparseRowGrad(rows=rows, values=out)
 
 
-def _segment_sum_kernel(keys_ptr, order_ptr, boundaries_ptr, values_ptr, out_ptr, rows_out_ptr, carry_ptr,
-                         n, d, stride_v, pad_row, DENSE: tl.constexpr, CHUNK: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
-    # Program c reduces sorted positions c*CHUNK .. +CHUNK, one lane per position. A lane where a run of
-    # equal keys starts (a new row, or the chunk's first position) walks the run to its end or to the chunk's
-    # end, adding its lookups' rows in sorted order (fixed: deterministic). A run wholly inside the chunk is
-    # final and written out; the chunk's first run, when it began in an earlier chunk, and its last run, when
-    # it goes on into the next, are left in carry[2c] and carry[2c+1] for _segment_carry_kernel. No lane
-    # walks more than CHUNK steps, so a row looked up thousands of times costs thousands / CHUNK steps.
+_segmented_add = None  # the jitted combine below, set by _jitted before any kernel is compiled
+
+
+def _segmented_add_fn(flag_a, value_a, flag_b, value_b):
+    # combine of a segmented inclusive sum: a set flag starts a new run
+    return flag_a | flag_b, tl.where(flag_b != 0, value_b, value_a + value_b)
+
+
+def _segment_sum_kernel(keys_ptr, order_ptr, boundaries_ptr, base_ptr, values_ptr, out_ptr, rows_out_ptr,
+                        carry_ptr, first, n, d, stride_v, group, col_step, key_offset, scale, pad_row,
+                        DENSE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Program (c, b) reduces sorted positions first + c*CHUNK .. +CHUNK of the part, columns b*BLOCK_D ..
+    # +BLOCK_D: each lane loads its lookup's row, and a segmented inclusive scan over the chunk (a fixed tree:
+    # deterministic) leaves each run's sum at its last lane. A run wholly inside the chunk is final and
+    # written out; the chunk's first run, when it began in an earlier chunk, and its last run, when it goes on
+    # into the next, are left in carry[2c] and carry[2c+1] for _segment_carry_kernel. No serial walk: a row
+    # looked up thousands of times costs what a row looked up once does, plus thousands / CHUNK carried
+    # pieces. Segment numbers are relative to the part (base: the segment starts before it).
     c = tl.program_id(0).to(tl.int64)
-    first = c * CHUNK
-    k = first + tl.arange(0, CHUNK)
-    kmask = k < n
-    end = tl.minimum(first + CHUNK, n)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < d
+    lane = tl.arange(0, CHUNK)
+    stop = first + n
+    chunk_first = first + c * CHUNK + lane * 0
+    k = chunk_first + lane  # sorted positions
+    kmask = k < stop
     key = tl.load(keys_ptr + k, mask=kmask, other=0)
-    previous = tl.load(keys_ptr + k - 1, mask=kmask & (k > 0), other=0)
-    head = kmask & ((k == 0) | (key != previous))  # a row (segment) starts here
-    start = head | (kmask & (k == first))  # a run starts here
-    segment = tl.load(boundaries_ptr + k - 1, mask=head & (k > 0), other=0).to(tl.int64)
-    next_key = tl.load(keys_ptr + end, mask=end < n, other=0)
-    for col in tl.range(0, d, BLOCK_D):
-        cols = col + tl.arange(0, BLOCK_D)
-        cmask = cols < d
-        acc = tl.zeros([CHUNK, BLOCK_D], dtype=tl.float32)
-        active = start
-        position = k
-        while tl.max(active.to(tl.int32), axis=0) > 0:
-            source = tl.load(order_ptr + position, mask=active, other=0)
-            acc += tl.load(values_ptr + source[:, None] * stride_v + cols[None, :],
-                           mask=active[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            position = tl.where(active, position + 1, position)  # stopped lanes keep their run's end
-            active = active & (position < end)
-            active = active & (tl.load(keys_ptr + position, mask=active, other=0) == key)
-        # the walk stopped at `position`: at the chunk's end with the same key next -> the run goes on
-        continues = start & (position == end) & (position < n) & (next_key == key)
-        whole = head & (continues == 0)
-        if DENSE:
-            tl.store(out_ptr + key.to(tl.int64)[:, None] * d + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                     mask=whole[:, None] & cmask[None, :])
-        else:
-            tl.store(out_ptr + segment[:, None] * d + cols[None, :], acc, mask=whole[:, None] & cmask[None, :])
-        to_first = start & (head == 0)
-        tl.store(carry_ptr + (2 * c + k * 0)[:, None] * d + cols[None, :], acc, mask=to_first[:, None] & cmask[None, :])
-        to_last = head & continues
-        tl.store(carry_ptr + (2 * c + 1 + k * 0)[:, None] * d + cols[None, :], acc,
-                 mask=to_last[:, None] & cmask[None, :])
+    previous = tl.load(keys_ptr + k - 1, mask=kmask & (k > first), other=0)
+    head = kmask & ((k == first) | (key != previous))  # a row (segment) starts here
+    following = tl.load(keys_ptr + k + 1, mask=k + 1 < stop, other=0)
+    run_end = kmask & ((k + 1 == stop) | (following != key) | (lane == CHUNK - 1))
+    continues = run_end & (lane == CHUNK - 1) & (k + 1 < stop) & (following == key)  # into the next chunk
+    first_key = tl.load(keys_ptr + chunk_first)
+    before_first = tl.load(keys_ptr + chunk_first - 1, mask=chunk_first > first, other=0)
+    first_is_head = (chunk_first == first) | (before_first != first_key)
+    from_before = (first_is_head == 0) & (key == first_key)  # the chunk's first run began in an earlier chunk
+    base = tl.load(base_ptr + lane * 0)
+    segment = tl.load(boundaries_ptr + k - 1, mask=kmask & (k > 0), other=0).to(tl.int64) - base
+    segment = tl.where(k == first, 0, segment)
+
+    source = tl.load(order_ptr + k, mask=kmask, other=0).to(tl.int64)
+    lookup = source // group
+    offset = (source - lookup * group) * col_step
+    values = tl.load(values_ptr + lookup[:, None] * stride_v + offset[:, None] + cols[None, :],
+                     mask=kmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    starts = tl.broadcast_to((head | (lane == 0)).to(tl.int32)[:, None], (CHUNK, BLOCK_D))
+    _, sums = tl.associative_scan((starts, values), 0, _segmented_add)
+    sums = sums * scale
+    whole = run_end & (from_before == 0) & (continues == 0)
+    if DENSE:
+        tl.store(out_ptr + (key.to(tl.int64) - key_offset)[:, None] * d + cols[None, :],
+                 sums.to(out_ptr.dtype.element_ty), mask=whole[:, None] & cmask[None, :])
+    else:
+        tl.store(out_ptr + segment[:, None] * d + cols[None, :], sums, mask=whole[:, None] & cmask[None, :])
+    tl.store(carry_ptr + (2 * c + lane * 0)[:, None] * d + cols[None, :], sums,
+             mask=(run_end & from_before)[:, None] & cmask[None, :])
+    tl.store(carry_ptr + (2 * c + 1 + lane * 0)[:, None] * d + cols[None, :], sums,
+             mask=(run_end & (from_before == 0) & continues)[:, None] & cmask[None, :])
     if not DENSE:
-        num_unique = tl.load(boundaries_ptr + n - 2, mask=n > 1, other=n - 1) + 1
-        padding = kmask & (k >= num_unique)
-        tl.store(rows_out_ptr + segment, key.to(tl.int64), mask=head)
-        tl.store(rows_out_ptr + k, tl.full([CHUNK], pad_row, tl.int64), mask=padding)
-        for col in tl.range(0, d, BLOCK_D):
-            cols = col + tl.arange(0, BLOCK_D)
-            tl.store(out_ptr + k[:, None] * d + cols[None, :], tl.zeros([CHUNK, BLOCK_D], dtype=tl.float32),
-                     mask=padding[:, None] & (cols < d)[None, :])
+        lasts = stop - 2 + lane * 0
+        num_unique = tl.load(boundaries_ptr + lasts, mask=lasts >= 0, other=0) - base + 1
+        num_unique = tl.where(lasts >= first, num_unique, 1)  # one position: one row
+        padding = kmask & (k - first >= num_unique)
+        tl.store(out_ptr + (k - first)[:, None] * d + cols[None, :], tl.zeros([CHUNK, BLOCK_D], dtype=tl.float32),
+                 mask=padding[:, None] & cmask[None, :])
+        if tl.program_id(1) == 0:
+            tl.store(rows_out_ptr + segment, key.to(tl.int64) - key_offset, mask=head)
+            tl.store(rows_out_ptr + k - first, tl.full([CHUNK], pad_row, tl.int64), mask=padding)
 
 
-def _segment_carry_kernel(keys_ptr, boundaries_ptr, out_ptr, carry_ptr, n, num_chunks, d,
-                          DENSE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
+def _segment_carry_kernel(keys_ptr, boundaries_ptr, base_ptr, out_ptr, carry_ptr, first, n, num_chunks, d,
+                          key_offset, DENSE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
                           BLOCK_D: tl.constexpr):
     # Lane c: when chunk c owns a run that goes on into later chunks, add the carried pieces of the chunks it
-    # spans, in chunk order, and write the row.
+    # spans, in chunk order, and write the row (columns b*BLOCK_D .. +BLOCK_D of program (i, b)).
     c = (tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    last = tl.minimum((c + 1) * CHUNK, n) - 1
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < d
+    stop = first + n
+    chunk_first = first + c * CHUNK
+    last = tl.minimum(chunk_first + CHUNK, stop) - 1
     cmask_c = c < num_chunks
     key = tl.load(keys_ptr + last, mask=cmask_c, other=0)
-    before = tl.load(keys_ptr + c * CHUNK - 1, mask=cmask_c & (c > 0), other=0)
+    before = tl.load(keys_ptr + chunk_first - 1, mask=cmask_c & (c > 0), other=0)
     began_here = (c == 0) | (before != key)
-    after = tl.load(keys_ptr + (c + 1) * CHUNK, mask=cmask_c & ((c + 1) * CHUNK < n), other=0)
-    owner = cmask_c & began_here & ((c + 1) * CHUNK < n) & (after == key)
-    slot = tl.load(boundaries_ptr + last - 1, mask=owner & (last > 0), other=0).to(tl.int64)
-    for col in tl.range(0, d, BLOCK_D):
-        cols = col + tl.arange(0, BLOCK_D)
-        cmask = cols < d
-        acc = tl.load(carry_ptr + (2 * c + 1)[:, None] * d + cols[None, :], mask=owner[:, None] & cmask[None, :],
-                      other=0.0)
-        nxt = c + 1
-        active = owner
-        while tl.max(active.to(tl.int32), axis=0) > 0:
-            acc += tl.load(carry_ptr + (2 * nxt)[:, None] * d + cols[None, :],
-                           mask=active[:, None] & cmask[None, :], other=0.0)
-            nxt += 1
-            active = active & (nxt * CHUNK < n)
-            active = active & (tl.load(keys_ptr + nxt * CHUNK, mask=active, other=0) == key)
-        if DENSE:
-            tl.store(out_ptr + key.to(tl.int64)[:, None] * d + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                     mask=owner[:, None] & cmask[None, :])
-        else:
-            tl.store(out_ptr + slot[:, None] * d + cols[None, :], acc, mask=owner[:, None] & cmask[None, :])
-
-
+    after = tl.load(keys_ptr + chunk_first + CHUNK, mask=cmask_c & (chunk_first + CHUNK < stop), other=0)
+    owner = cmask_c & began_here & (chunk_first + CHUNK < stop) & (after == key)
+    base = tl.load(base_ptr + c * 0)
+    slot = tl.load(boundaries_ptr + last - 1, mask=owner & (last > first), other=0).to(tl.int64) - base
+    slot = tl.where(last > first, slot, 0)
+    acc = tl.load(carry_ptr + (2 * c + 1)[:, None] * d + cols[None, :], mask=owner[:, None] & cmask[None, :],
+                  other=0.0)
+    nxt = c + 1
+    active = owner
+    while tl.max(active.to(tl.int32), axis=0) > 0:
+        acc += tl.load(carry_ptr + (2 * nxt)[:, None] * d + cols[None, :],
+                       mask=active[:, None] & cmask[None, :], other=0.0)
+        nxt += 1
+        active = active & (first + nxt * CHUNK < stop)
+        active = active & (tl.load(keys_ptr + first + nxt * CHUNK, mask=active, other=0) == key)
+    if DENSE:
+        tl.store(out_ptr + (key.to(tl.int64) - key_offset)[:, None] * d + cols[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=owner[:, None] & cmask[None, :])
+    else:
+        tl.store(out_ptr + slot[:, None] * d + cols[None, :], acc, mask=owner[:, None] & cmask[None, :])
 
 
 def triton_segment_sum(values: torch.Tensor, segments: Segments, dense_rows: int | None = None,
-                       out_dtype: torch.dtype | None = None, num_warps: int | None = None
+                       out_dtype: torch.dtype | None = None, part: Part = WHOLE, num_warps: int | None = None
                        ) -> torch.Tensor | SparseRowGrad:
     """Kernel form of :func:`reference_segment_sum` (same outputs up to fp32 summation order; deterministic;
-    no host synchronisation). Two launches: per chunk of :data:`SEGMENT_CHUNK` sorted positions, its runs
-    summed by a one-hot product; then the rows that span chunks, their pieces added in chunk order. A row
-    looked up ``c`` times costs ``c / CHUNK`` serial steps, so skewed counts (frequent n-grams) stay cheap."""
+    no host synchronisation). Two launches: per chunk of :data:`SEGMENT_CHUNK` sorted positions and
+    :data:`SEGMENT_BLOCK_D` columns, a segmented scan of its rows; then the rows that span chunks, their
+    pieces added in chunk order. Skewed counts (frequent n-grams) cost no serial walk."""
     if values.stride(1) != 1:
         values = values.contiguous()
     num_warps = num_warps or SEGMENT_WARPS
-    count, d = segments.keys.numel(), values.shape[1]
+    count, d = part.resolve(segments, values)
     if dense_rows is not None:
         out = torch.zeros(dense_rows, d, dtype=out_dtype or values.dtype, device=values.device)
         rows_out = segments.keys  # unused
@@ -442,16 +531,24 @@ def triton_segment_sum(values: torch.Tensor, segments: Segments, dense_rows: int
         chunk = SEGMENT_CHUNK
         num_chunks = triton.cdiv(count, chunk)
         carry = torch.empty(2 * num_chunks, d, dtype=torch.float32, device=values.device)
-        boundaries = segments.boundaries if count > 1 else segments.keys  # never read when count == 1
-        block_d = min(128, max(16, _next_pow2(d)))
-        _kernels()["segment_sum"][(num_chunks,)](
-            segments.keys, segments.order, boundaries, values, out, rows_out, carry, count, d, values.stride(0),
-            PAD_ROW, DENSE=dense_rows is not None, CHUNK=chunk, BLOCK_D=block_d, num_warps=num_warps)
-        block_c = 64
-        _kernels()["segment_carry"][(triton.cdiv(num_chunks, block_c),)](
-            segments.keys, boundaries, out, carry, count, num_chunks, d, DENSE=dense_rows is not None,
-            CHUNK=chunk, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=4)
+        # segment starts before the part: boundaries[first - 1] (a view, nothing read by the host)
+        base = segments.boundaries[part.first - 1:part.first] if part.first > 0 else _zero(values.device)
+        boundaries = segments.boundaries if segments.keys.numel() > 1 else base  # never read when R == 1
+        block_d = min(SEGMENT_BLOCK_D, max(16, _next_pow2(d)))
+        column_blocks = triton.cdiv(d, block_d)
+        _kernels()["segment_sum"][(num_chunks, column_blocks)](
+            segments.keys, segments.order, boundaries, base, values, out, rows_out, carry, part.first, count, d,
+            values.stride(0), part.group, part.col_step, part.key_offset, part.scale, PAD_ROW,
+            DENSE=dense_rows is not None, CHUNK=chunk, BLOCK_D=block_d, num_warps=num_warps)
+        _kernels()["segment_carry"][(triton.cdiv(num_chunks, CARRY_BLOCK), column_blocks)](
+            segments.keys, boundaries, base, out, carry, part.first, count, num_chunks, d, part.key_offset,
+            DENSE=dense_rows is not None, CHUNK=chunk, BLOCK_C=CARRY_BLOCK, BLOCK_D=block_d, num_warps=CARRY_WARPS)
     return out if dense_rows is not None else SparseRowGrad(rows=rows_out, values=out)
+
+
+@functools.lru_cache(maxsize=8)
+def _zero(device: torch.device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int32, device=device)
 
 
 def _segment_sum(values: torch.Tensor, segments: Segments, use_triton: bool | None, **kwargs):
@@ -547,51 +644,83 @@ def gather_rows(weight: torch.Tensor, ids: torch.Tensor, plan: Plan, eos_token_i
     return gathered.reshape(*ids.shape, -1)
 
 
-class _ProjectAndAdd(torch.autograd.Function):
-    """``scale * (token + gathered @ weight^T)`` as one ``addmm``; ``weight`` (D, S*d) is zero-padded to the
-    gathered buffer's aligned width (a 16-byte-aligned K keeps cuBLAS on its fast kernels: measured 3x
-    faster at K = 1024 than at K = 1020 on an H200). The backward scales the output gradient once."""
+class _NgramEmbed(torch.autograd.Function):
+    """The whole N-gram Embedding lookup: ``scale * (E0[ids] + gathered @ W^T)``, with one shared sort in the
+    backward for the token table and the n-gram tables."""
 
     @staticmethod
-    def forward(ctx, token, gathered, weight, scale, dtype):
-        width, padded = weight.shape[1], gathered.shape[-1]
-        w = weight.to(dtype)
-        if padded != width:
-            w = F.pad(w, (0, padded - width))
-        g2 = gathered.reshape(-1, padded).to(dtype)
-        t2 = token.reshape(-1, token.shape[-1])
-        if t2.dtype == dtype:
-            out = torch.addmm(t2, g2, w.t(), beta=scale, alpha=scale)
-        else:  # e.g. fp32 token rows under bf16 autocast: the sum stays in the token's dtype, as in the torch form
-            out = torch.add(t2, torch.mm(g2, w.t())).mul_(scale)
-        ctx.save_for_backward(g2, w)
-        ctx.scale, ctx.width = scale, width
-        ctx.dtypes = (token.dtype, gathered.dtype, weight.dtype)
-        ctx.shapes = (token.shape, gathered.shape)
-        return out.view(token.shape[:-1] + (out.shape[-1],))
+    def forward(ctx, token_weight, table_weight, projection_weight, ids, rows, plan, eos_token_id, scale, dtype,
+                sparse_token, sparse_table, use_triton):
+        with torch.autocast(ids.device.type, enabled=False):  # the dtypes below are explicit
+            gathered, keys = ngram_gather(ids, table_weight, plan, eos_token_id, rows=rows, use_triton=use_triton,
+                                          out_dtype=dtype, pad=True, token_keys=True)  # (T, W), (T, S+1)
+            width, padded = projection_weight.shape[1], gathered.shape[1]
+            w = projection_weight.to(dtype)
+            if padded != width:
+                w = F.pad(w, (0, padded - width))  # zero columns against the gathered buffer's zero padding
+            out = F.embedding(ids.reshape(-1), token_weight)  # (T, D), a fresh buffer: summed into in place
+            if out.dtype == dtype:
+                torch.addmm(out, gathered, w.t(), beta=scale, alpha=scale, out=out)
+            else:  # fp32 token rows under bf16 autocast: the sum stays fp32, as in the PyTorch form
+                out.add_(torch.mm(gathered, w.t())).mul_(scale)
+        ctx.save_for_backward(gathered, w, keys)
+        ctx.token_weight, ctx.table_weight = token_weight, table_weight
+        ctx.options = (plan, scale, sparse_token, sparse_table, use_triton, projection_weight.dtype)
+        return out.view(*ids.shape, out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        g2, w = ctx.saved_tensors
-        grad = grad.reshape(-1, grad.shape[-1])
-        if ctx.scale != 1.0:
-            grad = grad * ctx.scale
-        token_dtype, gathered_dtype, weight_dtype = ctx.dtypes
-        grad_token = grad.view(ctx.shapes[0]).to(token_dtype)
-        grad = grad.to(w.dtype)
-        grad_gathered = grad @ w  # (T, padded)
-        grad_weight = (grad.t() @ g2)[:, :ctx.width]
-        return (grad_token, grad_gathered.view(ctx.shapes[1]).to(gathered_dtype), grad_weight.to(weight_dtype),
-                None, None)
+        gathered, w, keys = ctx.saved_tensors
+        plan, scale, sparse_token, sparse_table, use_triton, projection_dtype = ctx.options
+        token_weight, table_weight = ctx.token_weight, ctx.table_weight
+        num_tables, d = keys.shape[1] - 1, table_weight.shape[1]
+        width = num_tables * d
+        grad = grad.reshape(-1, grad.shape[-1])  # (T, D)
+        g = grad.to(w.dtype)
+        grad_gathered = torch.mm(g, w)  # (T, W) unscaled: the segment sum applies the scale
+        # over the whole aligned width, then cut: a strided K=1020 operand sends cuBLAS to its sm80 kernels
+        grad_projection = torch.mm(g.t(), gathered)[:, :width].mul(scale).to(projection_dtype)  # (D, S*d)
+        segments = sort_segments(keys)  # n-gram rows first, then total_rows + token id
+        tokens = keys.shape[0]
+        ngram = Part(first=0, count=tokens * num_tables, width=d, group=num_tables + 1, col_step=d, scale=scale)
+        token = Part(first=tokens * num_tables, count=tokens, group=num_tables + 1, key_offset=plan.total_rows,
+                     scale=scale)
+        grads = []
+        for weight, values, part, sparse in ((table_weight, grad_gathered, ngram, sparse_table),
+                                             (token_weight, grad, token, sparse_token)):
+            if sparse:
+                result = _segment_sum(values, segments, use_triton, part=part)
+                if getattr(weight, "sparse_grads", None) is None:
+                    weight.sparse_grads = []
+                weight.sparse_grads.append(result)
+                grads.append(None)
+            else:
+                grads.append(_segment_sum(values, segments, use_triton, part=part, dense_rows=weight.shape[0],
+                                          out_dtype=weight.dtype))
+        table_grad, token_grad = grads
+        return (token_grad, table_grad, grad_projection) + (None,) * 9
 
 
-def project_and_add(token: torch.Tensor, gathered: torch.Tensor, weight: torch.Tensor, scale: float,
-                    dtype: torch.dtype) -> torch.Tensor:
-    """``scale * (token + gathered[..., :S*d] @ weight^T)``, the product in ``dtype``: token ``(..., D)``,
-    gathered ``(..., W)`` (``W >= S*d``, zero past ``S*d``), weight ``(D, S*d)``. The result has the token's
-    dtype: one fused ``addmm`` when that is ``dtype``, else the product is added to the token rows (fp32 token
-    rows under bf16 autocast keep an fp32 sum, as the PyTorch form does)."""
-    return _ProjectAndAdd.apply(token, gathered, weight, scale, dtype)
+@torch.compiler.disable  # a graph break under torch.compile: sparse gradients go to a Python list
+def ngram_embed(token_weight: torch.Tensor, table_weight: torch.Tensor, projection_weight: torch.Tensor,
+                ids: torch.Tensor, plan: Plan, eos_token_id: int | None, scale: float, dtype: torch.dtype, *,
+                rows: torch.Tensor | None = None, backend: str = "triton", sparse_table: bool = False,
+                sparse_token: bool = False) -> torch.Tensor:
+    """``scale * (E0[ids] + gathered[..., :S*d] @ W^T)``, the N-gram Embedding before amplification:
+    ``(..., T)`` ids -> ``(..., T, D)`` in the token table's dtype, the product in ``dtype``.
+
+    One hash + gather kernel (which also writes each token's sort key), the token rows, one ``addmm``. The
+    backward runs two GEMMs and one stable sort over the ``T*(S+1)`` lookups (n-gram rows, then the token
+    ids offset by ``total_rows``), then reduces the token table's and the n-gram tables' gradients from it
+    (:class:`Part`), in fp32, deterministically, with no host synchronisation. ``sparse_table`` /
+    ``sparse_token``: that table's gradient goes to ``weight.sparse_grads`` as a padded
+    :class:`SparseRowGrad` and ``weight.grad`` stays None; otherwise the dense gradient is written (the
+    same reduction, scattered into zeros). ``backend``: as :func:`gather_rows`."""
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+    use_triton = backend == "triton" and triton_usable(table_weight.device)
+    return _NgramEmbed.apply(token_weight, table_weight, projection_weight, ids, rows, plan, eos_token_id, scale,
+                             dtype, sparse_token, sparse_table, use_triton)
 
 
 @functools.lru_cache(maxsize=2)
@@ -599,6 +728,9 @@ def _jitted(interpret: bool) -> dict:
     # triton.jit picks the interpreter or the compiler when it decorates, so decorate at first launch
     # (keyed by the switch), not at import.
     del interpret
+    # the scan's combine is called from the kernels by its global name, so it is jitted here too (one mode
+    # per process: the interpreter in the tests, the compiler on a GPU)
+    globals()["_segmented_add"] = triton.jit(_segmented_add_fn)
     return {"gather": triton.jit(_gather_kernel), "segment_sum": triton.jit(_segment_sum_kernel),
             "segment_carry": triton.jit(_segment_carry_kernel)}
 
@@ -611,21 +743,23 @@ def _kernels() -> dict:
 
 __all__ = [
     "PAD_ROW",
+    "Part",
     "Segments",
     "SparseRowGrad",
     "dense_row_grad",
     "gather_rows",
     "interpreting",
     "merge_sparse_grads",
+    "ngram_embed",
     "ngram_gather",
     "padded_width",
-    "project_and_add",
     "reference_gather",
     "reference_row_ids",
     "reference_segment_sum",
     "row_id_dtype",
     "sort_segments",
     "sparse_row_grad",
+    "token_key_dtype",
     "triton_gather",
     "triton_segment_sum",
     "triton_usable",

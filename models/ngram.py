@@ -187,23 +187,28 @@ class NgramEmbedding(nn.Module):
     LayerNorm ``eps`` would swamp; normalising the sum is the same function with ``eps`` scaled by
     ``1/(S+1)^2``.
 
-    Backends (opt-in; the default is the plain PyTorch form above): ``backend="triton"`` hashes and gathers in
-    one fused kernel (:func:`kernels.ngram.gather_rows`; on CUDA, or anywhere under ``TRITON_INTERPRET=1``,
-    its PyTorch twin otherwise). ``sparse_grad=True`` (either backend) delivers the table gradient as a
+    Backends (opt-in; the default is the plain PyTorch form above): ``backend="triton"`` runs the whole lookup
+    as :func:`kernels.ngram.ngram_embed`: one fused hash + gather kernel, the token rows and the projection in
+    one ``addmm``, and a backward that sorts the token and n-gram lookups once and reduces both tables'
+    gradients from that sort (on CUDA, or anywhere under ``TRITON_INTERPRET=1``; its PyTorch twins
+    otherwise). ``sparse_grad=True`` (either backend) delivers the n-gram tables' gradient as a
     :class:`kernels.ngram.SparseRowGrad` (touched rows only, fp32, deterministic) appended to
     ``tables.weight.sparse_grads`` (one entry per backward) and leaves ``tables.weight.grad`` None; the table
-    optimizer consumes and clears that list. ``token`` and ``projection`` stay dense parameters. Both are
-    plain attributes and may be switched after construction.
+    optimizer consumes and clears that list. ``sparse_token_grad=True`` does the same for ``token.weight``
+    (then a table optimizer must train it too). ``projection`` stays a dense parameter. All three are plain
+    attributes and may be switched after construction.
     """
 
     def __init__(self, spec: NgramConfig, vocab_size: int, width: int, eos_token_id: int | None, *,
                  init_std: float = 0.02, norm_eps: float = 1e-6, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, backend: str = "torch", sparse_grad: bool = False):
+                 dtype: torch.dtype | None = None, backend: str = "torch", sparse_grad: bool = False,
+                 sparse_token_grad: bool = False):
         super().__init__()
         if backend not in BACKENDS:
             raise ConfigError("backend", f"must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.backend = backend
         self.sparse_grad = sparse_grad
+        self.sparse_token_grad = sparse_token_grad
         self.spec = spec
         self.vocab_size = vocab_size
         self.width = width
@@ -226,6 +231,8 @@ class NgramEmbedding(nn.Module):
                       "sqrt_count": 1.0 / math.sqrt(count)}[spec.amplification]
         if sparse_grad:
             self.tables.weight.sparse_grads = []  # kernels.ngram appends one SparseRowGrad per backward
+        if sparse_token_grad:
+            self.token.weight.sparse_grads = []
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -246,19 +253,17 @@ class NgramEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids -> (B, T, width). ``rows`` may pass precomputed :meth:`row_ids` (layers sharing a
         hash)."""
-        if self.backend != "torch" or self.sparse_grad:
-            from kernels.ngram import gather_rows, project_and_add  # PyTorch twins without CUDA
+        if self.backend != "torch" or self.sparse_grad or self.sparse_token_grad:
+            from kernels.ngram import ngram_embed  # PyTorch twins without CUDA
 
-            # the gather writes the GEMM's dtype and pads S*d to an aligned width (zeros); the projection and
-            # the token row are added, and averaged, in one addmm
+            # one fused hash + gather (padded to an aligned width, in the GEMM's dtype), the token rows and
+            # the projection summed and averaged in one addmm; one shared sort in the backward
             dtype = (torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type)
                      else self.projection.weight.dtype)
-            gathered = gather_rows(self.tables.weight, ids, self.plan, self.eos_token_id, rows=rows,
-                                   backend=self.backend, sparse_grad=self.sparse_grad, out_dtype=dtype,
-                                   pad=True)  # (B, T, W >= S*d)
-            token = self.token(ids)  # (B, T, width)
             scale = 1.0 if self.norm is not None else self.scale
-            summed = project_and_add(token, gathered, self.projection.weight, scale, dtype)
+            summed = ngram_embed(self.token.weight, self.tables.weight, self.projection.weight, ids, self.plan,
+                                 self.eos_token_id, scale, dtype, rows=rows, backend=self.backend,
+                                 sparse_table=self.sparse_grad, sparse_token=self.sparse_token_grad)
             return self.norm(summed) if self.norm is not None else summed
         if rows is None:
             rows = self.row_ids(ids)

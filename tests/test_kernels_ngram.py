@@ -184,7 +184,11 @@ def test_sparse_backward_matches_dense(n, k, width, batch, time_, backend, dtype
     torch.testing.assert_close(sparse.to_dense(weight.shape[0]), table_grad, **tol)
     # the dense parameters still get their ordinary gradients
     torch.testing.assert_close(fused.projection.weight.grad, projection_grad, **tol)
-    torch.testing.assert_close(fused.token.weight.grad, token_grad, **tol)
+    # the token table's gradient is summed in fp32 and rounded once: compared with the exact sum (torch's bf16
+    # embedding backward rounds every addition and is off by 0.009 on the EOS row here)
+    exact_token = torch.zeros(vocab, width, dtype=torch.float64).index_add_(
+        0, ids.reshape(-1), grad_out.reshape(-1, width).double()) * fused.scale
+    torch.testing.assert_close(fused.token.weight.grad.double(), exact_token, **tol)
 
     # micro-batches accumulate by appending; the merge equals the sum
     fused(ids).backward(grad_out * 0.5)
@@ -265,7 +269,7 @@ RUNS = [
 
 
 @pytest.mark.parametrize("runs", RUNS, ids=lambda r: f"len{len(r)}")
-@pytest.mark.parametrize("d", [3, 130])
+@pytest.mark.parametrize("d", [3, 70])  # 70: over one column block (SEGMENT_BLOCK_D = 64)
 def test_segment_sum_long_runs(runs, d):
     generator = torch.Generator().manual_seed(len(runs) * d)
     rows = torch.tensor(runs + torch.randint(10, 60, (23,), generator=generator).tolist(), dtype=torch.long)
@@ -298,25 +302,6 @@ def test_merge_keeps_padding_last():
     torch.testing.assert_close(merged.to_dense(5), grads[0].to_dense(5) + grads[1].to_dense(5))
 
 
-@pytest.mark.parametrize("scale", [1.0, 0.25])
-def test_project_and_add_matches_autograd(scale):
-    torch.manual_seed(0)
-    token = torch.randn(2, 5, 16, requires_grad=True)
-    weight = torch.randn(16, 10, requires_grad=True)  # S*d = 10, padded to 16
-    gathered = F.pad(torch.randn(2, 5, 10), (0, 6)).requires_grad_()
-    grad_out = torch.randn(2, 5, 16)
-    got = kn.project_and_add(token, gathered, weight, scale, torch.float32)
-    got.backward(grad_out)
-    grads = [t.grad.clone() for t in (token, gathered, weight)]
-    for t in (token, gathered, weight):
-        t.grad = None
-    expected = scale * (token + F.linear(gathered[..., :10], weight))
-    expected.backward(grad_out)
-    torch.testing.assert_close(got, expected)
-    for a, t in zip(grads, (token, gathered, weight), strict=True):
-        torch.testing.assert_close(a, t.grad)
-
-
 def test_backend_validation():
     with pytest.raises(ConfigError, match="backend"):
         make_module(3, 1, 50, 8, EOS, backend="cuda")
@@ -343,17 +328,123 @@ def test_imports_without_gpu_or_interpreter():
     assert done.returncode == 0, done.stderr
 
 
-def test_project_and_add_keeps_the_token_dtype():
-    """fp32 token rows with a bf16 product (autocast): the sum stays fp32, as in the PyTorch form."""
-    torch.manual_seed(0)
-    token = torch.randn(3, 16, requires_grad=True)
-    weight = torch.randn(16, 8, requires_grad=True)
-    gathered = torch.randn(3, 8, dtype=torch.bfloat16, requires_grad=True)
-    got = kn.project_and_add(token, gathered, weight, 0.5, torch.bfloat16)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_ngram_embed_keeps_the_token_dtype(backend):
+    """fp32 parameters with a bf16 product (autocast): the sum stays fp32, as in the PyTorch form, and each
+    gradient has its parameter's dtype."""
+    vocab, width = 31, 24
+    module = make_module(3, 2, vocab, width, EOS, backend=backend, sparse_grad=True)
+    reference = make_module(3, 2, vocab, width, EOS)
+    ids = tricky_ids(2, vocab, 2, 33, EOS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = module(ids)
+        expected = reference(ids)
     assert got.dtype == torch.float32
-    expected = 0.5 * (token + F.linear(gathered, weight.bfloat16()))
-    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-3)
     got.sum().backward()
-    assert token.grad.dtype == torch.float32 and gathered.grad.dtype == torch.bfloat16
-    assert weight.grad.dtype == torch.float32
-    torch.testing.assert_close(token.grad, torch.full_like(token, 0.5))
+    assert module.token.weight.grad.dtype == torch.float32
+    assert module.projection.weight.grad.dtype == torch.float32
+    assert module.tables.weight.sparse_grads[0].values.dtype == torch.float32
+    counts = torch.bincount(ids.reshape(-1), minlength=vocab).float()[:, None].expand(vocab, width)
+    torch.testing.assert_close(module.token.weight.grad, counts * module.scale)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# ngram_embed: the token table and the n-gram tables reduced from one shared sort
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("given_rows", [False, True])
+@pytest.mark.parametrize("n,k,width,batch,time_", [SHAPES[1], SHAPES[4]])
+def test_gather_token_keys_kernel_matches_twin(n, k, width, batch, time_, given_rows):
+    module = make_module(n, k, 61, width, EOS)
+    ids = tricky_ids(7, 61, batch, time_, EOS)
+    rows = module.row_ids(ids) if given_rows else None
+    weight = module.tables.weight.detach()
+    got, keys = kn.triton_gather(ids, weight, module.plan, EOS, rows=rows, pad=True, token_keys=True)
+    want, want_keys = kn.reference_gather(ids, weight, module.plan, EOS, rows=rows, pad=True, token_keys=True)
+    assert keys.shape == (batch * time_, module.num_tables + 1) and keys.dtype == kn.token_key_dtype(module.plan)
+    assert torch.equal(keys, want_keys) and torch.equal(got, want)
+    assert torch.equal(keys[:, -1].long(), ids.reshape(-1) + module.plan.total_rows)
+    assert torch.equal(keys[:, :-1].long(), module.row_ids(ids).reshape(-1, module.num_tables))
+
+
+def _part_case(seed: int):
+    """Two parts sorted together, as ngram_embed lays them out: 3 lookups per token into rows < 50 (the first
+    part, width 5 at column step 5 of a (T, 16) buffer), then one per token keyed 50 + token id (the second,
+    width 7 of a (T, 7) buffer), with runs longer than a chunk in both."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = 3 * kn.SEGMENT_CHUNK + 5
+    first = torch.randint(0, 50, (tokens, 3), generator=generator)
+    first[: 2 * kn.SEGMENT_CHUNK, 1] = 17  # a run over two chunks
+    token = torch.randint(0, 9, (tokens, 1), generator=generator)
+    token[kn.SEGMENT_CHUNK: 3 * kn.SEGMENT_CHUNK] = 4
+    keys = torch.cat([first, token + 50], dim=1).to(torch.int32)
+    first_values = torch.randn(tokens, 16, generator=generator)
+    token_values = torch.randn(tokens, 7, generator=generator)
+    parts = (kn.Part(first=0, count=tokens * 3, width=5, group=4, col_step=5, scale=0.25),
+             kn.Part(first=tokens * 3, count=tokens, group=4, key_offset=50, scale=0.25))
+    expected = (torch.zeros(50, 5, dtype=torch.float64).index_add_(
+                    0, first.reshape(-1), first_values[:, :15].reshape(-1, 5).double()) * 0.25,
+                torch.zeros(9, 7, dtype=torch.float64).index_add_(0, token[:, 0], token_values.double()) * 0.25)
+    return keys, (first_values, token_values), parts, expected
+
+
+def test_segment_sum_parts_kernel_matches_twin_and_exact_sums():
+    keys, values, parts, expected = _part_case(0)
+    segments = kn.sort_segments(keys)
+    for part_values, part, exact in zip(values, parts, expected, strict=True):
+        kernel = kn.triton_segment_sum(part_values, segments, part=part)
+        twin = kn.reference_segment_sum(part_values, segments, part=part)
+        assert kernel.rows.shape == (part.count,) and torch.equal(kernel.rows, twin.rows)
+        assert torch.equal(kernel.compact()[0], torch.nonzero(exact.abs().sum(1)).flatten())
+        torch.testing.assert_close(kernel.values, twin.values, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kernel.to_dense(exact.shape[0]).double(), exact, rtol=1e-5, atol=1e-5)
+        dense = kn.triton_segment_sum(part_values, segments, dense_rows=exact.shape[0], part=part)
+        torch.testing.assert_close(dense.double(), exact, rtol=1e-5, atol=1e-5)
+        again = kn.triton_segment_sum(part_values, segments, part=part)
+        assert torch.equal(again.values, kernel.values)
+
+
+@pytest.mark.parametrize("amplification", ["none", "layernorm"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_ngram_embed_sparse_token_and_tables_match_dense(backend, amplification):
+    """Both tables' gradients sparse, from one sort: equal to the plain PyTorch form's dense gradients."""
+    vocab, width = 61, 20
+    spec = NgramConfig(n=3, k=2, ratio=1.7, amplification=amplification)
+    torch.manual_seed(0)
+    dense = NgramEmbedding(spec, vocab, width, EOS)
+    fused = NgramEmbedding(spec, vocab, width, EOS, backend=backend, sparse_grad=True, sparse_token_grad=True)
+    fused.load_state_dict(dense.state_dict())
+    ids = tricky_ids(13, vocab, 2, 40, EOS)
+    grad_out = torch.randn(2, 40, width)
+    dense(ids).backward(grad_out)
+    out = fused(ids)
+    torch.testing.assert_close(out, dense(ids), rtol=1e-5, atol=1e-6)
+    out.backward(grad_out)
+    assert fused.token.weight.grad is None and fused.tables.weight.grad is None
+    (token,), (tables,) = fused.token.weight.sparse_grads, fused.tables.weight.sparse_grads
+    assert token.rows.shape == (80,) and tables.rows.shape == (80 * fused.num_tables,)
+    torch.testing.assert_close(token.to_dense(vocab), dense.token.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tables.to_dense(fused.plan.total_rows), dense.tables.weight.grad, rtol=1e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(fused.projection.weight.grad, dense.projection.weight.grad, rtol=1e-5, atol=1e-6)
+    # dense gradients for both through the same reduction
+    fused.sparse_grad = fused.sparse_token_grad = False
+    fused(ids).backward(grad_out)
+    torch.testing.assert_close(fused.token.weight.grad, dense.token.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.tables.weight.grad, dense.tables.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_ngram_embed_is_deterministic_and_kernel_matches_twin():
+    vocab, width = 23, 9
+    module = make_module(4, 1, vocab, width, EOS, backend="triton", sparse_grad=True, sparse_token_grad=True)
+    ids = tricky_ids(5, vocab, 2, 70, EOS)
+    grad_out = torch.randn(2, 70, width)
+    for backend in ("triton", "triton", "torch"):
+        module.backend = backend
+        module(ids).backward(grad_out)
+    for weight in (module.token.weight, module.tables.weight):
+        first, second, twin = weight.sparse_grads
+        assert torch.equal(first.rows, second.rows) and torch.equal(first.values, second.values)
+        assert torch.equal(first.rows, twin.rows)
+        torch.testing.assert_close(first.values, twin.values, rtol=1e-5, atol=1e-6)
