@@ -34,7 +34,7 @@ forward + backward can be captured in a CUDA graph. :func:`sparse_row_grad` is t
 flat array of per-lookup rows; :func:`merge_sparse_grads` re-reduces a list of them (micro-batches);
 :func:`dense_row_grad` writes the same sums into a dense gradient.
 
-Autograd: :func:`ngram_embed` (above) and :func:`gather_rows` (the n-gram rows alone). With sparse gradients
+Autograd: :func:`ngram_embed` (above). With sparse gradients
 the backward appends the :class:`SparseRowGrad` to ``weight.sparse_grads`` (a list; one entry per backward) and
 returns no gradient, so ``weight.grad`` stays None; otherwise it writes the dense gradient (deterministic too).
 
@@ -592,58 +592,6 @@ def merge_sparse_grads(grads: list[SparseRowGrad], use_triton: bool | None = Non
 # Autograd
 # ------------------------------------------------------------------------------------------------------------
 
-class _GatherRows(torch.autograd.Function):
-    """weight -> gathered rows; the backward reduces into the touched rows (sparse or dense)."""
-
-    @staticmethod
-    def forward(ctx, weight, ids, rows, plan, eos_token_id, use_triton, sparse_grad, out_dtype, pad):
-        gathered, row_ids = ngram_gather(ids, weight, plan, eos_token_id, rows=rows, use_triton=use_triton,
-                                         out_dtype=out_dtype, pad=pad)
-        ctx.save_for_backward(row_ids)
-        ctx.weight = weight
-        ctx.sparse_grad = sparse_grad
-        ctx.use_triton = use_triton
-        return gathered
-
-    @staticmethod
-    def backward(ctx, grad_gathered):
-        (row_ids,) = ctx.saved_tensors
-        weight = ctx.weight
-        d = weight.shape[1]
-        width = row_ids.shape[1] * d
-        grad_rows = grad_gathered[:, :width].reshape(-1, d) if grad_gathered.shape[1] != width else \
-            grad_gathered.reshape(-1, d)
-        nones = (None,) * 8
-        if ctx.sparse_grad:
-            grad = sparse_row_grad(row_ids, grad_rows, use_triton=ctx.use_triton)
-            if getattr(weight, "sparse_grads", None) is None:
-                weight.sparse_grads = []
-            weight.sparse_grads.append(grad)
-            return (None,) + nones
-        dense = dense_row_grad(row_ids, grad_rows, weight.shape[0], weight.dtype, use_triton=ctx.use_triton)
-        return (dense,) + nones
-
-
-@torch.compiler.disable  # a graph break under torch.compile: the backward appends to a Python list
-def gather_rows(weight: torch.Tensor, ids: torch.Tensor, plan: Plan, eos_token_id: int | None, *,
-                rows: torch.Tensor | None = None, backend: str = "triton", sparse_grad: bool = False,
-                out_dtype: torch.dtype | None = None, pad: bool = False) -> torch.Tensor:
-    """Differentiable gather of the hashed rows: ``(..., T)`` ids -> ``(..., T, W)`` (``W = S*d``, or
-    :func:`padded_width` of it with ``pad=True``, zeros in the extra columns).
-
-    ``backend="triton"`` runs the fused kernel where usable (CUDA, or ``TRITON_INTERPRET=1``) and the twin
-    otherwise; ``"torch"`` always the twins. ``sparse_grad=True``: the table gradient is appended to
-    ``weight.sparse_grads`` as a padded :class:`SparseRowGrad` and ``weight.grad`` is left alone; otherwise
-    ``weight.grad`` gets the dense gradient (through the same deterministic reduction). ``out_dtype``: the
-    gathered buffer's dtype (the kernel casts on store; default the table's).
-    """
-    if backend not in ("triton", "torch"):
-        raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
-    use_triton = backend == "triton" and triton_usable(weight.device)
-    gathered = _GatherRows.apply(weight, ids, rows, plan, eos_token_id, use_triton, sparse_grad, out_dtype, pad)
-    return gathered.reshape(*ids.shape, -1)
-
-
 class _NgramEmbed(torch.autograd.Function):
     """The whole N-gram Embedding lookup: ``scale * (E0[ids] + gathered @ W^T)``, with one shared sort in the
     backward for the token table and the n-gram tables."""
@@ -715,7 +663,8 @@ def ngram_embed(token_weight: torch.Tensor, table_weight: torch.Tensor, projecti
     (:class:`Part`), in fp32, deterministically, with no host synchronisation. ``sparse_table`` /
     ``sparse_token``: that table's gradient goes to ``weight.sparse_grads`` as a padded
     :class:`SparseRowGrad` and ``weight.grad`` stays None; otherwise the dense gradient is written (the
-    same reduction, scattered into zeros). ``backend``: as :func:`gather_rows`."""
+    same reduction, scattered into zeros). ``backend="triton"`` runs the kernels where usable (CUDA, or
+    ``TRITON_INTERPRET=1``) and the twins otherwise; ``"torch"`` always the twins."""
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
     use_triton = backend == "triton" and triton_usable(table_weight.device)
@@ -747,7 +696,6 @@ __all__ = [
     "Segments",
     "SparseRowGrad",
     "dense_row_grad",
-    "gather_rows",
     "interpreting",
     "merge_sparse_grads",
     "ngram_embed",

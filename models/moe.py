@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.swiglu import reference_backward as _swiglu_weighted_bwd  # the weighted SwiGLU's math, one home
+from kernels.swiglu import reference_forward as _swiglu_weighted_fwd
 from models.config import ModelConfig
 from models.mlp import SwiGLU
 
@@ -84,28 +86,6 @@ def _sum_slots(rows: torch.Tensor, slot_pos: torch.Tensor, slot_real: torch.Tens
             picked = torch.where(slot_real[:, j:j + 1], picked, 0.0)
         out = picked if out is None else out + picked
     return out.to(rows.dtype)
-
-
-def _swiglu_weighted_fwd(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``silu(g) * u * w`` for ``gate_up = [g | u]`` (M, 2H) and per-row weights ``w`` (M,)."""
-    g, u = gate_up.to(_accumulation_dtype(gate_up.dtype)).chunk(2, dim=-1)
-    return (F.silu(g) * u * weight.unsqueeze(-1)).to(gate_up.dtype)
-
-
-def _swiglu_weighted_bwd(grad: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor,
-                         row_real: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    dtype = _accumulation_dtype(gate_up.dtype)
-    g, u = gate_up.to(dtype).chunk(2, dim=-1)
-    grad = grad.to(dtype)
-    sig = torch.sigmoid(g)
-    silu = g * sig
-    grad_weight = (grad * silu * u).sum(-1)  # (M,)
-    if row_real is not None:  # rows past the last group offset hold uncomputed values
-        grad_weight = torch.where(row_real, grad_weight, 0.0)
-    grad_h = grad * weight.unsqueeze(-1)
-    grad_g = grad_h * u * sig * (1.0 + g * (1.0 - sig))
-    grad_u = grad_h * silu
-    return torch.cat((grad_g, grad_u), dim=-1).to(gate_up.dtype), grad_weight.to(weight.dtype)
 
 
 _COMPILED: dict[str, object] = {}
@@ -165,7 +145,7 @@ def _use_triton_swiglu(gate_up: torch.Tensor) -> bool:
 
 class _SwiGLUWeighted(torch.autograd.Function):
     """``silu(g) * u * w`` per sorted row, saving only ``gate_up`` (recomputed in backward). On CUDA one fused
-    Triton kernel each way (``kernels.swiglu``, see :func:`_use_triton_swiglu`); else the functions above."""
+    Triton kernel each way (``kernels.swiglu``, see :func:`_use_triton_swiglu`); else its PyTorch twins, compiled."""
 
     @staticmethod
     def forward(ctx, gate_up, weight, row_real):

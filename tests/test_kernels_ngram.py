@@ -306,7 +306,9 @@ def test_backend_validation():
     with pytest.raises(ConfigError, match="backend"):
         make_module(3, 1, 50, 8, EOS, backend="cuda")
     with pytest.raises(ValueError, match="backend"):
-        kn.gather_rows(torch.zeros(3, 2), torch.zeros(1, 2, dtype=torch.long), None, EOS, backend="x")
+        module = make_module(3, 1, 50, 8, EOS)
+        kn.ngram_embed(module.token.weight, module.tables.weight, module.projection.weight,
+                       torch.zeros(1, 2, dtype=torch.long), module.plan, EOS, 0.5, torch.float32, backend="x")
 
 
 def test_imports_without_gpu_or_interpreter():
