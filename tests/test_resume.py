@@ -53,12 +53,16 @@ def test_checkpoints_are_checksummed_pruned_and_fall_back(tmp_path):
     assert load_latest_checkpoint(folder) is None
 
 
-def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> None:
+def _wait_for_status(run_dir: Path, min_step: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Until the run's status says it is running at ``min_step`` or later."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, f"the run ended before {path.name} appeared: {process.communicate()}"
-        assert time.monotonic() < deadline, f"{path.name} never appeared"
-        time.sleep(0.01)
+    while True:
+        status = read_status(run_dir)
+        if status and status.get("state") == "running" and status.get("step", 0) >= min_step:
+            return
+        assert process.poll() is None, f"the run ended before step {min_step}: {process.communicate()}"
+        assert time.monotonic() < deadline, f"the run never reported step {min_step}"
+        time.sleep(0.005)
 
 
 def test_sigkill_at_three_steps_resumes_bit_for_bit(tmp_path):
@@ -82,12 +86,15 @@ def test_sigkill_at_three_steps_resumes_bit_for_bit(tmp_path):
     command = [sys.executable, "-m", "sweeps.train", str(run_file)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed_at = []
-    # Kill a little after a checkpoint appears, so each attempt dies between checkpoints and redoes steps.
+    # Kill a little after the run reports a checkpoint, so each attempt dies between checkpoints and redoes
+    # steps. The wait is on the status the run writes after each checkpoint (what the kill is then read back
+    # from), and on a step past the previous kill: a fast machine may run past the next planned checkpoint
+    # before the kill lands, and a stale status must not end the next wait.
     for checkpoint_step, delay_s, corrupt_newest in ((10, 0.05, False), (30, 0.12, True), (50, 0.02, False)):
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
         try:
-            _wait_for(run_dir / "checkpoints" / f"step_{checkpoint_step:08d}.pt.sha256", process)
+            _wait_for_status(run_dir, max(checkpoint_step, killed_at[-1] + 1 if killed_at else 0), process)
             time.sleep(delay_s)
             process.kill()
             process.wait(timeout=60)
