@@ -10,7 +10,8 @@ Sections (all on the first CUDA device, bf16):
 - ngram: N-gram Embedding forward+backward at T=16384, D=1024, N=4, K=4, 2,000,003 rows per sub-table, against
   ``nn.Embedding`` + per-table ``nn.Linear``; floor = gathered bytes at the copy rate + projection FLOPs at the
   GEMM rate;
-- model: whole training steps (forward, backward, fused AdamW, router-bias update) of the benchmark trio in
+- model: the LM head's loss (fused cross-entropy kernel against ``F.cross_entropy`` on fp32 logits), then
+  whole training steps (forward, backward, fused AdamW, router-bias update) of the benchmark trio in
   ``models/configs/bench_*_100m.yaml`` at sequence length 1024: tokens/s and MFU (accounting FLOPs/token x
   tokens/s over the measured GEMM rate).
 
@@ -214,6 +215,28 @@ def measure_tables(ceilings: dict, rows_scale: int, table_dtype: str = "fp32", w
     return result
 
 
+def measure_loss(ceilings: dict, rows: int = 16384, vocab: int = 32768) -> dict:
+    """The LM head's loss, forward + backward, on bf16 logits: the fused kernel (what the models run on CUDA)
+    against ``F.cross_entropy`` on the fp32 copy (what they ran before). Floor: the logits read twice (forward
+    and backward) and their gradient written once, at the copy rate."""
+    import torch
+    import torch.nn.functional as F
+
+    from kernels.cross_entropy import cross_entropy
+
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(rows, vocab, device="cuda")).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, vocab, (rows,), device="cuda")
+    fused_loss = cross_entropy(logits, targets)
+    torch_loss = F.cross_entropy(logits.float(), targets)
+    result = {"rows": rows, "vocab": vocab, "loss_difference": abs(float(fused_loss) - float(torch_loss)),
+              "fused_ms": _median_ms(lambda: cross_entropy(logits, targets).backward(), grad_to_none=[logits]),
+              "torch_ms": _median_ms(lambda: F.cross_entropy(logits.float(), targets).backward(),
+                                     grad_to_none=[logits])}
+    result["floor_ms"] = 3 * logits.numel() * logits.element_size() / (ceilings["copy_tb_s"] * 1e9)
+    return result
+
+
 def measure_model(name: str, ceilings: dict, micro_batch: int, accumulation: int, steps: int,
                   compile_model: bool, seq_len: int = 1024) -> dict:
     import torch
@@ -379,6 +402,16 @@ def render(report: dict) -> str:
                   "(dense: every row; sparse: touched rows; compact: bf16 first moment, one fp32 second moment "
                   "and one row step per row) plus the row gradients, at the copy rate. The "
                   "training step adds fused AdamW on the token table and projection.", ""]
+    if report.get("loss"):
+        r = report["loss"]
+        lines += [f"## LM-head loss, forward + backward ({r['rows']:,} tokens, {r['vocab']:,} vocabulary, bf16 logits)",
+                  "", "| variant | time | floor | time / floor |", "| --- | --- | --- | --- |",
+                  f"| fused cross-entropy kernel (`kernels/cross_entropy.py`) | {r['fused_ms']:.3f} ms | "
+                  f"{r['floor_ms']:.3f} ms | {r['fused_ms'] / r['floor_ms']:.2f}x |",
+                  f"| `F.cross_entropy` on the fp32 copy | {r['torch_ms']:.3f} ms | {r['floor_ms']:.3f} ms | "
+                  f"{r['torch_ms'] / r['floor_ms']:.2f}x |", "",
+                  "Floor: the logits read twice and their gradient written once, at the copy rate. The losses agree "
+                  f"to {r['loss_difference']:.1e}. Every model's step below runs the fused kernel.", ""]
     if report.get("model"):
         lines += ["## Whole-model training steps (sequence 1024, bf16 autocast, fused AdamW)", "",
                   "| config | activated | total | compiled | tokens/step | step | tokens/s | MFU | memory |",
@@ -478,6 +511,9 @@ def run(args: argparse.Namespace) -> int:
                 f"{r.get('train_step_sparse_ms', nan):.3f} / compact "
                 f"{r.get('train_step_sparse_compact_ms', nan):.3f} ms")
     if "model" in sections:
+        report["loss"] = measure_loss(report["ceilings"])
+        save()
+        log(f"loss: fused {report['loss']['fused_ms']:.3f} ms, F.cross_entropy {report['loss']['torch_ms']:.3f} ms")
         report["model"] = []
         modes = {"on": [True], "off": [False], "both": [False, True]}[args.compile]
         for name in TRIO:

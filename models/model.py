@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.cross_entropy import cross_entropy
 from models.config import ModelConfig
 from models.layers import build_layer
 from models.moe import MoE
@@ -135,7 +136,8 @@ class LanguageModel(nn.Module):
         logits = F.linear(x, head)  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
+            # on CUDA a fused kernel: no fp32 copy of the (B*T, V) logits (kernels/cross_entropy.py)
+            loss = cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else torch.zeros((), device=ids.device)
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss)
 

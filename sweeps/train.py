@@ -26,8 +26,10 @@ What a run does, in order:
    (``full`` fp32 moments, or ``compact``: bf16 first moment, fp32 second moment per row). Gradient clipping
    takes the global norm over the dense gradients and the merged sparse ones (``norm^2 = sum ||dense||^2 + sum
    ||values||^2``; the sparse gradients' padding slots are zero) and scales both. Checkpoints hold the table
-   optimizer's state under ``table_optimizer``. Not supported under DDP yet (the sparse gradients are not
-   all-reduced): refused when the world size is above 1.
+   optimizer's state under ``table_optimizer``. Under DDP the tables are left out of DDP's reducer
+   (``sweeps.table_ddp.exclude_from_ddp``) and, after the step's last backward and before clipping, each
+   table's sparse gradient is averaged over the ranks (``all_gather`` of the touched rows, re-reduced in rank
+   order: ``sweeps.table_ddp.all_reduce_table_grads``), identical on every rank, so the tables stay in sync.
    ``training.ngram_backend`` sets every ``NgramEmbedding``'s ``backend`` (``torch`` or ``triton``).
 4. Evaluates every ``eval_every`` steps and at the end on every validation split with ``eval_tokens`` tokens,
    writes one metrics row per step, checkpoints every ``checkpoint_every`` steps and at the end.
@@ -437,10 +439,6 @@ def _train(run_cfg: RunConfig, run_dir: Path, resume: bool, dist: Distributed) -
     # ----- validate everything; write nothing -----
     device = resolve_device(tcfg.device, dist.local_rank)
     accumulation = tcfg.accumulation_steps(dist.world_size)
-    if tcfg.table_optimizer != "adamw" and dist.enabled:
-        raise ConfigError("training.table_optimizer",
-                          f"{tcfg.table_optimizer!r} (sparse table gradients) is not supported under DDP yet "
-                          f"(world size {dist.world_size}); use adamw or a single process")
     tokenizer, shards = prepare_data(run_cfg.data, report=log if dist.is_main else None)
     model_cfg = run_cfg.resolve_model(tokenizer.vocab_size, tokenizer.eos_token_id)
     for split, shard in shards.val.items():
@@ -539,6 +537,10 @@ def _train(run_cfg: RunConfig, run_dir: Path, resume: bool, dist: Distributed) -
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
+        if tables:  # else DDP all-reduces a table-sized zero .grad for them each step (see sweeps.table_ddp)
+            from sweeps.table_ddp import all_reduce_table_grads, exclude_from_ddp
+
+            exclude_from_ddp(raw_model, tables)
         device_ids = [device.index] if device.type == "cuda" else None
         model = DistributedDataParallel(raw_model, device_ids=device_ids, broadcast_buffers=False)
     if tcfg.compile:
@@ -601,6 +603,8 @@ def _train(run_cfg: RunConfig, run_dir: Path, resume: bool, dist: Distributed) -
             # Load statistics of the step's last micro-batch: reading them syncs with the device, and a sync per
             # micro-batch would stall the launch queue (measured 25% of step time on an H100 for a 100M MoE).
             load = raw_model.load_stats() if raw_model.cfg.is_moe else {}
+            if tables and dist.enabled:  # before clipping: the norm is over the global batch's gradient
+                all_reduce_table_grads(tables)
             max_norm = tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")
             if table_optimizer is None:
                 grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
