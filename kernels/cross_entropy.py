@@ -34,7 +34,6 @@ that define the meaning (the tests run the kernels in Triton's CPU interpreter a
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +45,9 @@ except ImportError:  # pragma: no cover - exercised only without Triton
     triton = None
     tl = None
 
+from kernels.runtime import interpreting, triton_usable
+from kernels.runtime import next_pow2 as _next_pow2
+
 # Launch shapes swept on an H100 at 16384 x 32768 bf16 logits (2026-11-23): forward walk 1024 columns x 4 warps
 # 0.408 ms (2.63 TB/s; 2048 x 4 0.434, 4096 x 8 0.474, 8192 x 8 0.549), backward 4096 columns x 8 warps 0.750 ms
 # (2.86 TB/s; 1024 to 8192 within 1%). Against F.cross_entropy on the fp32 copy: 1.25 ms forward + backward
@@ -54,16 +56,6 @@ FORWARD_BLOCK_V = 1024  # vocabulary columns per step of the forward's walk
 FORWARD_WARPS = 4
 BACKWARD_BLOCK_V = 4096  # vocabulary columns per program of the backward
 BACKWARD_WARPS = 8
-
-
-def interpreting() -> bool:
-    """Whether Triton's CPU interpreter is on (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def triton_usable(device: torch.device) -> bool:
-    """The Triton kernels run on CUDA tensors, or on any tensor under the interpreter."""
-    return triton is not None and (device.type == "cuda" or interpreting())
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -239,10 +231,6 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
         return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
     loss, _ = cross_entropy_rows(logits, targets, ignore_index)
     return loss.sum() / (targets != ignore_index).sum()
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 @functools.lru_cache(maxsize=2)

@@ -61,7 +61,6 @@ sub-table, bf16; 196,608 n-gram lookups), 2026-11-23 (BENCHMARKS.md):
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -74,6 +73,9 @@ try:  # a CPU-only install may lack Triton: the reference twins still work
 except ImportError:  # pragma: no cover - exercised only without Triton
     triton = None
     tl = None
+
+from kernels.runtime import interpreting, triton_usable
+from kernels.runtime import next_pow2 as _next_pow2
 
 
 class Plan(Protocol):
@@ -131,16 +133,6 @@ class SparseRowGrad:
 # Dispatch
 # ------------------------------------------------------------------------------------------------------------
 
-def interpreting() -> bool:
-    """Whether Triton's CPU interpreter is on (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def triton_usable(device: torch.device) -> bool:
-    """The Triton kernels run on CUDA tensors, or on any tensor under the interpreter."""
-    return triton is not None and (device.type == "cuda" or interpreting())
-
-
 @functools.lru_cache(maxsize=8)
 def _plan_tensors(plan: Plan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(moduli (S,), powers (N, S), offsets (S,)) int64 on ``device``, cached per plan."""
@@ -148,10 +140,6 @@ def _plan_tensors(plan: Plan, device: torch.device) -> tuple[torch.Tensor, torch
     powers = torch.tensor(plan.powers, dtype=torch.int64, device=device)
     offsets = torch.tensor(plan.offsets, dtype=torch.int64, device=device)
     return moduli, powers, offsets
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ launch, so ``TRITON_INTERPRET=1`` (the tests) is read then and this module impor
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -34,18 +33,11 @@ except ImportError:  # pragma: no cover - exercised only without Triton
     triton = None
     tl = None
 
+from kernels.runtime import interpreting, triton_usable
+from kernels.runtime import next_pow2 as _next_pow2
+
 SELECT_BLOCK_T = 32  # tokens per program; H100, T = 16384, 64 experts: 32 x 4 warps 12 us, 64 x 4 14 us
 SELECT_WARPS = 4
-
-
-def interpreting() -> bool:
-    """Whether Triton's CPU interpreter is on (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def triton_usable(device: torch.device) -> bool:
-    """The Triton kernel runs on CUDA tensors, or on any tensor under the interpreter."""
-    return triton is not None and (device.type == "cuda" or interpreting())
 
 
 def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -113,10 +105,6 @@ def select_experts(scores: torch.Tensor, bias: torch.Tensor, k: int, use_triton:
         use_triton = triton_usable(scores.device) and not torch.compiler.is_compiling()
     fn = triton_select_experts if use_triton else reference_select_experts
     return fn(scores, bias, k)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 @functools.lru_cache(maxsize=2)

@@ -51,7 +51,6 @@ tile, cheap next to the loads.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -62,24 +61,12 @@ except ImportError:  # pragma: no cover - exercised only without Triton
     triton = None
     tl = None
 
+from kernels.runtime import interpreting, triton_usable
+from kernels.runtime import next_pow2 as _next_pow2
 
 # ------------------------------------------------------------------------------------------------------------
 # Dispatch
 # ------------------------------------------------------------------------------------------------------------
-
-def interpreting() -> bool:
-    """Whether Triton's CPU interpreter is on (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def triton_usable(device: torch.device) -> bool:
-    """The Triton kernels run on CUDA tensors, or on any tensor under the interpreter."""
-    return triton is not None and (device.type == "cuda" or interpreting())
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
 
 def _blocks(hidden: int, block_m: int | None, block_h: int | None, elements: int) -> tuple[int, int]:
     """Default tile: ``BLOCK_H = min(next_pow2(H), 1024)``, ``BLOCK_M`` so the tile holds ``elements``."""

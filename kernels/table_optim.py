@@ -90,7 +90,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -102,6 +101,9 @@ try:
 except ImportError:  # pragma: no cover - triton is a dependency; keep the twin usable without it
     triton = None
     tl = None
+
+from kernels.runtime import interpreting
+from kernels.runtime import next_pow2 as _next_pow2
 
 MODES = ("dense", "sparse")
 MOMENTS = ("full", "compact")
@@ -406,11 +408,6 @@ def _sparse_kernel(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, row_step_ptr, rows_pt
                COMPACT=COMPACT, PER_ROW=True)
 
 
-def interpreting() -> bool:
-    """Whether Triton's CPU interpreter is on (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 @functools.lru_cache(maxsize=2)
 def _jitted(interpret: bool) -> dict:
     # triton.jit chooses interpreter or compiler when it decorates: decorate at first launch, keyed by the
@@ -426,10 +423,6 @@ def _kernels() -> dict:
     if triton is None:
         raise RuntimeError("kernels.table_optim: Triton is not installed")
     return _jitted(interpreting())
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 def _column_block(d: int) -> int:
