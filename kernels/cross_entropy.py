@@ -33,8 +33,6 @@ that define the meaning (the tests run the kernels in Triton's CPU interpreter a
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -45,7 +43,7 @@ except ImportError:  # pragma: no cover - exercised only without Triton
     triton = None
     tl = None
 
-from kernels.runtime import interpreting, triton_usable
+from kernels.runtime import lazy_kernels, triton_usable
 from kernels.runtime import next_pow2 as _next_pow2
 
 # Launch shapes swept on an H100 at 16384 x 32768 bf16 logits (2026-11-23): forward walk 1024 columns x 4 warps
@@ -233,17 +231,9 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     return loss.sum() / (targets != ignore_index).sum()
 
 
-@functools.lru_cache(maxsize=2)
-def _jitted(interpret: bool) -> dict:
-    # triton.jit picks the interpreter or the compiler when it decorates: decorate at first launch
-    del interpret
-    return {"forward": triton.jit(_forward_kernel), "backward": triton.jit(_backward_kernel)}
-
-
 def _kernels() -> dict:
-    if triton is None:
-        raise RuntimeError("kernels.cross_entropy: Triton is not installed")
-    return _jitted(interpreting())
+    return lazy_kernels(__name__, lambda: {"forward": triton.jit(_forward_kernel),
+                                           "backward": triton.jit(_backward_kernel)})
 
 
 __all__ = [

@@ -74,7 +74,7 @@ except ImportError:  # pragma: no cover - exercised only without Triton
     triton = None
     tl = None
 
-from kernels.runtime import interpreting, triton_usable
+from kernels.runtime import interpreting, lazy_kernels, triton_usable
 from kernels.runtime import next_pow2 as _next_pow2
 
 
@@ -391,7 +391,7 @@ def reference_segment_sum(values: torch.Tensor, segments: Segments, dense_rows: 
     return SparseRowGrad(rows=rows, values=out)
 
 
-_segmented_add = None  # the jitted combine below, set by _jitted before any kernel is compiled
+_segmented_add = None  # the jitted combine below, set by _build_kernels before any kernel is compiled
 
 
 def _segmented_add_fn(flag_a, value_a, flag_b, value_b):
@@ -660,11 +660,7 @@ def ngram_embed(token_weight: torch.Tensor, table_weight: torch.Tensor, projecti
                              dtype, sparse_token, sparse_table, use_triton)
 
 
-@functools.lru_cache(maxsize=2)
-def _jitted(interpret: bool) -> dict:
-    # triton.jit picks the interpreter or the compiler when it decorates, so decorate at first launch
-    # (keyed by the switch), not at import.
-    del interpret
+def _build_kernels() -> dict:
     # the scan's combine is called from the kernels by its global name, so it is jitted here too (one mode
     # per process: the interpreter in the tests, the compiler on a GPU)
     globals()["_segmented_add"] = triton.jit(_segmented_add_fn)
@@ -673,9 +669,7 @@ def _jitted(interpret: bool) -> dict:
 
 
 def _kernels() -> dict:
-    if triton is None:
-        raise RuntimeError("kernels.ngram: Triton is not installed")
-    return _jitted(interpreting())
+    return lazy_kernels(__name__, _build_kernels)
 
 
 __all__ = [

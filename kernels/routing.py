@@ -22,8 +22,6 @@ launch, so ``TRITON_INTERPRET=1`` (the tests) is read then and this module impor
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 try:  # a CPU-only install may lack Triton: the reference twin still works
@@ -33,7 +31,7 @@ except ImportError:  # pragma: no cover - exercised only without Triton
     triton = None
     tl = None
 
-from kernels.runtime import interpreting, triton_usable
+from kernels.runtime import lazy_kernels, triton_usable
 from kernels.runtime import next_pow2 as _next_pow2
 
 SELECT_BLOCK_T = 32  # tokens per program; H100, T = 16384, 64 experts: 32 x 4 warps 12 us, 64 x 4 14 us
@@ -107,17 +105,8 @@ def select_experts(scores: torch.Tensor, bias: torch.Tensor, k: int, use_triton:
     return fn(scores, bias, k)
 
 
-@functools.lru_cache(maxsize=2)
-def _jitted(interpret: bool) -> dict:
-    # triton.jit picks the interpreter or the compiler when it decorates: decorate at first launch
-    del interpret
-    return {"select": triton.jit(_select_kernel)}
-
-
 def _kernels() -> dict:
-    if triton is None:
-        raise RuntimeError("kernels.routing: Triton is not installed")
-    return _jitted(interpreting())
+    return lazy_kernels(__name__, lambda: {"select": triton.jit(_select_kernel)})
 
 
 __all__ = ["count_ids", "reference_select_experts", "select_experts", "triton_select_experts", "triton_usable"]

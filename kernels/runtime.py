@@ -1,13 +1,15 @@
-"""What every Triton kernel module here shares: where the kernels can run, and a block-size helper.
+"""What every Triton kernel module here shares: where the kernels can run, lazy jitting, a block-size helper.
 
 Kernels run on CUDA tensors, or on any tensor under Triton's CPU interpreter (``TRITON_INTERPRET=1``, the tests);
-without Triton installed only the PyTorch twins run. Each kernel module jits its kernels at first launch (keyed by
-:func:`interpreting`), because ``triton.jit`` reads the interpreter switch when it decorates.
+without Triton installed only the PyTorch twins run. ``triton.jit`` picks the interpreter or the compiler when it
+decorates, so kernels are decorated at their first launch (:func:`lazy_kernels`), not at import: the switch is
+read then, and the modules import without a GPU or without Triton.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -32,4 +34,19 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-__all__ = ["interpreting", "next_pow2", "triton_usable"]
+_JITTED: dict[tuple[str, bool], dict] = {}
+
+
+def lazy_kernels(owner: str, build: Callable[[], dict]) -> dict:
+    """``owner``'s jitted kernels, built by ``build()`` at the first call for the current interpreter switch
+    and kept for the process (``build`` decorates with ``triton.jit``; a module whose kernels call a jitted
+    helper by its global name also binds that helper there)."""
+    if triton is None:
+        raise RuntimeError(f"{owner}: Triton is not installed")
+    key = (owner, interpreting())
+    if key not in _JITTED:
+        _JITTED[key] = build()
+    return _JITTED[key]
+
+
+__all__ = ["interpreting", "lazy_kernels", "next_pow2", "triton_usable"]

@@ -50,8 +50,6 @@ tile, cheap next to the loads.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 try:  # a CPU-only install may lack Triton: the reference twins still work
@@ -61,7 +59,7 @@ except ImportError:  # pragma: no cover - exercised only without Triton
     triton = None
     tl = None
 
-from kernels.runtime import interpreting, triton_usable
+from kernels.runtime import interpreting, lazy_kernels, triton_usable
 from kernels.runtime import next_pow2 as _next_pow2
 
 # ------------------------------------------------------------------------------------------------------------
@@ -223,18 +221,9 @@ def swiglu_weighted_backward(grad: torch.Tensor, gate_up: torch.Tensor, weight: 
     return grad_gate_up, grad_weight
 
 
-@functools.lru_cache(maxsize=2)
-def _jitted(interpret: bool) -> dict:
-    # triton.jit picks the interpreter or the compiler when it decorates, so decorate at first launch
-    # (keyed by the switch), not at import.
-    del interpret
-    return {"forward": triton.jit(_forward_kernel), "backward": triton.jit(_backward_kernel)}
-
-
 def _kernels() -> dict:
-    if triton is None:
-        raise RuntimeError("kernels.swiglu: Triton is not installed")
-    return _jitted(interpreting())
+    return lazy_kernels(__name__, lambda: {"forward": triton.jit(_forward_kernel),
+                                           "backward": triton.jit(_backward_kernel)})
 
 
 __all__ = [

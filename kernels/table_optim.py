@@ -88,7 +88,6 @@ Backends (``backend=``): ``auto`` runs the Triton kernels on CUDA tensors, or an
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -102,7 +101,7 @@ except ImportError:  # pragma: no cover - triton is a dependency; keep the twin 
     triton = None
     tl = None
 
-from kernels.runtime import interpreting
+from kernels.runtime import interpreting, lazy_kernels
 from kernels.runtime import next_pow2 as _next_pow2
 
 MODES = ("dense", "sparse")
@@ -301,7 +300,7 @@ def _add(a, b):
 _add_combine = triton.jit(_add) if triton is not None else None
 
 
-_adam_rows = None  # _adam_rows_fn jitted, set by _jitted before either kernel is compiled
+_adam_rows = None  # _adam_rows_fn jitted, set by _build_kernels before either kernel is compiled
 
 
 def _adam_rows_fn(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, values_ptr, table_rows, row_ok, grad_slots, grad_ok, d,
@@ -408,11 +407,7 @@ def _sparse_kernel(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, row_step_ptr, rows_pt
                COMPACT=COMPACT, PER_ROW=True)
 
 
-@functools.lru_cache(maxsize=2)
-def _jitted(interpret: bool) -> dict:
-    # triton.jit chooses interpreter or compiler when it decorates: decorate at first launch, keyed by the
-    # switch, so a test that sets TRITON_INTERPRET before launching gets the interpreter.
-    del interpret
+def _build_kernels() -> dict:
     # the shared row step is called from both kernels by its global name, so it is jitted here too (one mode
     # per process: the interpreter in the tests, the compiler on a GPU)
     globals()["_adam_rows"] = triton.jit(_adam_rows_fn)
@@ -420,9 +415,7 @@ def _jitted(interpret: bool) -> dict:
 
 
 def _kernels() -> dict:
-    if triton is None:
-        raise RuntimeError("kernels.table_optim: Triton is not installed")
-    return _jitted(interpreting())
+    return lazy_kernels(__name__, _build_kernels)
 
 
 def _column_block(d: int) -> int:

@@ -23,16 +23,12 @@ from kernels import ngram as kn  # noqa: E402
 from models.config import ConfigError, NgramConfig  # noqa: E402
 from models.ngram import NgramEmbedding, hash_plan, ngram_row_ids  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 EOS = 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tricky_ids(seed: int, vocab: int, batch: int, time_: int, eos: int | None) -> torch.Tensor:

@@ -15,17 +15,12 @@ import torch  # noqa: E402
 from kernels import swiglu as ks  # noqa: E402
 from models import moe as moe_module  # noqa: E402
 
-pytestmark = pytest.mark.skipif(ks.triton is None, reason="Triton is not installed")
+pytestmark = [pytest.mark.skipif(ks.triton is None, reason="Triton is not installed"),
+              pytest.mark.usefixtures("one_thread")]
 
 TOL = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def inputs(m: int, h: int, dtype: torch.dtype, seed: int = 0, mask: bool = False):

@@ -31,19 +31,13 @@ from models.ngram import (
     table_orders,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 LONGCAT = ROOT / "models" / "configs" / "longcat_flash_lite.yaml"
 ALL_NK = [(n, k) for n in range(2, 9) for k in range(1, 9)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine they oversubscribe it
-    (a 30-step training test took 14 s with 2 threads under load, 0.8 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def reference_hash(seq: list[int], i: int, n: int, vocab: int, modulus: int, eos: int | None) -> int:

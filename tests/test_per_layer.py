@@ -11,19 +11,13 @@ from models.config import ConfigError, ModelConfig, NgramConfig, PerLayerConfig
 from models.ngram import NgramEmbedding, table_moduli
 from models.per_layer import build_per_layer_embeddings, per_layer_parameter_counts, per_layer_slots
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EOS = 1
 VOCAB = 40
 HIDDEN = 48
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine they oversubscribe it
-    (a 30-step training test took 14 s with 2 threads under load, 0.8 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_cfg(kind: str = "ple", targets: str = "first", layer_type: str = "shortcut",

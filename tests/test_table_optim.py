@@ -66,6 +66,14 @@ def state_tensors(num_rows: int, d: int, generator: torch.Generator, moments: st
     return [param, exp_avg, torch.rand(num_rows, d, generator=generator)]
 
 
+def run_steps(table: torch.nn.Parameter, optimizer: TableAdamW, steps: list[list[RowGrad]]) -> None:
+    """One optimizer step per entry of ``steps`` (that step's micro-batch row gradients)."""
+    for step_grads_ in steps:
+        table.sparse_grads = list(step_grads_)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def step_grads(generator: torch.Generator, num_rows: int, d: int, step: int) -> list[RowGrad]:
     """Two micro-batches' sparse gradients (overlapping rows); every fifth step touches no row at all."""
     if step % 5 == 4:
@@ -429,17 +437,11 @@ def test_compact_state_memory_round_trip_and_refusal():
     init = torch.randn(num_rows, d, generator=generator)
     grads = [step_grads(generator, num_rows, d, step) for step in range(8)]
 
-    def train(table, optimizer, steps):
-        for step_grads_ in steps:
-            table.sparse_grads = list(step_grads_)
-            optimizer.step()
-            optimizer.zero_grad()
-
     straight = torch.nn.Parameter(init.clone())
-    train(straight, TableAdamW([straight], mode="sparse", backend="torch", moments="compact", **HYPER), grads)
+    run_steps(straight, TableAdamW([straight], mode="sparse", backend="torch", moments="compact", **HYPER), grads)
     first = torch.nn.Parameter(init.clone())
     opt_first = TableAdamW([first], mode="sparse", backend="torch", moments="compact", **HYPER)
-    train(first, opt_first, grads[:4])
+    run_steps(first, opt_first, grads[:4])
     state = opt_first.state[first]
     assert state["exp_avg"].dtype == torch.bfloat16 and state["exp_avg"].shape == (num_rows, d)
     assert state["exp_avg_sq"].dtype == torch.float32 and state["exp_avg_sq"].shape == (num_rows,)
@@ -454,14 +456,14 @@ def test_compact_state_memory_round_trip_and_refusal():
     loaded = opt_resumed.state[resumed]
     assert loaded["exp_avg"].dtype == torch.bfloat16 and loaded["exp_avg_sq"].shape == (num_rows,)
     assert opt_resumed.param_groups[0]["moments"] == "compact"
-    train(resumed, opt_resumed, grads[4:])
+    run_steps(resumed, opt_resumed, grads[4:])
     assert torch.equal(resumed.data, straight.data)
 
     full = TableAdamW([torch.nn.Parameter(init.clone())], mode="sparse", **HYPER)
     with pytest.raises(ValueError, match="moments 'compact'.*moments 'full'"):
         full.load_state_dict(saved["optimizer"])
     full_state = TableAdamW([first], mode="sparse", backend="torch", **HYPER)
-    train(first, full_state, grads[:1])
+    run_steps(first, full_state, grads[:1])
     compact = TableAdamW([torch.nn.Parameter(init.clone())], mode="sparse", moments="compact", **HYPER)
     with pytest.raises(ValueError, match="moments 'full'.*moments 'compact'"):
         compact.load_state_dict(full_state.state_dict())
@@ -482,19 +484,13 @@ def test_state_round_trips_through_torch_save_weights_only(mode):
     init = torch.randn(25, 4, generator=generator)
     grads = [step_grads(generator, 25, 4, step) for step in range(8)]
 
-    def train(table, optimizer, steps):
-        for step_grads_ in steps:
-            table.sparse_grads = list(step_grads_)
-            optimizer.step()
-            optimizer.zero_grad()
-
     straight = torch.nn.Parameter(init.clone())
     opt = TableAdamW([straight], mode=mode, backend="torch", **HYPER)
-    train(straight, opt, grads)
+    run_steps(straight, opt, grads)
 
     first = torch.nn.Parameter(init.clone())
     opt_first = TableAdamW([first], mode=mode, backend="torch", **HYPER)
-    train(first, opt_first, grads[:4])
+    run_steps(first, opt_first, grads[:4])
     buffer = io.BytesIO()
     torch.save({"table": first.data, "optimizer": opt_first.state_dict()}, buffer)
     buffer.seek(0)
@@ -506,7 +502,7 @@ def test_state_round_trips_through_torch_save_weights_only(mode):
     assert state["exp_avg"].dtype == torch.float32 and state["step"] == 4
     if mode == "sparse":
         assert state["row_step"].dtype == torch.int64
-    train(resumed, opt_resumed, grads[4:])
+    run_steps(resumed, opt_resumed, grads[4:])
     assert torch.equal(resumed.data, straight.data)
 
     other = "dense" if mode == "sparse" else "sparse"
