@@ -12,7 +12,7 @@ SWEEP ?=
 help:
 	@echo "make demo   - run the main job: a small matched sweep end to end (CPU when there is no GPU)"
 	@echo "make test   - run the test suite"
-	@echo "make lint   - ruff"
+	@echo "make lint   - ruff, and the layers of the house (import contracts, no import circles)"
 	@echo "make bench  - GPU benchmarks into BENCHMARKS.md"
 	@echo "make plots  - regenerate figures (SWEEP=name for one sweep, all sweeps otherwise)"
 
@@ -38,6 +38,7 @@ demo: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q tests/test_layers.py
 
 bench: install
 	$(VENV)/bin/embscale bench
@@ -46,4 +47,4 @@ plots: install
 	$(VENV)/bin/embscale plots $(SWEEP)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .import_linter_cache

@@ -1,1 +1,4 @@
-"""What was learned: results store, fits, frontiers, figures. Never imports models' internals."""
+"""What was learned: the results store, loss-curve and scaling-law fits, frontiers, figures.
+
+Reads run folders (:mod:`embscale.base.rundir`) and the planned records in them; never the trainer or the data
+pipeline."""

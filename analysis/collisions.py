@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from models.config import NgramConfig
+from embscale.models.config import NgramConfig
 
 POLICIES = ("paper", "prime", "exact")
 
@@ -45,7 +45,7 @@ def _distinct_ngrams(ids, max_order: int, eos_token_id: int | None) -> dict[int,
     """For each order: the distinct n-grams as ``(U, order)`` sequences oldest token first, and their counts."""
     import torch
 
-    from models.ngram import ngram_context
+    from embscale.models.ngram import ngram_context
 
     context = ngram_context(torch.as_tensor(ids, dtype=torch.int64), max_order, eos_token_id)
     context = context.reshape(-1, max_order).numpy()  # column j is t_{i-j}, 0 beyond the look-back
@@ -79,7 +79,7 @@ def collision_table(ids, vocab_size: int, eos_token_id: int | None, sizes: Seque
     integer ``q``, in units of ``V0``), ``order``, ``distinct_ngrams``, ``rows_hit``, ``hit_rate``,
     ``collision_rate``, ``token_collision_rate``.
     """
-    from models.ngram import table_moduli
+    from embscale.models.ngram import table_moduli
 
     for policy in policies:
         if policy not in POLICIES:

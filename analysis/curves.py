@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 from scipy.special import ndtri
 
-from analysis.laws import HUBER_DELTA, PowerSumFit, fit_power_sum, percentile_ci, powersum_predict
-from analysis.store import DEFAULT_LAST_K
+from embscale.analysis.laws import HUBER_DELTA, PowerSumFit, fit_power_sum, percentile_ci, powersum_predict
+from embscale.analysis.store import DEFAULT_LAST_K
 
 
 def final_loss(values: Sequence[float], last_k: int = DEFAULT_LAST_K) -> tuple[float, float]:

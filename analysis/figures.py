@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,17 +44,16 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-from analysis import frontier, laws  # noqa: E402
-from analysis.curves import fit_loss_curve  # noqa: E402
-from analysis.store import (  # noqa: E402
-    FILE_MODE,
-    atomic_write_bytes,
+from embscale.analysis import frontier, laws  # noqa: E402
+from embscale.analysis.curves import fit_loss_curve  # noqa: E402
+from embscale.analysis.store import (  # noqa: E402
     load,
     loss_column,
     resolve_sweep_dir,
     splits,
     usable,
 )
+from embscale.base.files import atomic_file, atomic_write_bytes  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -200,16 +198,8 @@ def save_figure(fig: plt.Figure, out_dir: Path, name: str, formats: Sequence[str
     try:
         for fmt in formats:
             path = out_dir / f"{name}.{fmt}"
-            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=f".{fmt}")
-            os.close(fd)
-            try:
+            with atomic_file(path) as tmp:
                 fig.savefig(tmp, format=fmt, dpi=PNG_DPI if fmt == "png" else None)
-                os.chmod(tmp, FILE_MODE)
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
             paths.append(path)
     finally:
         plt.close(fig)

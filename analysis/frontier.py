@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.laws import CI_LEVEL, RatioLaws, percentile_ci
-from analysis.store import loss_column, splits, usable
+from embscale.analysis.laws import CI_LEVEL, RatioLaws, percentile_ci
+from embscale.analysis.store import loss_column, splits, usable
 
 COST_AXES = ("total", "activated", "flops", "ratio")
 EMBEDDING_FAMILIES = ("ne", "ple", "plne")

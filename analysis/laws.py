@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
-from analysis.store import loss_column, splits, usable
+from embscale.analysis.store import loss_column, splits, usable
 
 HUBER_DELTA = 1e-3
 DEFAULT_BOOTSTRAP = 200

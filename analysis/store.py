@@ -29,13 +29,11 @@ corpora (different ``corpus_fingerprint``) is collected with a warning; fits are
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -46,14 +44,17 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from embscale.base import rundir
+from embscale.base.errors import ResultsError
+from embscale.base.files import atomic_file
+
 log = logging.getLogger(__name__)
 
 RUNS_FILE = "runs.parquet"
 CURVES_FILE = "curves.parquet"
-RUN_FILES = ("run.json", "status.json", "metrics.parquet")
+RUN_FILES = (rundir.RUN_FILE, rundir.STATUS_FILE, rundir.METRICS_FILE)
 FIT_STATES = ("completed",)
 DEFAULT_LAST_K = 3
-FILE_MODE = 0o644  # mkstemp makes 0600 files; results are shared
 
 # Point axes with a canonical column name different from their key.
 _POINT_RENAMES = {"n": "ngram_n", "k": "ngram_k"}
@@ -69,10 +70,6 @@ _AXIS_FALLBACKS = {
 }
 _ACCOUNTING_KEYS = ("total", "activated", "activated_min", "activated_max", "ratio", "ne_share",
                     "flops_per_token")
-
-
-class ResultsError(ValueError):
-    """Bad results input (a missing sweep folder, an empty results folder): the CLI exits with code 2."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -109,34 +106,11 @@ def usable(runs: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------------------------------------
 # atomic writes
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def atomic_write_parquet(table: pd.DataFrame, path: Path) -> None:
-    """Write a DataFrame as parquet through a temporary file in the same folder, then rename."""
-    path = Path(path)
+    """Write a DataFrame as parquet (zstd) through :func:`embscale.base.files.atomic_file`."""
     arrow = pa.Table.from_pandas(_parquet_safe(table), preserve_index=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         pq.write_table(arrow, tmp, compression="zstd")
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
@@ -178,14 +152,10 @@ def resolve_sweep_dir(sweep: str | os.PathLike, results: str | os.PathLike = "re
     raise ResultsError(f"sweep {str(sweep)!r} not found: neither {given} nor {under} is a folder")
 
 
-def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / name).exists() for name in ("run.json", "status.json"))
-
-
 def run_dirs(sweep_dir: Path) -> list[Path]:
     with os.scandir(sweep_dir) as entries:
         dirs = [Path(e.path) for e in entries if e.is_dir() and not e.name.startswith(".")]
-    return sorted(d for d in dirs if is_run_dir(d))
+    return sorted(d for d in dirs if rundir.is_run_dir(d))
 
 
 def discover_sweeps(results: str | os.PathLike = "results") -> list[Path]:
@@ -205,19 +175,6 @@ def discover_sweeps(results: str | os.PathLike = "results") -> list[Path]:
 
 # ----------------------------------------------------------------------------------------------------------
 # reading one run
-
-def _read_json(path: Path) -> tuple[dict[str, Any] | None, str]:
-    try:
-        with open(path) as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        return None, ""
-    except (OSError, ValueError) as exc:
-        return None, f"unreadable {path.name}: {exc}"
-    if not isinstance(data, dict):
-        return None, f"unreadable {path.name}: not a JSON object"
-    return data, ""
-
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     if isinstance(value, dict):
@@ -358,8 +315,8 @@ def _eval_rows(columns: dict[str, np.ndarray], val_cols: list[str], norm_cols: l
     return logged
 
 
-def _read_metrics(path: Path) -> dict[str, np.ndarray]:
-    table = pq.read_table(path, use_threads=False)
+def _metrics_columns(table: pa.Table) -> dict[str, np.ndarray]:
+    """The numeric columns of a run's metrics, as float64 arrays."""
     out: dict[str, np.ndarray] = {}
     for name in table.column_names:
         column = table.column(name)
@@ -480,22 +437,18 @@ def collect(sweep_dir: str | os.PathLike, *, last_k: int = DEFAULT_LAST_K, write
         if progress is not None and index and index % 250 == 0:
             progress(index, len(dirs))
         problems: list[str] = []
-        run, run_problem = _read_json(run_dir / "run.json")
-        status, status_problem = _read_json(run_dir / "status.json")
+        run, run_problem = rundir.read_json_checked(run_dir / rundir.RUN_FILE)
+        status, status_problem = rundir.read_json_checked(run_dir / rundir.STATUS_FILE)
         problems += [p for p in (run_problem, status_problem) if p]
         row = _run_record(run_dir, run, status, problems)
         row["sweep"] = sweep_name  # the folder is the sweep, whatever a copied run.json says
-        metrics_problem = ""
-        metrics_path = run_dir / "metrics.parquet"
-        if metrics_path.exists():
+        table, metrics_problem = rundir.read_metrics_checked(run_dir)
+        summary, curve = {"n_evals": 0}, {}
+        if table is not None:
             try:
-                summary, curve = _summarise_metrics(_read_metrics(metrics_path), last_k)
-            except Exception as exc:  # a partially written or corrupt file must not stop the collection
-                summary, curve = {"n_evals": 0}, {}
-                metrics_problem = f"unreadable metrics.parquet: {exc}"
-        else:
-            summary, curve = {"n_evals": 0}, {}
-            metrics_problem = "no metrics.parquet"
+                summary, curve = _summarise_metrics(_metrics_columns(table), last_k)
+            except Exception as exc:  # a malformed file must not stop the collection
+                metrics_problem = f"unreadable {rundir.METRICS_FILE}: {exc}"
         row.update(summary)
         reason = _exclusion(row, metrics_problem, problems)
         row.pop("diverged_loss", None)
@@ -638,7 +591,7 @@ def _needs_collect(sweep_path: Path) -> bool:
     if not (sweep_path / RUNS_FILE).exists():
         return True
     with os.scandir(sweep_path) as entries:
-        has_runs = any(e.is_dir() and is_run_dir(Path(e.path)) for e in entries)
+        has_runs = any(e.is_dir() and rundir.is_run_dir(Path(e.path)) for e in entries)
     return has_runs and is_stale(sweep_path)
 
 

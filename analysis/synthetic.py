@@ -22,7 +22,6 @@ the crossing up. NE anchored at a low base ratio never wins. Each run's curve fo
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass, field, replace
@@ -33,6 +32,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from embscale.base import rundir
 
 VOCAB = 32768
 BASE_WIDTH = 1024
@@ -235,15 +236,14 @@ def write_run(sweep_dir: Path, index: int, point: Point, *, evals: int, rng: np.
                        "flops_per_token": flops_per_token},
         "corpus_fingerprint": FINGERPRINT, "tokens": tokens, "flops": flops_per_token * tokens,
     }
-    (run_dir / "run.json").write_text(json.dumps(run, indent=1))
+    rundir.write_run_record(run_dir, run)
 
     stop = {"completed": 1.0, "failed": 0.4, "diverged": 0.6, "running": 0.5, "pending": 0.0}[point.state]
     steps_done = int(round(total_steps * stop))
-    status = {"state": point.state, "step": steps_done, "total_steps": total_steps,
-              "error": {"failed": "RuntimeError: NCCL watchdog timeout\n  (rank 3)",
-                        "diverged": f"loss is NaN at step {steps_done}"}.get(point.state),
-              "updated_at": "2026-11-20T12:00:00Z", "wall_time_s": 3.0 * steps_done}
-    (run_dir / "status.json").write_text(json.dumps(status))
+    rundir.write_status(run_dir, point.state, step=steps_done, total_steps=total_steps,
+                        error={"failed": "RuntimeError: NCCL watchdog timeout\n  (rank 3)",
+                               "diverged": f"loss is NaN at step {steps_done}"}.get(point.state),
+                        updated_at="2026-11-20T12:00:00Z", wall_time_s=3.0 * steps_done)
     if steps_done == 0:
         return run_id
 
@@ -277,9 +277,7 @@ def write_run(sweep_dir: Path, index: int, point: Point, *, evals: int, rng: np.
     if _records_norms(point):
         for name, values in _norms(point, progress).items():
             columns[name] = np.where(is_eval, values, np.nan)
-    table = pa.table(columns)
-    pq.write_table(table, run_dir / "metrics.parquet", compression="zstd", write_statistics=False,
-                   use_dictionary=False)
+    rundir.write_metrics(run_dir, pd.DataFrame(columns))
     return run_id
 
 

@@ -43,8 +43,8 @@ except ImportError:  # pragma: no cover - exercised only without Triton
     triton = None
     tl = None
 
-from kernels.runtime import lazy_kernels, triton_usable
-from kernels.runtime import next_pow2 as _next_pow2
+from embscale.kernels.runtime import lazy_kernels, triton_usable
+from embscale.kernels.runtime import next_pow2 as _next_pow2
 
 # Launch shapes swept on an H100 at 16384 x 32768 bf16 logits (2026-11-23): forward walk 1024 columns x 4 warps
 # 0.408 ms (2.63 TB/s; 2048 x 4 0.434, 4096 x 8 0.474, 8192 x 8 0.549), backward 4096 columns x 8 warps 0.750 ms

@@ -74,12 +74,12 @@ except ImportError:  # pragma: no cover - exercised only without Triton
     triton = None
     tl = None
 
-from kernels.runtime import interpreting, lazy_kernels, triton_usable
-from kernels.runtime import next_pow2 as _next_pow2
+from embscale.kernels.runtime import interpreting, lazy_kernels, triton_usable
+from embscale.kernels.runtime import next_pow2 as _next_pow2
 
 
 class Plan(Protocol):
-    """The fields of :class:`models.ngram.HashPlan` used here (duck-typed: kernels never import models)."""
+    """The fields of :class:`models.ngram.HashPlan` used here (duck-typed: kernels never import embscale.models)."""
 
     vocab_size: int
     max_order: int
@@ -91,7 +91,7 @@ class Plan(Protocol):
 
 PAD_ROW = 2**63 - 1  # the row id of a SparseRowGrad's padding slots: sorts after every real row
 ALIGN = 8  # the gathered buffer's row length is a multiple of this (16 bytes in bf16): cuBLAS's fast path
-# Launch shapes, from sweeps at the benchmark shape (196,608 lookups of 85 bf16 features, 16,384 token rows of
+# Launch shapes, from embscale.sweeps at the benchmark shape (196,608 lookups of 85 bf16 features, 16,384 token rows of
 # 1024): gather 32 tokens x 1 warp per program, 41 us on an H200 (64 x 4 warps: 1.08 ms, 128 x 8: 2.3 ms: the
 # sweep matters). Segment sum (a scan per chunk), whole NE forward + backward from a CUDA graph on an H100,
 # 2026-11-23: 32 positions x 64 columns x 1 warp 0.475 ms (Zipf-distributed ids 0.499 ms); the same with

@@ -31,8 +31,8 @@ except ImportError:  # pragma: no cover - exercised only without Triton
     triton = None
     tl = None
 
-from kernels.runtime import lazy_kernels, triton_usable
-from kernels.runtime import next_pow2 as _next_pow2
+from embscale.kernels.runtime import lazy_kernels, triton_usable
+from embscale.kernels.runtime import next_pow2 as _next_pow2
 
 SELECT_BLOCK_T = 32  # tokens per program; H100, T = 16384, 64 experts: 32 x 4 warps 12 us, 64 x 4 14 us
 SELECT_WARPS = 4

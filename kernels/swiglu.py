@@ -59,8 +59,8 @@ except ImportError:  # pragma: no cover - exercised only without Triton
     triton = None
     tl = None
 
-from kernels.runtime import interpreting, lazy_kernels, triton_usable
-from kernels.runtime import next_pow2 as _next_pow2
+from embscale.kernels.runtime import interpreting, lazy_kernels, triton_usable
+from embscale.kernels.runtime import next_pow2 as _next_pow2
 
 # ------------------------------------------------------------------------------------------------------------
 # Dispatch

@@ -101,14 +101,14 @@ except ImportError:  # pragma: no cover - triton is a dependency; keep the twin 
     triton = None
     tl = None
 
-from kernels.runtime import interpreting, lazy_kernels
-from kernels.runtime import next_pow2 as _next_pow2
+from embscale.kernels.runtime import interpreting, lazy_kernels
+from embscale.kernels.runtime import next_pow2 as _next_pow2
 
 MODES = ("dense", "sparse")
 MOMENTS = ("full", "compact")
 BACKENDS = ("auto", "torch", "triton")
 # The row id of a gradient's padding slots. Must equal kernels.ngram.PAD_ROW (tests assert it); defined here
-# too so that this module does not import kernels.ngram to read a constant.
+# too so that this module does not import embscale.kernels.ngram to read a constant.
 PAD_ROW = 2**63 - 1
 
 
@@ -158,7 +158,7 @@ def merge_row_grads(grads: list[Any], use_triton: bool | None = None) -> Any:
     if len(grads) == 1:
         return grads[0]
     try:
-        from kernels.ngram import merge_sparse_grads
+        from embscale.kernels.ngram import merge_sparse_grads
     except ImportError:  # pragma: no cover - kernels.ngram ships with this module
         return _merge_row_grads_torch(list(grads))
     return merge_sparse_grads(list(grads), use_triton=use_triton)

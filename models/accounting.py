@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from models.config import ModelConfig
+from embscale.models.config import ModelConfig
 
 GROUPS = (
     "embedding", "ngram_tables", "ngram_projections", "per_layer_tables", "per_layer_projections",
@@ -128,7 +128,7 @@ def count_parameters(cfg: ModelConfig) -> Accounting:
         if cfg.embedding_amplification == "layernorm":
             groups["norms"] += 2 * d
     else:
-        from models.sizes import ngram_parameter_counts
+        from embscale.models.sizes import ngram_parameter_counts
 
         ne = ngram_parameter_counts(cfg.ngram, v, d)
         groups["embedding"] += ne["token"]
@@ -136,7 +136,7 @@ def count_parameters(cfg: ModelConfig) -> Accounting:
         groups["ngram_projections"] += ne["projections"]
         groups["norms"] += ne.get("norm", 0)
     if cfg.per_layer is not None:
-        from models.sizes import per_layer_parameter_counts
+        from embscale.models.sizes import per_layer_parameter_counts
 
         pl = per_layer_parameter_counts(cfg)
         groups["per_layer_tables"] += pl["tables"]

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import ModelConfig
-from models.norm import RMSNorm
-from models.rope import apply_rotary
+from embscale.models.config import ModelConfig
+from embscale.models.norm import RMSNorm
+from embscale.models.rope import apply_rotary
 
 
 class MultiHeadAttention(nn.Module):

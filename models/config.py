@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from embscale.base.datafile import build_dataclass, load_config_file
+from embscale.base.errors import ConfigError
 
 LAYER_TYPES = ("standard", "shortcut")
 ATTENTION_TYPES = ("mha", "mla")
@@ -24,23 +23,7 @@ AMPLIFICATIONS = ("none", "sqrt_d", "layernorm", "sqrt_count")
 SIZING_POLICIES = ("paper", "prime", "exact")
 PER_LAYER_KINDS = ("ple", "plne")
 PER_LAYER_TARGETS = ("first", "second", "both")
-
-
-class ConfigError(ValueError):
-    """An invalid configuration value. ``field`` is the dotted path of the bad field."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}" if field else message)
-
-    def under(self, prefix: str) -> ConfigError:
-        """The same error, with its field path placed under ``prefix``."""
-        if not prefix:
-            return self
-        nested = self.field and not self.field.startswith("[")
-        joined = f"{prefix}.{self.field}" if nested else prefix + self.field
-        return ConfigError(joined, self.message)
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the ready configs that ship with embscale
 
 
 def _require(condition: bool, field: str, message: str) -> None:
@@ -317,86 +300,11 @@ class ModelConfig:
                 data = data["model"]
             return cls.from_dict(data)
 
-        return load_yaml_config(path, model_section, "config file")
+        return load_config_file(path, model_section, "model config file")
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed, validated again."""
         return dataclasses.replace(self, **changes)
-
-
-def load_yaml_config(path: str | Path, build: typing.Callable[[Any], Any], what: str) -> Any:
-    """Read a YAML file (``yaml.safe_load``) and ``build`` a config from it. Every error, unreadable file, bad
-    YAML or bad field, is a :class:`ConfigError` that names the file (and the field)."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(str(path), f"cannot read {what}: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(str(path), f"not valid YAML: {exc}") from None
-    try:
-        return build(data)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc.field}", exc.message) from None
-
-
-def _check_type(value: Any, annotation: Any, field_path: str) -> Any:
-    """Check ``value`` against a field annotation; nested dataclasses are built recursively."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if value is None:
-            _require(type(None) in args, field_path, "must not be null")
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        return _check_type(value, non_none[0], field_path)
-    if dataclasses.is_dataclass(annotation):
-        return build_dataclass(annotation, value, field_path)
-    if annotation is bool:
-        _require(isinstance(value, bool), field_path, f"must be true or false, got {value!r}")
-        return value
-    if annotation is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), field_path,
-                 f"must be an integer, got {value!r}")
-        return value
-    if annotation is float:
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool), field_path,
-                 f"must be a number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        _require(isinstance(value, str), field_path, f"must be a string, got {value!r}")
-        return value
-    return value
-
-
-def build_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build a frozen config dataclass from plain data, rejecting unknown keys and wrong types.
-
-    Errors name the field by its dotted path under ``prefix``.
-    """
-    where = prefix or cls.__name__
-    _require(isinstance(data, dict), where, f"must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        path = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        raise ConfigError(path, f"unknown key; known keys are {', '.join(sorted(known))}")
-    kwargs = {}
-    for name, value in data.items():
-        path = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = _check_type(value, hints[name], path)
-    missing = [n for n, f in known.items() if n not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        path = f"{prefix}.{missing[0]}" if prefix else missing[0]
-        raise ConfigError(path, "is required")
-    try:
-        return cls(**kwargs)
-    except ConfigError as exc:
-        raise exc.under(prefix) from None
 
 
 __all__ = [
@@ -411,5 +319,4 @@ __all__ = [
     "PER_LAYER_TARGETS",
     "PerLayerConfig",
     "SIZING_POLICIES",
-    "build_dataclass",
 ]

@@ -25,11 +25,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.attention import build_attention
-from models.config import ModelConfig
-from models.mlp import SwiGLU
-from models.moe import MoE
-from models.norm import RMSNorm
+from embscale.models.attention import build_attention
+from embscale.models.config import ModelConfig
+from embscale.models.mlp import SwiGLU
+from embscale.models.moe import MoE
+from embscale.models.norm import RMSNorm
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 GateInputs = dict[int, torch.Tensor] | None

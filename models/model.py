@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.cross_entropy import cross_entropy
-from models.config import ModelConfig
-from models.layers import build_layer
-from models.moe import MoE
-from models.norm import RMSNorm
-from models.rope import RotaryEmbedding
+from embscale.kernels.cross_entropy import cross_entropy
+from embscale.models.config import ModelConfig
+from embscale.models.layers import build_layer
+from embscale.models.moe import MoE
+from embscale.models.norm import RMSNorm
+from embscale.models.rope import RotaryEmbedding
 
 
 @dataclass
@@ -92,13 +92,13 @@ class LanguageModel(nn.Module):
             self.embed = TokenEmbedding(cfg.vocab_size, cfg.d_model, cfg.embedding_amplification,
                                         cfg.norm_eps)
         else:
-            from models.ngram import NgramEmbedding
+            from embscale.models.ngram import NgramEmbedding
 
             self.embed = NgramEmbedding(cfg.ngram, vocab_size=cfg.vocab_size, width=cfg.d_model,
                                         eos_token_id=cfg.eos_token_id, init_std=cfg.init_std,
                                         norm_eps=cfg.norm_eps)
         if cfg.per_layer is not None:
-            from models.per_layer import build_per_layer_embeddings
+            from embscale.models.per_layer import build_per_layer_embeddings
 
             self.per_layer = build_per_layer_embeddings(cfg)
         else:
@@ -159,9 +159,36 @@ class LanguageModel(nn.Module):
             inputs[mlp] = module(ids) if rows is None else module(ids, rows)
         return inputs
 
+    # ----- N-gram tables -----
+    def ngram_embeddings(self) -> list[nn.Module]:
+        """Every ``NgramEmbedding`` of the model: the N-gram Embedding and the per-layer n-gram embeddings."""
+        from embscale.models.ngram import NgramEmbedding
+
+        return [m for m in self.modules() if isinstance(m, NgramEmbedding)]
+
+    def ngram_tables(self) -> list[nn.Parameter]:
+        """``tables.weight`` of every ``NgramEmbedding``, once each (empty without N-gram tables)."""
+        tables: dict[int, nn.Parameter] = {}
+        for module in self.ngram_embeddings():
+            tables.setdefault(id(module.tables.weight), module.tables.weight)
+        return list(tables.values())
+
+    def set_ngram_backend(self, backend: str, sparse_grad: bool = False) -> list[nn.Parameter]:
+        """Run every ``NgramEmbedding``'s lookup on ``backend`` (``torch`` or ``triton``), with the tables'
+        gradients as touched rows when ``sparse_grad`` (for a table optimizer); returns the tables."""
+        for module in self.ngram_embeddings():
+            module.set_backend(backend, sparse_grad=sparse_grad)
+        return self.ngram_tables()
+
     # ----- MoE balancing and statistics -----
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def router_load_counts(self) -> list[torch.Tensor]:
+        """Each MoE layer's expert loads counted since its last bias update (int64 buffers, updated in place by
+        the forward): what :meth:`update_router_biases` balances on. Under data parallelism sum them over the
+        ranks in place first, so every rank balances alike."""
+        return [moe.pending_counts for moe in self.moe_layers()]
 
     @torch.no_grad()
     def update_router_biases(self) -> None:

@@ -14,205 +14,36 @@ auxiliary loss ``coef * E * sum_i f_i P_i`` over the real experts is returned be
 
 Dispatch (``MoE.forward``): the ``T*k`` (token, slot) pairs are sorted by expert id (stable ``argsort``);
 zero experts have the largest ids, so their slots form a trailing group. Group offsets come from on-device
-counts (``scatter_add_`` + ``cumsum``) and end at the number of real slots, so the grouped products skip the
-zero slots while every shape stays static (``T*k`` rows): no ``.item()``, no host sync, no Python loop over
-experts on the CUDA path. Rows past the last offset are never computed; the steps that read them (combine,
-and the backward of the gather and of the routing weight) mask them out. Zero-expert slots contribute
-``x * weight`` directly in token space. The routing weight multiplies the SwiGLU hidden (``H`` wide, before
-the down projection) rather than the ``D``-wide output, so the combine is an unweighted gather-sum over each
-token's ``k`` slots (deterministic, no atomics) whose backward is a plain gather.
-
-Expert products: ``torch.nn.functional.grouped_mm`` (bf16, CUDA) with gate and up fused into one weight
-``w_gate_up (E, 2H, D)``; elsewhere (CPU, or CUDA in float32) a loop over the sorted contiguous segments,
-which reads the offsets on the host. Traced by ``torch.compile`` off CUDA, the expert products take forms with
-no host read, so the whole layer is one graph (``tests/test_moe_compile.py``): bf16 the same ``grouped_mm``
-as on CUDA, other dtypes a masked per-expert product (``E`` times the FLOPs). ``forward_reference`` is the
-plain per-expert loop that defines the meaning; tests compare the two.
-
-The weighted SwiGLU between the two products runs on CUDA as one fused Triton kernel each way
-(``kernels.swiglu``), and the expert choice (top-``k`` of the biased scores) and the load counts as one more
-(``kernels.routing``); ``EMBSCALE_MOE_TRITON=0`` or torch.compile tracing keep the torch functions. The
-dispatch sort runs on the narrowest integer keys that hold the expert ids (uint8 up to 256 experts).
+counts and end at the number of real slots, so the grouped products skip the zero slots while every shape stays
+static (``T*k`` rows): no ``.item()``, no host sync, no Python loop over experts on the CUDA path. Rows past the
+last offset are never computed; the steps that read them (combine, and the backward of the gather and of the
+routing weight) mask them out. Zero-expert slots contribute ``x * weight`` directly in token space. The routing
+weight multiplies the SwiGLU hidden (``H`` wide, before the down projection) rather than the ``D``-wide output, so
+the combine is an unweighted gather-sum over each token's ``k`` slots. Expert weights: gate and up fused into one
+``w_gate_up (E, 2H, D)``. How each step is made fast lives in :mod:`embscale.kernels.moe_dispatch`;
+``forward_reference`` is the plain per-expert loop that defines the meaning, and tests compare the two.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.routing import count_ids, select_experts
-from kernels.swiglu import reference_backward as _swiglu_weighted_bwd  # the weighted SwiGLU's math, one home
-from kernels.swiglu import reference_forward as _swiglu_weighted_fwd
-from models.config import ModelConfig
-from models.mlp import SwiGLU
-
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-# Elementwise and gather-reduce steps are compiled into single kernels on CUDA (set EMBSCALE_MOE_COMPILE=0 to
-# run them eagerly). On CPU they always run eagerly.
-_USE_COMPILE = os.environ.get("EMBSCALE_MOE_COMPILE", "1") != "0"
-# The weighted SwiGLU and the expert choice run as Triton kernels (kernels/swiglu.py, kernels/routing.py) on
-# CUDA outside torch.compile tracing (set EMBSCALE_MOE_TRITON=0 for the torch functions instead).
-_USE_TRITON = os.environ.get("EMBSCALE_MOE_TRITON", "1") != "0"
-
-
-def _sort_key_dtype(n_ids: int) -> torch.dtype:
-    """The narrowest integer dtype that holds the expert ids ``0 .. n_ids-1`` (the dispatch sort's keys)."""
-    return torch.uint8 if n_ids <= 256 else torch.int16 if n_ids <= 2**15 else torch.int64
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for bf16/fp16/fp32 data, float64 for float64 data."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Elementwise / gather steps. Plain functions define the meaning; on CUDA they are compiled (fused), except the
-# weighted SwiGLU, which runs as Triton kernels there (kernels/swiglu.py) unless traced or switched off.
-# ----------------------------------------------------------------------------------------------------------
-def _sum_slots(rows: torch.Tensor, slot_pos: torch.Tensor, slot_real: torch.Tensor | None) -> torch.Tensor:
-    """``out[t] = sum_j rows[slot_pos[t, j]]`` over real slots, accumulated in fp32. (M, D) -> (T, D).
-
-    Written as ``k`` row gathers added up (``k`` is static) rather than a gather to ``(T, k, D)`` and a
-    reduction: compiled, this is one pointwise kernel, measured 0.4 ms faster per layer step on an H100 at
-    T=16384, D=1024, k=8.
-    """
-    dtype = _accumulation_dtype(rows.dtype)
-    out = None
-    for j in range(slot_pos.shape[1]):
-        picked = rows[slot_pos[:, j]].to(dtype)  # (T, D)
-        if slot_real is not None:
-            picked = torch.where(slot_real[:, j:j + 1], picked, 0.0)
-        out = picked if out is None else out + picked
-    return out.to(rows.dtype)
-
-
-_COMPILED: dict[str, object] = {}
-
-
-def _kernel(name: str, fn, device: torch.device):
-    """``fn`` compiled for CUDA (once per process), or ``fn`` itself elsewhere."""
-    if device.type != "cuda" or not _USE_COMPILE:
-        return fn
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, fullgraph=True)
-    return _COMPILED[name]
-
-
-class _Dispatch(torch.autograd.Function):
-    """Gather token rows into expert-sorted order; backward sums each token's ``k`` slot gradients."""
-
-    @staticmethod
-    def forward(ctx, x, token_of_row, slot_pos, slot_real):  # (T, D) -> (M, D), M = T*k
-        ctx.save_for_backward(slot_pos, slot_real)
-        ctx.has_mask = slot_real is not None
-        return x.index_select(0, token_of_row)
-
-    @staticmethod
-    def backward(ctx, grad):
-        slot_pos, slot_real = ctx.saved_tensors
-        slot_real = slot_real if ctx.has_mask else None
-        return _kernel("sum_slots", _sum_slots, grad.device)(grad, slot_pos, slot_real), None, None, None
-
-
-class _Combine(torch.autograd.Function):
-    """Sum each token's ``k`` expert rows (zero-expert slots excluded); backward gathers the token
-    gradient."""
-
-    @staticmethod
-    def forward(ctx, rows, token_of_row, slot_pos, slot_real):  # (M, D) -> (T, D)
-        ctx.save_for_backward(token_of_row)
-        return _kernel("sum_slots", _sum_slots, rows.device)(rows, slot_pos, slot_real)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (token_of_row,) = ctx.saved_tensors
-        return grad.index_select(0, token_of_row), None, None, None
-
-
-def _use_triton_swiglu(gate_up: torch.Tensor) -> bool:
-    """Whether the weighted SwiGLU takes the Triton kernels: CUDA, not traced by torch.compile (the traced
-    graph keeps the torch functions, with no graph break), fp32 or narrower data, ``EMBSCALE_MOE_TRITON`` on."""
-    if not _USE_TRITON or gate_up.device.type != "cuda" or torch.compiler.is_compiling():
-        return False
-    if gate_up.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return False  # the kernels compute in fp32; float64 keeps the torch functions
-    from kernels.swiglu import triton_usable
-
-    return triton_usable(gate_up.device)
-
-
-class _SwiGLUWeighted(torch.autograd.Function):
-    """``silu(g) * u * w`` per sorted row, saving only ``gate_up`` (recomputed in backward). On CUDA one fused
-    Triton kernel each way (``kernels.swiglu``, see :func:`_use_triton_swiglu`); else its PyTorch twins, compiled."""
-
-    @staticmethod
-    def forward(ctx, gate_up, weight, row_real):
-        ctx.save_for_backward(gate_up, weight, row_real)
-        ctx.has_mask = row_real is not None
-        ctx.use_triton = _use_triton_swiglu(gate_up)
-        if ctx.use_triton:
-            from kernels.swiglu import swiglu_weighted_forward
-
-            return swiglu_weighted_forward(gate_up, weight)
-        return _kernel("swiglu_fwd", _swiglu_weighted_fwd, gate_up.device)(gate_up, weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        gate_up, weight, row_real = ctx.saved_tensors
-        row_real = row_real if ctx.has_mask else None
-        if ctx.use_triton:
-            from kernels.swiglu import swiglu_weighted_backward
-
-            grad_gate_up, grad_weight = swiglu_weighted_backward(grad, gate_up, weight, row_real)
-        else:
-            grad_gate_up, grad_weight = _kernel("swiglu_bwd", _swiglu_weighted_bwd, grad.device)(
-                grad, gate_up, weight, row_real)
-        return grad_gate_up, grad_weight, None
-
-
-def grouped_linear(a: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Rows ``offsets[e-1] .. offsets[e]`` of ``a`` (M, K) times ``weight[e].T`` (``weight`` is (E, N, K)).
-
-    Rows past ``offsets[-1]`` are not computed (their values are unspecified). ``offsets`` is int32, (E,).
-    """
-    weight = weight.to(a.dtype)
-    m, k = a.shape
-    n = weight.shape[1]
-    bf16 = a.dtype == torch.bfloat16
-    compiling_off_cuda = not a.is_cuda and torch.compiler.is_compiling()
-    # Under torch.compile off CUDA (tests, CPU development) bf16 traces the CUDA op itself (PyTorch has a CPU
-    # grouped_mm; its meta function only takes bf16) and other dtypes take the static-shape masked form below,
-    # so neither breaks the graph. Eager CPU keeps the segment loop (the numerics tests compare).
-    if _GROUPED_MM is not None and bf16 and ((a.is_cuda and k % 8 == 0 and n % 8 == 0) or compiling_off_cuda):
-        return _GROUPED_MM(a, weight.transpose(-2, -1), offs=offsets)
-    if compiling_off_cuda:
-        return _grouped_linear_masked(a, weight, offsets)
-    # Fallback (eager CPU, or CUDA outside bf16): a loop over the contiguous segments; reads offsets on the
-    # host, which breaks a torch.compile graph (so CUDA in float32 still does).
-    # split/unbind rather than slicing and weight[e]: their backward concatenates and stacks, where slicing
-    # would zero-fill a full-size gradient for every expert (measured 3x slower per CPU training step).
-    sizes = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
-    segments = a.split(sizes + [m - sum(sizes)])
-    pieces = [segment @ w.T for segment, w in zip(segments[:-1], weight.unbind(0), strict=True)]
-    pieces.append(a.new_zeros(segments[-1].shape[0], n))
-    return torch.cat(pieces, dim=0)
-
-
-def _grouped_linear_masked(a: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """:func:`grouped_linear` with static shapes only (no host read of ``offsets``): every expert's product
-    over all ``M`` rows, kept on its own segment. ``E`` times the FLOPs; for tracing off CUDA, not for speed.
-    Rows past ``offsets[-1]`` are zero, as in the segment loop."""
-    row = torch.arange(a.shape[0], device=a.device)
-    starts = torch.cat((offsets.new_zeros(1), offsets[:-1]))
-    out = a.new_zeros(a.shape[0], weight.shape[1])
-    for e, w in enumerate(weight.unbind(0)):
-        inside = ((row >= starts[e]) & (row < offsets[e])).unsqueeze(-1)  # (M, 1)
-        out = out + torch.where(inside, a @ w.T, 0.0)  # each row is in one segment: exact sums
-    return out
+from embscale.kernels.moe_dispatch import (
+    Combine,
+    Dispatch,
+    SwiGLUWeighted,
+    accumulation_dtype,
+    grouped_linear,
+    sort_key_dtype,
+    use_triton_routing,
+)
+from embscale.kernels.routing import count_ids, select_experts
+from embscale.models.config import ModelConfig
+from embscale.models.mlp import SwiGLU
 
 
 class MoE(nn.Module):
@@ -276,8 +107,8 @@ class MoE(nn.Module):
         """:meth:`route` plus ``counts (E+Z,)`` int64, each expert's slots: on CUDA one Triton kernel picks the
         experts and counts them (``kernels.routing``), elsewhere ``topk`` and a scatter of ones."""
         scores = self.router(x).float().softmax(dim=-1)
-        use_triton = _USE_TRITON and x.is_cuda and not torch.compiler.is_compiling()
-        chosen, counts = select_experts(scores.detach(), self.correction_bias, self.top_k, use_triton=use_triton)
+        chosen, counts = select_experts(scores.detach(), self.correction_bias, self.top_k,
+                                        use_triton=use_triton_routing(x))
         weights = scores.gather(1, chosen) * self.routed_scaling_factor
         return scores, chosen, weights, counts
 
@@ -310,7 +141,7 @@ class MoE(nn.Module):
 
         # Sort slots by expert; zero experts have ids >= E, so their slots end up last. Narrow keys: a radix
         # sort makes one pass per key byte (uint8 keys: 20 us against int64's 74 us at M = 131072, H100).
-        order = torch.argsort(flat_choice.to(_sort_key_dtype(E + self.n_zero_experts)), stable=True)  # row -> slot
+        order = torch.argsort(flat_choice.to(sort_key_dtype(E + self.n_zero_experts)), stable=True)  # row -> slot
         position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
         slot_pos = position.view(T, k)  # slot -> sorted row
         token_of_row = order // k
@@ -323,15 +154,15 @@ class MoE(nn.Module):
 
         dtype = self._compute_dtype(x)
         xc = x.to(dtype)
-        rows = _Dispatch.apply(xc, token_of_row, slot_pos, slot_real)  # (M, D)
+        rows = Dispatch.apply(xc, token_of_row, slot_pos, slot_real)  # (M, D)
         gate_up = grouped_linear(rows, self.w_gate_up, offsets)  # (M, 2H)
         row_weight = weights.reshape(-1).index_select(0, order)  # (M,)
-        hidden = _SwiGLUWeighted.apply(gate_up, row_weight, row_real)  # (M, H), weighted
+        hidden = SwiGLUWeighted.apply(gate_up, row_weight, row_real)  # (M, H), weighted
         expert_out = grouped_linear(hidden, self.w_down, offsets)  # (M, D)
-        y = _Combine.apply(expert_out, token_of_row, slot_pos, slot_real)  # (T, D)
+        y = Combine.apply(expert_out, token_of_row, slot_pos, slot_real)  # (T, D)
 
         if self.n_zero_experts > 0:  # identity experts: x times their weight
-            acc = _accumulation_dtype(dtype)
+            acc = accumulation_dtype(dtype)
             zero_weight = torch.where(slot_real, 0.0, weights).to(acc).sum(-1, keepdim=True)  # (T, 1)
             y = y + (xc.to(acc) * zero_weight).to(dtype)
         if self.shared is not None:
@@ -346,7 +177,7 @@ class MoE(nn.Module):
         E, H = self.n_experts, self.hidden
         scores, chosen, weights = self.route(x)
         counts = count_ids(chosen.reshape(-1), E + self.n_zero_experts)
-        acc = _accumulation_dtype(x.dtype)
+        acc = accumulation_dtype(x.dtype)
         y = torch.zeros_like(x, dtype=acc)
         for e in range(E + self.n_zero_experts):
             token, slot = torch.nonzero(chosen == e, as_tuple=True)

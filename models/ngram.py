@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import ConfigError, NgramConfig
-from models.sizes import (  # noqa: F401  (re-exported: the public home of the hash and its sizes)
+from embscale.base.errors import ConfigError
+from embscale.models.config import NgramConfig
+from embscale.models.sizes import (  # noqa: F401  (re-exported: the public home of the hash and its sizes)
     is_prime,
     modulus_report,
     next_prime,
@@ -195,8 +196,8 @@ class NgramEmbedding(nn.Module):
     :class:`kernels.ngram.SparseRowGrad` (touched rows only, fp32, deterministic) appended to
     ``tables.weight.sparse_grads`` (one entry per backward) and leaves ``tables.weight.grad`` None; the table
     optimizer consumes and clears that list. ``sparse_token_grad=True`` does the same for ``token.weight``
-    (then a table optimizer must train it too). ``projection`` stays a dense parameter. All three are plain
-    attributes and may be switched after construction.
+    (then a table optimizer must train it too). ``projection`` stays a dense parameter. :meth:`set_backend`
+    switches all three after construction.
     """
 
     def __init__(self, spec: NgramConfig, vocab_size: int, width: int, eos_token_id: int | None, *,
@@ -204,11 +205,6 @@ class NgramEmbedding(nn.Module):
                  dtype: torch.dtype | None = None, backend: str = "torch", sparse_grad: bool = False,
                  sparse_token_grad: bool = False):
         super().__init__()
-        if backend not in BACKENDS:
-            raise ConfigError("backend", f"must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        self.backend = backend
-        self.sparse_grad = sparse_grad
-        self.sparse_token_grad = sparse_token_grad
         self.spec = spec
         self.vocab_size = vocab_size
         self.width = width
@@ -229,11 +225,21 @@ class NgramEmbedding(nn.Module):
         count = self.num_tables + 1
         self.scale = {"none": 1.0 / count, "sqrt_d": math.sqrt(width) / count, "layernorm": 1.0,
                       "sqrt_count": 1.0 / math.sqrt(count)}[spec.amplification]
-        if sparse_grad:
-            self.tables.weight.sparse_grads = []  # kernels.ngram appends one SparseRowGrad per backward
-        if sparse_token_grad:
-            self.token.weight.sparse_grads = []
+        self.set_backend(backend, sparse_grad=sparse_grad, sparse_token_grad=sparse_token_grad)
         self.reset_parameters()
+
+    def set_backend(self, backend: str, *, sparse_grad: bool = False, sparse_token_grad: bool = False) -> None:
+        """How the lookup runs (the math is the same): ``backend`` ``torch`` or ``triton``, and whether the n-gram
+        tables' (``sparse_grad``) and the token table's (``sparse_token_grad``) gradients come as touched rows in
+        ``weight.sparse_grads`` for a table optimizer, instead of a dense ``weight.grad``."""
+        if backend not in BACKENDS:
+            raise ConfigError("backend", f"must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.backend = backend
+        self.sparse_grad = sparse_grad
+        self.sparse_token_grad = sparse_token_grad
+        for weight, sparse in ((self.tables.weight, sparse_grad), (self.token.weight, sparse_token_grad)):
+            if sparse and not hasattr(weight, "sparse_grads"):
+                weight.sparse_grads = []  # kernels.ngram appends one SparseRowGrad per backward
 
     def reset_parameters(self) -> None:
         for weight in (self.token.weight, self.tables.weight, self.projection.weight):
@@ -254,7 +260,7 @@ class NgramEmbedding(nn.Module):
         """(B, T) ids -> (B, T, width). ``rows`` may pass precomputed :meth:`row_ids` (layers sharing a
         hash)."""
         if self.backend != "torch" or self.sparse_grad or self.sparse_token_grad:
-            from kernels.ngram import ngram_embed  # PyTorch twins without CUDA
+            from embscale.kernels.ngram import ngram_embed  # PyTorch twins without CUDA
 
             # one fused hash + gather (padded to an aligned width, in the GEMM's dtype), the token rows and
             # the projection summed and averaged in one addmm; one shared sort in the backward

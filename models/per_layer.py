@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.config import ModelConfig
-from models.ngram import NgramEmbedding
-from models.sizes import per_layer_parameter_counts, per_layer_slots  # noqa: F401  (re-exported)
+from embscale.models.config import ModelConfig
+from embscale.models.ngram import NgramEmbedding
+from embscale.models.sizes import per_layer_parameter_counts, per_layer_slots  # noqa: F401  (re-exported)
 
 
 def per_layer_key(layer_index: int, mlp_index: int) -> str:

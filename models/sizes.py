@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import functools
 
-from models.config import ConfigError, ModelConfig, NgramConfig
+from embscale.base.errors import ConfigError
+from embscale.models.config import ModelConfig, NgramConfig
 
 _MILLER_RABIN_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)  # deterministic for every n < 3.3e24
 

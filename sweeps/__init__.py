@@ -1,1 +1,1 @@
-"""What to train and where: sweep files, expansion and matching, dispatch, the training run, data, the CLI."""
+"""What to train and where: sweep files, expansion and matching, the plan, executors, submit, status, cancel, tune."""

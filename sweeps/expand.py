@@ -46,10 +46,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.accounting import Accounting, count_parameters
-from models.config import ConfigError, ModelConfig, NgramConfig, PerLayerConfig, build_dataclass
-from sweeps.run_config import DataConfig, RunConfig, TrainingConfig, training_identity
-from sweeps.sweepfile import Sweep, apply_model_rules, load_sweep
+from embscale.base.datafile import build_dataclass
+from embscale.base.errors import ConfigError
+from embscale.models.accounting import Accounting, count_parameters
+from embscale.models.config import ModelConfig, NgramConfig, PerLayerConfig
+from embscale.sweeps.sweepfile import Sweep, apply_model_rules, load_sweep, sweep_vocab_size, training_template
+from embscale.training.config import DataConfig, RunConfig, TrainingConfig, training_identity
 
 EMBEDDING_FAMILIES = ("ne", "ple", "plne")
 # Axes that describe each family's run (the others are left out of its point).
@@ -275,56 +277,6 @@ def closest_integer(f: Callable[[int], float], target: float, lo: int, hi: int,
 # Expansion
 # ----------------------------------------------------------------------------------------------------------
 
-def sweep_vocab_size(sweep: Sweep) -> int:
-    """The vocabulary size the plan matches at: ``model.vocab_size``, else ``data.vocab_size`` (the BPE size
-    the trainer builds), which the planned model then states explicitly (the trainer pads to it)."""
-    if "vocab_size" in sweep.model:
-        return sweep.model["vocab_size"]
-    if sweep.data.get("tokenizer_path"):
-        raise ConfigError("model.vocab_size", "is required when data.tokenizer_path is given (matching needs "
-                                              "the exact vocabulary size)")
-    return sweep.data.get("vocab_size", DataConfig.vocab_size)
-
-
-def _training_template(sweep: Sweep) -> tuple[dict[str, Any], str]:
-    """The training section minus the fields the plan resolves per run, and how tokens are given."""
-    section = dict(sweep.training)
-    section.pop("tokens_per_activated", None)
-    lr = section.get("lr")
-    if isinstance(lr, dict):
-        section.pop("lr")
-    if section.get("steps") is not None:
-        mode = "steps"
-    elif section.get("tokens") is not None:
-        mode = "tokens"
-    else:
-        mode = "tokens_per_activated"
-    return section, mode
-
-
-def check_run_sections(sweep: Sweep) -> None:
-    """Validate the training and data sections once, as RunConfig will read them (with placeholders for the
-    fields the plan resolves per run). Errors name ``training.<field>`` or ``data.<field>``."""
-    section, mode = _training_template(sweep)
-    if mode == "tokens_per_activated":
-        section["tokens"] = 1
-    if isinstance(sweep.training.get("lr"), dict):
-        section["lr"] = sweep.training["lr"]["base"]
-    try:
-        training = build_dataclass(TrainingConfig, section)
-    except ConfigError as exc:
-        raise exc.under("training") from None
-    try:
-        build_dataclass(DataConfig, sweep.data)
-    except ConfigError as exc:
-        raise exc.under("data") from None
-    max_seq_len = sweep.model.get("max_seq_len", ModelConfig.max_seq_len)
-    if training.seq_len > max_seq_len:
-        raise ConfigError("training.seq_len", f"must not exceed model.max_seq_len {max_seq_len}, got "
-                                              f"{training.seq_len}")
-    sweep_vocab_size(sweep)
-
-
 def _validated(cfg: ModelConfig) -> ModelConfig:
     """``cfg`` built again through its constructor, so every validation runs (equal to ``cfg``)."""
     return dataclasses.replace(cfg)
@@ -336,7 +288,7 @@ class _Expander:
         self.vocab_size = sweep_vocab_size(sweep)
         self.limits = sweep.limits
         self.zero_ratio = sweep.model_rules.get("zero_expert_ratio")
-        self.training_section, self.tokens_mode = _training_template(sweep)
+        self.training_section, self.tokens_mode = training_template(sweep)
         template = dict(self.training_section)
         if self.tokens_mode == "tokens_per_activated":
             template["tokens"] = 1  # placeholder: resolved per run
@@ -796,10 +748,8 @@ __all__ = [
     "Plan",
     "PlannedRun",
     "SkippedPoint",
-    "check_run_sections",
     "closest_integer",
     "expand",
     "plan_sweep",
     "to_run_config",
-    "sweep_vocab_size",
 ]

@@ -71,18 +71,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from models.config import (
-    AMPLIFICATIONS,
-    PER_LAYER_TARGETS,
-    SIZING_POLICIES,
-    ConfigError,
-    ModelConfig,
-    build_dataclass,
-)
+from embscale.base.datafile import build_dataclass, read_yaml
+from embscale.base.errors import ConfigError
+from embscale.models.config import AMPLIFICATIONS, PER_LAYER_TARGETS, SIZING_POLICIES, ModelConfig
+from embscale.sweeps.sections import check_tune_section, executor_options, slurm_parameters
+from embscale.training.config import DataConfig, TrainingConfig
 
 FAMILIES = ("moe", "ne", "ple", "plne", "dense")
+SWEEP_DIR = Path(__file__).resolve().parent  # the sweep files that ship with embscale (demo.yaml, ...)
 
 TOP_LEVEL_KEYS = ("name", "description", "extends", "model", "ngram", "per_layer", "training", "data", "grid",
                   "zip", "limits", "slurm", "executor", "tune")
@@ -304,32 +300,10 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-class SweepLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that also reads ``3e-3`` and ``2e9`` as numbers (YAML 1.2; PyYAML's 1.1 rules make
-    them strings). Nothing else changes: no tags, no objects."""
-
-
-SweepLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
 def _read_yaml(path: Path, shown: str) -> dict:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(shown, f"cannot read sweep file: {exc.strerror or exc}") from None
-    try:
-        data = yaml.load(text, Loader=SweepLoader)  # a SafeLoader: data only
-    except yaml.YAMLError as exc:
-        raise ConfigError(shown, f"not valid YAML: {exc}") from None
-    if data is None:
-        raise ConfigError(shown, "the sweep file is empty")
+    data = read_yaml(path, "sweep file", shown)
     if not isinstance(data, dict):
-        raise ConfigError(shown, f"a sweep file must be a mapping at the top level, got "
-                                 f"{type(data).__name__}")
+        raise ConfigError(shown, f"a sweep file must be a mapping at the top level, got {type(data).__name__}")
     return data
 
 
@@ -357,6 +331,12 @@ def _load_raw(path: Path, chain: tuple[Path, ...]) -> dict:
     parent_data.pop("name", None)
     parent_data.pop("description", None)
     return deep_merge(parent_data, data)
+
+
+def load_sweep_mapping(path: str | Path) -> dict:
+    """A sweep file's mapping with its ``extends`` chain merged in (``name``/``description`` never inherited), as
+    :func:`load_sweep` reads it, before validation."""
+    return _load_raw(Path(path), ())
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -398,18 +378,21 @@ def parse_sweep(data: Any, path: str | None = None) -> Sweep:
     data_section = data.get("data", {}) or {}
     _mapping(data_section, "data")
     limits = _parse_limits(data.get("limits", {}) or {})
-    executor = _mapping(data.get("executor", {}) or {}, "executor")
-    slurm = _mapping(data.get("slurm", {}) or {}, "slurm")
+    executor = executor_options(_mapping(data.get("executor", {}) or {}, "executor"))
+    slurm = dict(_mapping(data.get("slurm", {}) or {}, "slurm"))
+    slurm_parameters(slurm)  # validates every key and value
     tune = None if data.get("tune") is None else dict(_mapping(data["tune"], "tune"))
 
     sweep = Sweep(name=name, model=model, model_rules=rules, training=training, data=dict(data_section),
                   ngram=ngram, per_layer=per_layer, grid=grid, zips=zips, limits=limits,
                   executor=dict(executor), slurm=dict(slurm), description=description, path=path,
                   model_aliases=aliases, tune=tune)
+    if tune is not None:
+        check_tune_section(tune, sweep.axes)
     if sweep.num_points > limits.max_points:
         _fail("grid", f"expands to {sweep.num_points} points, more than limits.max_points = "
                       f"{limits.max_points}")
-    _check_passthrough(sweep)
+    check_run_sections(sweep)
     return sweep
 
 
@@ -625,11 +608,54 @@ def _parse_limits(raw: Any) -> Limits:
     return Limits(**values)
 
 
-def _check_passthrough(sweep: Sweep) -> None:
-    """Validate the training and data sections against RunConfig once (when sweeps.run_config exists)."""
-    from sweeps import expand  # the resolved sections are built there; imported late (no cycle at load)
+def sweep_vocab_size(sweep: Sweep) -> int:
+    """The vocabulary size the plan matches at: ``model.vocab_size``, else ``data.vocab_size`` (the BPE size
+    the trainer builds), which the planned model then states explicitly (the trainer pads to it)."""
+    if "vocab_size" in sweep.model:
+        return sweep.model["vocab_size"]
+    if sweep.data.get("tokenizer_path"):
+        raise ConfigError("model.vocab_size", "is required when data.tokenizer_path is given (matching needs "
+                                              "the exact vocabulary size)")
+    return sweep.data.get("vocab_size", DataConfig.vocab_size)
 
-    expand.check_run_sections(sweep)
+
+def training_template(sweep: Sweep) -> tuple[dict[str, Any], str]:
+    """The training section minus the fields the plan resolves per run, and how tokens are given."""
+    section = dict(sweep.training)
+    section.pop("tokens_per_activated", None)
+    lr = section.get("lr")
+    if isinstance(lr, dict):
+        section.pop("lr")
+    if section.get("steps") is not None:
+        mode = "steps"
+    elif section.get("tokens") is not None:
+        mode = "tokens"
+    else:
+        mode = "tokens_per_activated"
+    return section, mode
+
+
+def check_run_sections(sweep: Sweep) -> None:
+    """Validate the training and data sections once, as RunConfig will read them (with placeholders for the
+    fields the plan resolves per run). Errors name ``training.<field>`` or ``data.<field>``."""
+    section, mode = training_template(sweep)
+    if mode == "tokens_per_activated":
+        section["tokens"] = 1
+    if isinstance(sweep.training.get("lr"), dict):
+        section["lr"] = sweep.training["lr"]["base"]
+    try:
+        training = build_dataclass(TrainingConfig, section)
+    except ConfigError as exc:
+        raise exc.under("training") from None
+    try:
+        build_dataclass(DataConfig, sweep.data)
+    except ConfigError as exc:
+        raise exc.under("data") from None
+    max_seq_len = sweep.model.get("max_seq_len", ModelConfig.max_seq_len)
+    if training.seq_len > max_seq_len:
+        raise ConfigError("training.seq_len", f"must not exceed model.max_seq_len {max_seq_len}, got "
+                                              f"{training.seq_len}")
+    sweep_vocab_size(sweep)
 
 
 __all__ = [
@@ -638,9 +664,14 @@ __all__ = [
     "Limits",
     "MODEL_ALIASES",
     "MODEL_RULES",
+    "SWEEP_DIR",
     "Sweep",
     "apply_model_rules",
+    "check_run_sections",
     "deep_merge",
     "load_sweep",
+    "load_sweep_mapping",
     "parse_sweep",
+    "sweep_vocab_size",
+    "training_template",
 ]

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.accounting import GROUPS, count_parameters, parameter_group
-from models.config import MLAConfig, ModelConfig, NgramConfig, PerLayerConfig
-from models.model import build_model
-from models.moe import MoE
-from sweeps import cli
+from embscale import cli
+from embscale.models.accounting import GROUPS, count_parameters, parameter_group
+from embscale.models.config import MLAConfig, ModelConfig, NgramConfig, PerLayerConfig
+from embscale.models.model import build_model
+from embscale.models.moe import MoE
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "models" / "configs"
@@ -205,7 +205,7 @@ def test_params_cli_errors(tmp_path, capsys):
 @pytest.mark.parametrize(("config", "activated"), [("bench_moe_100m.yaml", 112_505_856),
                                                     ("bench_ne_100m.yaml", 113_406_976)])
 def test_accounting_does_not_import_torch(config, activated):
-    code = ("import sys; from sweeps.cli import main; "
+    code = ("import sys; from embscale.cli import main; "
             f"main(['params', 'models/configs/{config}', '--json']); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

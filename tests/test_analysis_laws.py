@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import frontier, laws, synthetic
-from analysis.curves import final_loss, fit_loss_curve
+from embscale.analysis import frontier, laws, synthetic
+from embscale.analysis.curves import final_loss, fit_loss_curve
 
 
 def test_param_law_recovers_known_exponents_inside_bootstrap_intervals() -> None:

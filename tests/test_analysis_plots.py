@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis import cmd_plots
-from analysis.figures import plot_sweep
+from embscale.analysis.figures import plot_sweep
+from embscale.commands import plots as cmd_plots
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results"
 EXPECTED = ("fig2_loss_vs_ratio_w1024_d10", "fig3_collisions", "fig4_ngram_nk", "fig5_norms",

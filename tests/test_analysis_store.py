@@ -16,8 +16,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from analysis import cmd_collect, cmd_plots, laws
-from analysis.store import (
+from embscale.analysis import laws
+from embscale.analysis.store import (
     ResultsError,
     collect,
     discover_sweeps,
@@ -27,6 +27,8 @@ from analysis.store import (
     resolve_sweep_dir,
     splits,
 )
+from embscale.commands import collect as cmd_collect
+from embscale.commands import plots as cmd_plots
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -198,15 +200,17 @@ def test_cli_collect_prints_a_summary(results: Path, capsys: pytest.CaptureFixtu
 
 
 def test_analysis_imports_neither_torch_nor_sweeps_nor_models() -> None:
-    code = ("import sys, analysis.store, analysis.curves, analysis.laws, analysis.frontier, analysis.figures, "
-            "analysis.cmd_collect, analysis.cmd_plots, analysis.synthetic\n"
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'sweeps', 'models'))\n"
+    code = ("import sys, embscale.analysis.store, embscale.analysis.curves, embscale.analysis.laws, "
+            "embscale.analysis.frontier, embscale.analysis.figures, embscale.commands.collect, "
+            "embscale.commands.plots, embscale.analysis.synthetic\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.split('.')[:2] in "
+            "(['embscale', 'sweeps'], ['embscale', 'models'], ['embscale', 'training']))\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
 def test_synthetic_generator_cli(tmp_path: Path) -> None:
-    from analysis import synthetic
+    from embscale.analysis import synthetic
 
     assert synthetic.main([str(tmp_path), "--runs", "60", "--evals", "5", "--sweep", "s", "--no-collisions"]) == 0
     dirs = [p for p in (tmp_path / "s").iterdir() if p.is_dir()]

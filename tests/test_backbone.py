@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.config import MLAConfig, ModelConfig, PerLayerConfig
-from models.layers import ShortcutLayer
-from models.mlp import SwiGLU
-from models.model import LanguageModel, ModelOutput, build_model
+from embscale.models.config import MLAConfig, ModelConfig, PerLayerConfig
+from embscale.models.layers import ShortcutLayer
+from embscale.models.mlp import SwiGLU
+from embscale.models.model import LanguageModel, ModelOutput, build_model
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "models" / "configs"
 

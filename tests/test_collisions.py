@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.cmd_collisions import parse_sizes
-from analysis.collisions import collision_table, default_table_sizes, polynomial_hash, spike_summary
-from models.config import ConfigError, NgramConfig
-from models.ngram import ngram_hashes, table_moduli
+from embscale.analysis.collisions import collision_table, default_table_sizes, polynomial_hash, spike_summary
+from embscale.base.errors import ConfigError
+from embscale.commands.collisions import parse_sizes
+from embscale.models.config import NgramConfig
+from embscale.models.ngram import ngram_hashes, table_moduli
 
 V0 = 4096
 

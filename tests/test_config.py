@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from models.config import ConfigError, MLAConfig, ModelConfig, NgramConfig, PerLayerConfig
+from embscale.base.errors import ConfigError
+from embscale.models.config import MLAConfig, ModelConfig, NgramConfig, PerLayerConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "models" / "configs"
 

@@ -9,18 +9,13 @@ import random
 import numpy as np
 import pytest
 
-import sweeps.tokenizer as tokenizer_module
-from models.config import ConfigError
-from sweeps.data import (
-    BuiltinCorpus,
-    TrainBatches,
-    UserCorpus,
-    eval_starts,
-    prepare_data,
-    token_dtype,
-)
-from sweeps.run_config import DataConfig
-from sweeps.tokenizer import EOS_TOKEN, build_tokenizer
+import embscale.training.data.tokenizer as tokenizer_module
+from embscale.base.errors import ConfigError
+from embscale.training.config import DataConfig
+from embscale.training.data.batches import TrainBatches, eval_starts
+from embscale.training.data.corpus import BuiltinCorpus, UserCorpus
+from embscale.training.data.shards import prepare_data, token_dtype
+from embscale.training.data.tokenizer import EOS_TOKEN, build_tokenizer
 
 WORDS = ("the cat dog sat ran on a mat log red blue big small quick slow fox jumps over lazy and then "
          "it was very happy sad today night day sun moon tree house car road river").split()

@@ -16,25 +16,25 @@ import torch
 import yaml
 from test_data import write_text_corpus
 
-from kernels.ngram import PAD_ROW, SparseRowGrad
-from kernels.table_optim import merge_row_grads
-from sweeps.checkpoint import list_checkpoints
-from sweeps.run_config import RunConfig
-from sweeps.table_ddp import all_reduce_table_grads, exclude_from_ddp
-from sweeps.train import train_run
+from embscale.base.rundir import list_checkpoints
+from embscale.kernels.ngram import PAD_ROW, SparseRowGrad
+from embscale.kernels.table_optim import merge_row_grads
+from embscale.training.config import RunConfig
+from embscale.training.table_ddp import all_reduce_table_grads, exclude_from_ddp
+from embscale.training.trainer import train_run
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run under torchrun instead of ``-m sweeps.train``: every rank saves its N-gram tables at each evaluation (the
+# Run under torchrun instead of ``-m embscale train``: every rank saves its N-gram tables at each evaluation (the
 # last one follows the last optimizer step), so the test can see that the ranks stayed in sync; and a table
 # with a dense .grad fails the rank (DDP would otherwise all-reduce a table-sized zero gradient every step).
 SAVE_TABLES_SCRIPT = """
 import os, sys
 import torch
-import sweeps.train as train
-from kernels.table_optim import TableAdamW
-from sweeps.run_config import RunConfig
+import embscale.training.trainer as train
+from embscale.kernels.table_optim import TableAdamW
+from embscale.training.config import RunConfig
 
-original = train.evaluate
+original = train.Trainer.evaluate
 original_step = TableAdamW.step
 
 
@@ -45,13 +45,13 @@ def step(self, closure=None):
     return original_step(self, closure)
 
 
-def evaluate(raw_model, shards, tcfg, device, dist, autocast):
-    tables = {name: p.detach().clone() for name, p in raw_model.named_parameters() if name.endswith("tables.weight")}
-    torch.save(tables, os.path.join(sys.argv[2], f"tables_rank{dist.rank}.pt"))
-    return original(raw_model, shards, tcfg, device, dist, autocast)
+def evaluate(self):
+    tables = {name: p.detach().clone() for name, p in self.model.named_parameters() if name.endswith("tables.weight")}
+    torch.save(tables, os.path.join(sys.argv[2], f"tables_rank{self.dist.rank}.pt"))
+    return original(self)
 
 
-train.evaluate = evaluate
+train.Trainer.evaluate = evaluate
 TableAdamW.step = step
 summary = train.train_run(RunConfig.from_yaml(sys.argv[1]))
 sys.exit(train.EXIT_CODES.get(summary["state"], 1))
@@ -76,7 +76,7 @@ def train_single_then_ddp(tmp_path: Path, data: dict, script: Path | None = None
     run_file = tmp_path / "run.yaml"
     run_file.write_text(yaml.safe_dump(data))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    target = [str(script), str(run_file), str(tmp_path)] if script else ["-m", "sweeps.train", str(run_file)]
+    target = [str(script), str(run_file), str(tmp_path)] if script else ["-m", "embscale", "train", str(run_file)]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                              *target], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -148,8 +148,8 @@ def test_table_optimizer_on_two_gloo_ranks_matches_one_process(tmp_path, monkeyp
     assert rank_tables[0].keys() == rank_tables[1].keys() and rank_tables[0]
     for name in rank_tables[0]:
         assert torch.equal(rank_tables[0][name], rank_tables[1][name]), name
-    want = torch.load(list_checkpoints(Path(single["run_dir"]) / "checkpoints")[-1][1], weights_only=True)
-    have = torch.load(list_checkpoints(run_dir / "checkpoints")[-1][1], weights_only=True)
+    want = torch.load(list_checkpoints(Path(single["run_dir"]))[-1][1], weights_only=True)
+    have = torch.load(list_checkpoints(run_dir)[-1][1], weights_only=True)
     for name in rank_tables[0]:
         torch.testing.assert_close(have["model"][name], want["model"][name], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(rank_tables[0][name], have["model"][name], rtol=0, atol=0)

@@ -16,12 +16,15 @@ import pytest
 import submitit
 import tiny_sweep as T
 
-from models.config import ConfigError
-from sweeps import dispatch
-from sweeps import jobs as J
-from sweeps.local_queue import LocalQueue, QueueItem, SlotPool, available_gpus
+from embscale.base import rundir
+from embscale.base.errors import ConfigError
+from embscale.sweeps import sections
+from embscale.sweeps.executors import jobmap as J
+from embscale.sweeps.executors.base import Job, drive
+from embscale.sweeps.executors.local import LocalExecutor, SlotPool, available_gpus
+from embscale.sweeps.plan import load_plan
 
-EMBSCALE = [sys.executable, "-m", "sweeps.cli"]
+EMBSCALE = [sys.executable, "-m", "embscale"]
 
 
 # ------------------------------------------------------------------------------------------------- fixtures
@@ -35,8 +38,8 @@ def workspace(tmp_path_factory):
     saved = dict(os.environ)
     os.environ.update({k: env[k] for k in ("EMBSCALE_CACHE", "EMBSCALE_RESULTS", "EMBSCALE_PROGRESS")})
     try:
-        from sweeps.data import prepare_data
-        from sweeps.run_config import DataConfig
+        from embscale.training.config import DataConfig
+        from embscale.training.data.shards import prepare_data
 
         prepare_data(DataConfig(**data))  # the jobs then all find the tokenizer and shards cached
         yield {"root": root, "data": data, "env": env, "results": root / "results"}
@@ -69,7 +72,7 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.2):
 def run_states(results: Path, name: str) -> dict[str, str]:
     out = {}
     for run_dir in (results / name).iterdir():
-        status = J.read_status(run_dir)
+        status = rundir.read_status(run_dir)
         if status is not None:
             out[run_dir.name] = status.get("state")
     return out
@@ -111,7 +114,7 @@ def test_local_sweep_survives_a_killed_driver(workspace):
     # The truth right after the kill: completed runs, jobs still running, the rest not started. Jobs go on
     # while we look, so what the status files said just before `status` bounds what it may say.
     job_map = J.JobMap.load(results / "tiny_local" / "jobs.json")
-    before = {run_id: (J.read_status(results / "tiny_local" / run_id) or {}).get("state")
+    before = {run_id: (rundir.read_status(results / "tiny_local" / run_id) or {}).get("state")
               for run_id in job_map.runs}
     summary = status_json(sweep, env)
     by_id = {row["run_id"]: row for row in summary["runs"]}
@@ -172,7 +175,7 @@ def test_local_sweep_survives_a_killed_driver(workspace):
 
 def test_retry_failed(workspace, capsys):
     """Failed runs stay failed until --retry-failed (debug executor, in-process)."""
-    from sweeps.cli import main
+    from embscale.cli import main
 
     missing = workspace["root"] / "later" / "train.jsonl"
     data = dict(workspace["data"], corpus=str(missing))
@@ -232,11 +235,11 @@ def test_status_reconciles_with_the_scheduler(workspace, capsys):
     """Runs whose jobs vanished are lost / failed-to-start; a live one gets an ETA; errors show one line."""
     import pandas as pd
 
-    from sweeps.cli import main
+    from embscale.cli import main
 
     sweep = T.write_sweep(workspace["root"] / "tiny_status.yaml",
                           T.sweep_mapping("tiny_status", workspace["data"], steps=100, seeds=2))
-    plan = dispatch.load_plan(sweep, workspace["results"])
+    plan = load_plan(sweep, workspace["results"])
     runs = plan.runs
     assert len(runs) == 4
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -250,12 +253,12 @@ def test_status_reconciles_with_the_scheduler(workspace, capsys):
         job_map.record(runs[2].run_id, {"job_id": str(me), "executor": "local", "pid": me,
                                         "proc_start": J.proc_start_time(me), "host": J.hostname(),
                                         "started_at": time.time() - 10})
-    J.write_status(plan.run_dir(runs[0]), "running", step=10, total_steps=100)
-    J.write_status(plan.run_dir(runs[1]), "queued", job_id=str(dead.pid))
-    J.write_status(plan.run_dir(runs[2]), "running", step=50, total_steps=100)
+    rundir.write_status(plan.run_dir(runs[0]), "running", step=10, total_steps=100)
+    rundir.write_status(plan.run_dir(runs[1]), "queued", job_id=str(dead.pid))
+    rundir.write_status(plan.run_dir(runs[2]), "running", step=50, total_steps=100)
     pd.DataFrame({"step": [49, 50], "tokens": [49 * 64, 50 * 64], "tokens_per_s": [640.0, 640.0]}).to_parquet(
         plan.run_dir(runs[2]) / "metrics.parquet")
-    J.write_status(plan.run_dir(runs[3]), "failed", error="RuntimeError: boom\nTraceback line two")
+    rundir.write_status(plan.run_dir(runs[3]), "failed", error="RuntimeError: boom\nTraceback line two")
 
     assert main(["status", str(sweep), "--results", str(workspace["results"]), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -293,15 +296,14 @@ def test_local_queue_limits_and_pinning(tmp_path, monkeypatch, gpus, cpu_jobs):
     starting a thread per core."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     log = tmp_path / "times.txt"
-    items = [QueueItem(key=f"job{i}", fn=_recorder(log, 0.6), gpus=1 if gpus else 0) for i in range(5)]
+    items = [Job(key=f"job{i}", fn=_recorder(log, 0.6), gpus=1 if gpus else 0) for i in range(5)]
     if gpus:
-        items.insert(2, QueueItem(key="wide", fn=_recorder(log, 0.6), gpus=2))
+        items.insert(2, Job(key="wide", fn=_recorder(log, 0.6), gpus=2))
     keys = {item.key for item in items}
     started, ended = {}, {}
-    queue = LocalQueue(tmp_path / "submitit", SlotPool(gpus, cpu_jobs), poll_s=0.05,
-                       record_job=lambda key, rec: started.__setitem__(key, rec),
-                       finish_job=lambda key, rec: ended.__setitem__(key, rec), log=lambda m: None)
-    assert queue.run(items) == []
+    executor = LocalExecutor(tmp_path / "submitit", SlotPool(gpus, cpu_jobs), log=lambda m: None)
+    assert drive(executor, items, poll_s=0.05, on_start=lambda job, rec: started.__setitem__(job.key, rec),
+                 on_end=lambda key, rec: ended.__setitem__(key, rec)) == []
     assert set(started) == set(ended) == keys
     assert all(rec["exit_code"] == 0 for rec in ended.values())
     tasks = [json.loads(line) for line in log.read_text().splitlines()]
@@ -347,12 +349,12 @@ def test_slot_pool_and_fake_gpus(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------- options
 def test_slurm_options():
-    assert dispatch.slurm_minutes(90) == 90
-    assert dispatch.slurm_minutes("2:00:00") == 120
-    assert dispatch.slurm_minutes("1-00:00:00") == 1440
-    assert dispatch.slurm_minutes("1-2") == 1440 + 120
-    assert dispatch.slurm_minutes("30") == 30
-    params = dispatch.slurm_parameters(
+    assert sections.slurm_minutes(90) == 90
+    assert sections.slurm_minutes("2:00:00") == 120
+    assert sections.slurm_minutes("1-00:00:00") == 1440
+    assert sections.slurm_minutes("1-2") == 1440 + 120
+    assert sections.slurm_minutes("30") == 30
+    params = sections.slurm_parameters(
         {"partition": "gpu", "time": "1:00:00", "gpus_per_node": 4, "tasks_per_node": 4, "mem_gb": 64,
          "sbatch": {"mail-type": "END"}, "array_parallelism": 8},
         {"qos": "high", "sbatch": {"requeue": True}})
@@ -360,17 +362,17 @@ def test_slurm_options():
                       "additional_parameters": {"mail-type": "END", "requeue": True}, "array_parallelism": 8,
                       "qos": "high"}
     with pytest.raises(ConfigError, match="slurm.partitoin"):
-        dispatch.slurm_parameters({"partitoin": "gpu"})
+        sections.slurm_parameters({"partitoin": "gpu"})
     with pytest.raises(ConfigError, match="slurm.time"):
-        dispatch.slurm_parameters({"time": "soon"})
+        sections.slurm_parameters({"time": "soon"})
     with pytest.raises(ConfigError, match="slurm.nodes"):
-        dispatch.slurm_parameters({"nodes": 0})
+        sections.slurm_parameters({"nodes": 0})
     with pytest.raises(ConfigError, match="executor.cpu_job"):
-        dispatch.executor_options({"cpu_job": 2})
+        sections.executor_options({"cpu_job": 2})
 
 
 def test_bad_input_exits_2_and_writes_nothing(workspace, capsys):
-    from sweeps.cli import main
+    from embscale.cli import main
 
     sweep = T.write_sweep(workspace["root"] / "tiny_bad.yaml",
                           T.sweep_mapping("tiny_bad", workspace["data"], extra={"slurm": {"partitoin": "x"}}))

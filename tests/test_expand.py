@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from models.accounting import count_parameters
-from models.config import ModelConfig
-from sweeps.cli import main
-from sweeps.expand import closest_integer, expand, plan_sweep, to_run_config
-from sweeps.sweepfile import deep_merge, load_sweep, parse_sweep
+from embscale.cli import main
+from embscale.models.accounting import count_parameters
+from embscale.models.config import ModelConfig
+from embscale.sweeps.expand import closest_integer, expand, plan_sweep, to_run_config
+from embscale.sweeps.sweepfile import deep_merge, load_sweep, parse_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = ROOT / "sweeps"

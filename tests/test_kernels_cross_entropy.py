@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import cross_entropy as kce  # noqa: E402
+from embscale.kernels import cross_entropy as kce  # noqa: E402
 
 pytestmark = pytest.mark.skipif(kce.triton is None, reason="Triton is not installed")
 

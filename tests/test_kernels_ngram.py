@@ -19,9 +19,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import ngram as kn  # noqa: E402
-from models.config import ConfigError, NgramConfig  # noqa: E402
-from models.ngram import NgramEmbedding, hash_plan, ngram_row_ids  # noqa: E402
+from embscale.base.errors import ConfigError  # noqa: E402
+from embscale.kernels import ngram as kn  # noqa: E402
+from embscale.models.config import NgramConfig  # noqa: E402
+from embscale.models.ngram import NgramEmbedding, hash_plan, ngram_row_ids  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -308,13 +309,13 @@ def test_backend_validation():
 
 
 def test_imports_without_gpu_or_interpreter():
-    """kernels.ngram imports with neither a GPU nor the interpreter, and falls back to the twin on CPU."""
+    """embscale.kernels.ngram imports with neither a GPU nor the interpreter, and falls back to the twin on CPU."""
     code = (
         "import os, torch; os.environ.pop('TRITON_INTERPRET', None)\n"
-        "from kernels import ngram as kn\n"
+        "from embscale.kernels import ngram as kn\n"
         "assert not kn.triton_usable(torch.device('cpu'))\n"
-        "from models.config import NgramConfig\n"
-        "from models.ngram import NgramEmbedding\n"
+        "from embscale.models.config import NgramConfig\n"
+        "from embscale.models.ngram import NgramEmbedding\n"
         "m = NgramEmbedding(NgramConfig(n=3, k=1, ratio=2.0), 50, 8, 2, backend='triton', sparse_grad=True)\n"
         "m(torch.randint(0, 50, (1, 9))).sum().backward()\n"
         "assert m.tables.weight.grad is None and len(m.tables.weight.sparse_grads) == 1\n"

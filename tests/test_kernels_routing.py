@@ -12,7 +12,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is jitted: triton.jit 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels import routing as kr  # noqa: E402
+from embscale.kernels import routing as kr  # noqa: E402
 
 pytestmark = pytest.mark.skipif(kr.triton is None, reason="Triton is not installed")
 
@@ -64,8 +64,8 @@ def test_no_tokens_and_bad_input():
 
 
 def test_moe_layer_routed_through_the_kernel_matches_the_twin(monkeypatch):
-    from models import moe as moe_module
-    from models.config import ModelConfig
+    from embscale.models import moe as moe_module
+    from embscale.models.config import ModelConfig
 
     cfg = ModelConfig(vocab_size=2, d_model=32, n_layers=1, n_heads=2, n_experts=6, n_zero_experts=2, top_k=3,
                       expert_hidden=16, n_shared_experts=0)

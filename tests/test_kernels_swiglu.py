@@ -1,6 +1,6 @@
 """Fused weighted SwiGLU kernels (kernels/swiglu.py) against their PyTorch twins and models.moe's torch
 functions: forward and backward on ragged row counts, non-power-of-two hidden sizes, with and without the
-``row_real`` mask, bf16 and fp32; and ``models.moe._SwiGLUWeighted`` routed through the kernels. Triton runs
+``row_real`` mask, bf16 and fp32; and ``kernels.moe_dispatch.SwiGLUWeighted`` routed through the kernels. Triton runs
 in its CPU interpreter here (set below, before any kernel is jitted), so the shapes are small."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is jitted: triton.jit 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels import swiglu as ks  # noqa: E402
-from models import moe as moe_module  # noqa: E402
+from embscale.kernels import moe_dispatch  # noqa: E402
+from embscale.kernels import swiglu as ks  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(ks.triton is None, reason="Triton is not installed"),
               pytest.mark.usefixtures("one_thread")]
@@ -78,7 +78,7 @@ def test_twin_backward_is_the_gradient_of_the_twin_forward():
     grad_gate_up, grad_weight = ks.reference_backward(grad, gate_up.detach(), weight.detach(), None)
     torch.testing.assert_close(grad_gate_up, gate_up.grad)
     torch.testing.assert_close(grad_weight, weight.grad)
-    assert moe_module._swiglu_weighted_fwd is ks.reference_forward
+    assert moe_dispatch._swiglu_weighted_fwd is ks.reference_forward
 
 
 @pytest.mark.parametrize(("block_m", "block_h"), [(1, 16), (4, 32), (8, 256)])
@@ -113,17 +113,17 @@ def test_strided_rows_and_empty():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_autograd_function_through_kernels(monkeypatch, dtype):
-    """models.moe._SwiGLUWeighted routed to the kernels (as on CUDA) gives the twin's output and gradients;
-    by default on CPU it keeps the torch path."""
-    assert not moe_module._use_triton_swiglu(torch.empty(1, 2))  # CPU: never the kernels, even interpreted
+    """kernels.moe_dispatch.SwiGLUWeighted routed to the kernels (as on CUDA) gives the twin's output and
+    gradients; by default on CPU it keeps the torch path."""
+    assert not moe_dispatch.use_triton_swiglu(torch.empty(1, 2))  # CPU: never the kernels, even interpreted
     calls = []
     forward, backward = ks.swiglu_weighted_forward, ks.swiglu_weighted_backward
     monkeypatch.setattr(ks, "swiglu_weighted_forward", lambda *a: calls.append("fwd") or forward(*a))
     monkeypatch.setattr(ks, "swiglu_weighted_backward", lambda *a: calls.append("bwd") or backward(*a))
-    monkeypatch.setattr(moe_module, "_use_triton_swiglu", lambda gate_up: True)
+    monkeypatch.setattr(moe_dispatch, "use_triton_swiglu", lambda gate_up: True)
     grad, gate_up, weight, row_real = inputs(45, 40, dtype, seed=7, mask=True)
     gu, w = gate_up.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    out = moe_module._SwiGLUWeighted.apply(gu, w, row_real)
+    out = moe_dispatch.SwiGLUWeighted.apply(gu, w, row_real)
     out.backward(grad)
     assert calls == ["fwd", "bwd"]
     close(out.detach(), ks.reference_forward(gate_up, weight), dtype)

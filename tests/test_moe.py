@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.config import ModelConfig
-from models.moe import MoE, count_ids, grouped_linear
+from embscale.kernels.moe_dispatch import grouped_linear
+from embscale.models.config import ModelConfig
+from embscale.models.moe import MoE, count_ids
 
 
 def make_moe(dtype=torch.float64, seed=0, **changes) -> MoE:

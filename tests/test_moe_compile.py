@@ -1,6 +1,6 @@
 """torch.compile sees the MoE layer, and a whole shortcut-layer MoE model, as single graphs (no graph breaks).
 
-Which expert-product path dynamo traces here (CPU, no GPU): in float32, ``models.moe._grouped_linear_masked``
+Which expert-product path dynamo traces here (CPU, no GPU): in float32, ``kernels.moe_dispatch._grouped_linear_masked``
 (static shapes; the CPU-only traced form); under bf16 autocast, ``grouped_mm``, the op the CUDA bf16 training
 path runs. Eager CPU runs neither (it loops over segments, reading the offsets on the host); the compiled
 results are compared with eager ones with the ``aot_eager`` backend (no C++ toolchain needed). Not covered:
@@ -18,9 +18,9 @@ import contextlib
 import pytest
 import torch
 
-from models.config import ModelConfig
-from models.model import build_model
-from models.moe import MoE
+from embscale.models.config import ModelConfig
+from embscale.models.model import build_model
+from embscale.models.moe import MoE
 
 MOE = {"vocab_size": 300, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_experts": 4, "n_zero_experts": 2,
        "top_k": 2, "expert_hidden": 32, "n_shared_experts": 1, "aux_loss_coef": 0.01, "max_seq_len": 64}

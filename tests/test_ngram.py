@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import sympy
 import torch
-from training import train_briefly
+from train_helpers import train_briefly
 
-from models.config import ConfigError, ModelConfig, NgramConfig
-from models.ngram import (
+from embscale.base.errors import ConfigError
+from embscale.models.config import ModelConfig, NgramConfig
+from embscale.models.ngram import (
     NgramEmbedding,
     hash_plan,
     is_prime,
@@ -333,7 +334,7 @@ def test_forward_accepts_precomputed_rows_and_runs_on_meta():
 # ----- with the backbone -----
 
 def test_model_with_ngram_embedding_trains():
-    from models.model import build_model
+    from embscale.models.model import build_model
 
     cfg = ModelConfig(vocab_size=64, d_model=48, n_layers=2, n_heads=4, layer_type="shortcut",
                       dense_hidden=64, n_experts=4, n_zero_experts=2, expert_hidden=32, top_k=2,
@@ -348,7 +349,7 @@ def test_model_with_ngram_embedding_trains():
 
 
 def test_released_model_accounting_through_the_cli():
-    from sweeps.cli import main
+    from embscale.cli import main
 
     buffer = io.StringIO()
     start = time.perf_counter()

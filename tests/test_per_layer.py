@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from training import train_briefly
+from train_helpers import train_briefly
 
-from models.config import ConfigError, ModelConfig, NgramConfig, PerLayerConfig
-from models.ngram import NgramEmbedding, table_moduli
-from models.per_layer import build_per_layer_embeddings, per_layer_parameter_counts, per_layer_slots
+from embscale.base.errors import ConfigError
+from embscale.models.config import ModelConfig, NgramConfig, PerLayerConfig
+from embscale.models.ngram import NgramEmbedding, table_moduli
+from embscale.models.per_layer import build_per_layer_embeddings, per_layer_parameter_counts, per_layer_slots
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -128,7 +129,7 @@ def test_meta_device_builds_large_tables_without_memory():
 
 @pytest.mark.parametrize("kind", ["ple", "plne"])
 def test_model_with_per_layer_embedding_trains(kind):
-    from models.model import build_model
+    from embscale.models.model import build_model
 
     cfg = make_cfg(kind, "both")
     torch.manual_seed(0)

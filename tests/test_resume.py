@@ -16,10 +16,9 @@ import torch
 import yaml
 from test_data import write_text_corpus
 
-from sweeps.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
-from sweeps.run_config import RunConfig
-from sweeps.status import read_status
-from sweeps.train import train_run
+from embscale.base.rundir import list_checkpoints, load_latest_checkpoint, read_status, save_checkpoint
+from embscale.training.config import RunConfig
+from embscale.training.trainer import train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,19 +37,19 @@ def one_thread(tmp_path, monkeypatch):
 def test_checkpoints_are_checksummed_pruned_and_fall_back(tmp_path):
     folder = tmp_path / "checkpoints"
     for step in (1, 2, 3):
-        save_checkpoint(folder, step, {"step": step, "w": torch.full((4,), float(step))}, keep=2)
-    assert [s for s, _ in list_checkpoints(folder)] == [2, 3]
+        save_checkpoint(tmp_path, step, {"step": step, "w": torch.full((4,), float(step))}, keep=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
     (folder / ".step_00000004.pt.abc.tmp").write_bytes(b"half a save")
     newest = folder / "step_00000003.pt"
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF
     newest.write_bytes(bytes(data))
-    step, state = load_latest_checkpoint(folder)
+    step, state = load_latest_checkpoint(tmp_path)
     assert step == 2 and torch.equal(state["w"], torch.full((4,), 2.0))
     assert (folder / "step_00000003.pt.corrupt").is_file() and not newest.exists()
     assert not list(folder.glob("*.tmp"))
     (folder / "step_00000002.pt.sha256").unlink()  # a save killed before its checksum: never loaded
-    assert load_latest_checkpoint(folder) is None
+    assert load_latest_checkpoint(tmp_path) is None
 
 
 def _wait_for_status(run_dir: Path, min_step: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -83,7 +82,7 @@ def test_sigkill_at_three_steps_resumes_bit_for_bit(tmp_path):
     run_file = tmp_path / "run.yaml"
     run_file.write_text(yaml.safe_dump(data))
     run_dir = tmp_path / "killed" / "r" / RunConfig.from_dict(data).run_id
-    command = [sys.executable, "-m", "sweeps.train", str(run_file)]
+    command = [sys.executable, "-m", "embscale", "train", str(run_file)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed_at = []
     # Kill a little after the run reports a checkpoint, so each attempt dies between checkpoints and redoes
@@ -106,7 +105,7 @@ def test_sigkill_at_three_steps_resumes_bit_for_bit(tmp_path):
         assert status["state"] == "running"
         killed_at.append(status["step"])
         if corrupt_newest:  # truncated newest checkpoint: detected, set aside, the previous one used
-            _, newest = list_checkpoints(run_dir / "checkpoints")[-1]
+            _, newest = list_checkpoints(run_dir)[-1]
             newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr

@@ -13,9 +13,11 @@ import pytest
 import tiny_sweep as T
 from slurm_cluster import ClusterUnavailable, SlurmCluster, ensure_installed
 
-from sweeps import dispatch
-from sweeps import jobs as J
-from sweeps.cli import main
+from embscale.base import rundir
+from embscale.cli import main
+from embscale.sweeps.executors import jobmap as J
+from embscale.sweeps.executors.slurm import squeue_states
+from embscale.sweeps.plan import load_plan
 
 pytestmark = pytest.mark.slurm
 
@@ -42,8 +44,8 @@ def cluster(tmp_path_factory):
     try:
         cluster.start()
         os.environ.update(cluster.env)
-        from sweeps.data import prepare_data
-        from sweeps.run_config import DataConfig
+        from embscale.training.config import DataConfig
+        from embscale.training.data.shards import prepare_data
 
         prepare_data(DataConfig(**data))
         yield {"cluster": cluster, "root": root, "data": data, "results": root / "results"}
@@ -102,20 +104,20 @@ def test_requeued_job_resumes_on_the_same_curve(cluster, capsys, tmp_path):
     mapping["training"]["eval_every"] = 10
     sweep = T.write_sweep(cluster["root"] / "slurm_requeue.yaml", mapping)
     assert main(["submit", str(sweep), "--executor", "slurm"]) == 0
-    plan = dispatch.load_plan(sweep)
+    plan = load_plan(sweep)
     run_dir = plan.run_dir(plan.runs[0])
     job_id = J.JobMap.load(plan.job_map_path).latest(plan.runs[0].run_id)["job_id"]
     slurm = cluster["cluster"]
 
     def training_past_a_checkpoint():
-        status = J.read_status(run_dir) or {}
+        status = rundir.read_status(run_dir) or {}
         return status.get("state") == "running" and (status.get("step") or 0) >= 7
 
     wait_until(training_past_a_checkpoint, 120, "the run to pass step 7", slurm, interval=0.1)
     slurm.run("scontrol", "requeue", job_id)
-    wait_until(lambda: (J.read_status(run_dir) or {}).get("state") == "interrupted", 60,
+    wait_until(lambda: (rundir.read_status(run_dir) or {}).get("state") == "interrupted", 60,
                "the trainer to checkpoint and stop", slurm)
-    interrupted_at = J.read_status(run_dir)["step"]
+    interrupted_at = rundir.read_status(run_dir)["step"]
     assert 7 <= interrupted_at < 40
     assert status_of(sweep, capsys)["runs"][0]["state"] == "queued"  # interrupted, but requeued in Slurm
     # A requeued job waits ~2 minutes (its BeginTime) before it may start again: let it start now.
@@ -123,7 +125,7 @@ def test_requeued_job_resumes_on_the_same_curve(cluster, capsys, tmp_path):
                                                          job_id.split("_")[0]).stdout,
                60, "the job to be pending again", slurm)
     slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-    wait_until(lambda: (J.read_status(run_dir) or {}).get("state") == "completed", 180,
+    wait_until(lambda: (rundir.read_status(run_dir) or {}).get("state") == "completed", 180,
                "the requeued run to complete", slurm)
     restarts = slurm.run("scontrol", "show", "job", job_id).stdout
     assert "Restarts=1" in restarts
@@ -147,13 +149,13 @@ def test_cancel_slurm_sweep(cluster, capsys):
                           T.sweep_mapping("slurm_cancel", cluster["data"], steps=5000, seeds=2, widths=(16,),
                                           extra={"slurm": {"time": 10}}))
     assert main(["submit", str(sweep), "--executor", "slurm"]) == 0
-    plan = dispatch.load_plan(sweep)
+    plan = load_plan(sweep)
     slurm = cluster["cluster"]
-    wait_until(lambda: any((J.read_status(plan.run_dir(r)) or {}).get("state") == "running" for r in plan.runs),
+    wait_until(lambda: any((rundir.read_status(plan.run_dir(r)) or {}).get("state") == "running" for r in plan.runs),
                120, "a running run", slurm)
     capsys.readouterr()
     assert main(["cancel", str(sweep)]) == 0
     assert sorted(capsys.readouterr().out.split()) == sorted(r.run_id for r in plan.runs)
     job_ids = [J.JobMap.load(plan.job_map_path).latest(r.run_id)["job_id"] for r in plan.runs]
-    assert J.squeue_states(job_ids) == {}
+    assert squeue_states(job_ids) == {}
     assert status_of(sweep, capsys)["counts"] == {"cancelled": 2}

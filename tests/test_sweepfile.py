@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from models.config import ConfigError
-from sweeps.cli import main
-from sweeps.sweepfile import SweepLoader, deep_merge, load_sweep, parse_sweep
+from embscale.base.datafile import DataLoader
+from embscale.base.errors import ConfigError
+from embscale.cli import main
+from embscale.sweeps.sweepfile import deep_merge, load_sweep, parse_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD = ROOT / "tests" / "fixtures" / "bad_sweeps"
@@ -150,7 +151,7 @@ def test_width_from_an_axis_only():
 
 
 def test_exponent_numbers_are_numbers():
-    data = yaml.load("lr: 3e-3\ntokens: 2e9\nname: 1e5x\nplain: 12", Loader=SweepLoader)
+    data = yaml.load("lr: 3e-3\ntokens: 2e9\nname: 1e5x\nplain: 12", Loader=DataLoader)
     assert data == {"lr": 0.003, "tokens": 2e9, "name": "1e5x", "plain": 12}
     assert yaml.safe_load("lr: 3e-3") == {"lr": "3e-3"}  # the plain SafeLoader is untouched
 

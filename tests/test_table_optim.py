@@ -20,7 +20,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from test_data import write_text_corpus  # noqa: E402
 
-from kernels.table_optim import (  # noqa: E402
+from embscale.base.errors import ConfigError  # noqa: E402
+from embscale.base.rundir import (
+    list_checkpoints,  # noqa: E402
+    write_status,  # noqa: E402
+)
+from embscale.kernels.table_optim import (  # noqa: E402
     PAD_ROW,
     RowGrad,
     TableAdamW,
@@ -30,11 +35,9 @@ from kernels.table_optim import (  # noqa: E402
     sparse_step_torch,
     sparse_step_triton,
 )
-from models.config import ConfigError  # noqa: E402
-from sweeps.checkpoint import list_checkpoints  # noqa: E402
-from sweeps.run_config import RunConfig  # noqa: E402
-from sweeps.status import write_status  # noqa: E402
-from sweeps.train import clip_gradients, train_run  # noqa: E402
+from embscale.training.config import RunConfig  # noqa: E402
+from embscale.training.optim import clip_gradients  # noqa: E402
+from embscale.training.trainer import train_run  # noqa: E402
 
 HYPER = {"lr": 3e-2, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
 
@@ -276,7 +279,7 @@ def test_optimizer_on_the_triton_backend_matches_the_torch_backend(mode, moments
 # The padded gradient contract
 # ----------------------------------------------------------------------------------------------------------
 def test_pad_row_is_the_producers():
-    from kernels.ngram import PAD_ROW as NGRAM_PAD_ROW
+    from embscale.kernels.ngram import PAD_ROW as NGRAM_PAD_ROW
 
     assert PAD_ROW == NGRAM_PAD_ROW == 2**63 - 1
 
@@ -323,7 +326,7 @@ def test_a_padding_only_gradient_in_sparse_mode_moves_nothing(backend):
 def test_the_torch_merge_keeps_the_contract():
     """The fallback merge (used when kernels.ngram is missing): sum of padded gradients, distinct rows sorted
     first, then padding up to P = the sum of the inputs' P, zero values there."""
-    from kernels.table_optim import _merge_row_grads_torch
+    from embscale.kernels.table_optim import _merge_row_grads_torch
 
     generator = torch.Generator().manual_seed(10)
     grads = [padded(random_row_grad(generator, 15, 3, touchable=15, count=5), extra) for extra in (2, 0, 3)]
@@ -337,7 +340,7 @@ def test_the_torch_merge_keeps_the_contract():
 
 
 def test_a_dense_gradient_in_sparse_mode_becomes_padded_rows():
-    from kernels.table_optim import collect_row_grad
+    from embscale.kernels.table_optim import collect_row_grad
 
     dense = torch.zeros(8, 2)
     dense[[1, 4, 6]] = torch.randn(3, 2)
@@ -609,7 +612,7 @@ def test_training_with_a_table_optimizer_lowers_the_loss(trainer_env, tmp_path, 
     frame = pd.read_parquet(Path(summary["run_dir"]) / "metrics.parquet")
     assert summary["state"] == "completed"
     assert frame["train_loss"].iloc[-3:].mean() < frame["train_loss"].iloc[:3].mean() - 0.5
-    state = torch.load(list_checkpoints(Path(summary["run_dir"]) / "checkpoints")[-1][1], weights_only=True)
+    state = torch.load(list_checkpoints(Path(summary["run_dir"]))[-1][1], weights_only=True)
     table_state = state["table_optimizer"]["state"][0]
     assert table_state["step"] == 20 and ("row_step" in table_state) == (mode == "sparse")
     assert table_state["exp_avg"].abs().sum() > 0
@@ -621,7 +624,7 @@ def test_training_with_compact_moments_lowers_the_loss(trainer_env, tmp_path):
     frame = pd.read_parquet(Path(summary["run_dir"]) / "metrics.parquet")
     assert summary["state"] == "completed"
     assert frame["train_loss"].iloc[-3:].mean() < frame["train_loss"].iloc[:3].mean() - 0.5
-    state = torch.load(list_checkpoints(Path(summary["run_dir"]) / "checkpoints")[-1][1], weights_only=True)
+    state = torch.load(list_checkpoints(Path(summary["run_dir"]))[-1][1], weights_only=True)
     table_state = state["table_optimizer"]["state"][0]
     assert table_state["exp_avg"].dtype == torch.bfloat16 and table_state["exp_avg_sq"].ndim == 1
     assert table_state["exp_avg"].abs().sum() > 0 and table_state["row_step"].max() > 0
@@ -638,7 +641,7 @@ def test_sparse_table_optimizer_resumes_bit_for_bit(trainer_env, tmp_path):
     run_dir = Path(first["run_dir"])
     for path in run_dir.glob("checkpoints/step_00000012.pt*"):  # back to the step-8 checkpoint
         path.unlink()
-    write_status(run_dir, "running", 8, 12)
+    write_status(run_dir, "running", step=8, total_steps=12)
     resumed = train_run(cfg)
     assert resumed["state"] == "completed" and resumed["step"] == 12
     frame = pd.read_parquet(run_dir / "metrics.parquet")

@@ -20,10 +20,11 @@ import torch
 import yaml
 from test_data import write_text_corpus
 
-from sweeps.cli import main as cli_main
-from sweeps.run_config import RunConfig, TrainingConfig
-from sweeps.status import read_status
-from sweeps.train import EXIT_CODES, learning_rate, parameter_groups, train_run
+from embscale.base.rundir import read_status
+from embscale.cli import main as cli_main
+from embscale.training.config import RunConfig, TrainingConfig
+from embscale.training.optim import learning_rate, parameter_groups
+from embscale.training.trainer import EXIT_CODES, train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRIBUTING_COLUMNS = ["step", "tokens", "lr", "train_loss", "grad_norm", "tokens_per_s", "mfu",
@@ -137,7 +138,7 @@ def test_sigterm_stops_cleanly_and_the_run_resumes(corpus, tmp_path):
     cfg = RunConfig.from_yaml(run_file)
     run_dir = tmp_path / "results" / "t" / cfg.run_id
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EMBSCALE_PROGRESS": "plain"}
-    process = subprocess.Popen([sys.executable, "-m", "sweeps.train", str(run_file)], cwd=ROOT, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "embscale", "train", str(run_file)], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -200,8 +201,8 @@ def test_learning_rate_schedules():
 
 
 def test_parameter_groups_spare_norms_biases_and_tables():
-    from models.config import ModelConfig
-    from models.model import build_model
+    from embscale.models.config import ModelConfig
+    from embscale.models.model import build_model
 
     cfg = ModelConfig.from_dict({"vocab_size": 300, "d_model": 32, "n_layers": 1, "n_heads": 2,
                                  "dense_hidden": 64, "ngram": {"n": 3, "k": 2, "ratio": 1.0}})

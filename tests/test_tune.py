@@ -13,10 +13,12 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from models.config import ConfigError
-from sweeps import dispatch
-from sweeps.cli import main
-from sweeps.cmd_tune import parse_tune
+from embscale.base import rundir
+from embscale.base.errors import ConfigError
+from embscale.cli import main
+from embscale.sweeps.executors.jobmap import process_alive
+from embscale.sweeps.plan import load_plan
+from embscale.sweeps.sections import parse_tune
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +31,8 @@ def workspace(tmp_path_factory):
                                            "OMP_NUM_THREADS")})
     os.environ.pop("EMBSCALE_FAKE_GPUS", None)
     try:
-        from sweeps.data import prepare_data
-        from sweeps.run_config import DataConfig
+        from embscale.training.config import DataConfig
+        from embscale.training.data.shards import prepare_data
 
         prepare_data(DataConfig(**data))
         yield {"root": root, "data": data, "results": root / "results"}
@@ -54,8 +56,8 @@ def test_tune_prunes_resumes_and_writes_tuned_sweep(workspace, capsys):
                               extra={"tune": tune})
     mapping["training"]["checkpoint_every"] = 0
     sweep = T.write_sweep(workspace["root"] / "tiny_tune.yaml", mapping)
-    plan = dispatch.load_plan(sweep)
-    assert plan.extras["tune"]["param"] == "lr"  # the sweep file with a tune: section still loads
+    plan = load_plan(sweep)
+    assert plan.sweep.tune["param"] == "lr"  # the sweep file with a tune: section still loads
     journal = workspace["results"] / "tiny_tune" / "tune" / "optuna.journal"
     journal.parent.mkdir(parents=True)
     study = optuna.create_study(study_name="tiny_tune:lr:width-16", direction="minimize",
@@ -73,17 +75,15 @@ def test_tune_prunes_resumes_and_writes_tuned_sweep(workspace, capsys):
     assert max(hopeless.intermediate_values) < 30  # stopped early ...
     assert min(hopeless.intermediate_values.values()) > good.intermediate_values[
         max(hopeless.intermediate_values)]  # ... because it was worse than the completed trial
-    from sweeps import jobs as J
-
     pruned_dir = hopeless.user_attrs["run_dir"]
-    assert J.run_state(pruned_dir) in ("interrupted", "running")  # its job got SIGTERM and checkpointed
-    assert not J.process_alive(hopeless.user_attrs["job"]["pid"], hopeless.user_attrs["job"]["proc_start"])
+    assert rundir.run_state(pruned_dir) in ("interrupted", "running")  # its job got SIGTERM and checkpointed
+    assert not process_alive(hopeless.user_attrs["job"]["pid"], hopeless.user_attrs["job"]["proc_start"])
 
     tuned = workspace["results"] / "tiny_tune" / "tuned.yaml"
     text = tuned.read_text()
     assert text.startswith("# tiny_tune with training.lr tuned")
-    tuned_plan = dispatch.load_plan(tuned)
-    assert tuned_plan.name == "tiny_tune_tuned" and "tune" not in tuned_plan.extras
+    tuned_plan = load_plan(tuned)
+    assert tuned_plan.name == "tiny_tune_tuned" and tuned_plan.sweep.tune is None
     assert [r.config["training"]["lr"] for r in tuned_plan.runs] == [1.0e-2]
 
     # Running tune again with more trials continues the same study from its journal.
@@ -107,7 +107,7 @@ def test_tune_per_width_in_process(workspace, capsys):
     data = yaml.safe_load((workspace["results"] / "tiny_widths" / "tuned.yaml").read_text())
     assert data["zip"] == {"width": [16, 24], "lr": [best[16], best[24]]}
     assert data["grid"] == {"seed": [0, 1]}
-    tuned_plan = dispatch.load_plan(workspace["results"] / "tiny_widths" / "tuned.yaml")
+    tuned_plan = load_plan(workspace["results"] / "tiny_widths" / "tuned.yaml")
     assert len(tuned_plan.runs) == 4
     for run in tuned_plan.runs:
         assert run.config["training"]["lr"] == best[run.point["width"]]

@@ -1,0 +1,283 @@
+"""The run folder, ``results/<sweep>/<run_id>/``: the interface between training, the sweep engine and analysis.
+
+This module owns the folder's file names, the one list of run states, and every read and write of its files; all
+writes go through :mod:`embscale.base.files` (temporary file, then rename)::
+
+    run.json          the run. The sweep engine writes the planned record before a job starts (``family``,
+                      ``point``, ``config``, ``accounting``, ``tokens``, ``flops``, ``sweep``, ``planned_by``); the
+                      trainer writes its own when the run starts (``identity``, the resolved ``model``, ``corpus``,
+                      ``tokenizer``, ``shards``, ...) and the planned keys it lacks are merged into it. A record with
+                      ``identity`` was written by the trainer (:func:`written_by_trainer`).
+    status.json       ``state`` (one of :data:`STATES`), ``step``, ``total_steps``, ``error``, ``updated_at``; the
+                      sweep engine's ``job_id``; what the trainer leaves at the end of an attempt: ``summary``,
+                      ``diverged_at``, ``signal``, ``traceback``.
+    metrics.parquet   one row per optimizer step (``step``, ``tokens``, ``lr``, ``train_loss``, ...,
+                      ``val_<split>_loss`` and ``norm_<name>`` at evaluation steps, NaN elsewhere).
+    checkpoints/      ``step_00001200.pt`` (a plain dict of tensors, numbers, strings, lists and dicts: loaded with
+                      ``weights_only=True``, nothing unpickled) and ``step_00001200.pt.sha256``.
+
+Checkpoints are written and flushed to disk, then their checksum file; one without its checksum file is
+incomplete and never loaded. Loading tries the newest first; one whose checksum does not match, or that does not
+load, is renamed ``*.corrupt`` (kept for inspection) and the one before is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from embscale.base.files import atomic_file, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from embscale.base.progress import log
+
+RUN_FILE = "run.json"
+STATUS_FILE = "status.json"
+METRICS_FILE = "metrics.parquet"
+CHECKPOINT_DIR = "checkpoints"
+
+# ----------------------------------------------------------------------------------------------------- states
+# Every state status.json can hold. The trainer writes running, completed, failed, diverged and interrupted; the
+# sweep engine writes queued (a job is about to start), pending (taken back before it started) and cancelled.
+STATES = ("pending", "queued", "running", "completed", "failed", "diverged", "interrupted", "cancelled")
+# The run has its final result and is never trained again: the trainer returns the stored summary.
+DONE_STATES = ("completed", "diverged")
+# No job will change the state on its own: resubmitting skips these (failed and diverged only on request).
+TERMINAL_STATES = ("completed", "failed", "diverged")
+FAILED_STATES = ("failed", "diverged")
+# A job has the run, or is about to.
+IN_FLIGHT_STATES = ("queued", "running")
+# Shown by `embscale status`, never written: what reconciling status.json with the scheduler finds.
+LOST = "lost"  # status says running, and no job runs it any more
+FAILED_TO_START = "failed-to-start"  # status says queued, and its job is gone without having started training
+SHOWN_STATES = (*STATES, LOST, FAILED_TO_START)
+
+# status.json keys that describe how one attempt ended: a new state drops them unless it is given them again.
+_ATTEMPT_KEYS = ("error", "summary", "diverged_at", "signal", "traceback")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is a run folder (it holds run.json or status.json)."""
+    return Path(path).is_dir() and any((Path(path) / name).exists() for name in (RUN_FILE, STATUS_FILE))
+
+
+# ----------------------------------------------------------------------------------------------------- run.json
+def read_run_record(run_dir: Path) -> dict[str, Any] | None:
+    """The run's run.json, or None when it has none (or an unreadable one)."""
+    record = read_json(Path(run_dir) / RUN_FILE)
+    return record if isinstance(record, dict) else None
+
+
+def write_run_record(run_dir: Path, record: dict[str, Any]) -> None:
+    atomic_write_json(Path(run_dir) / RUN_FILE, record)
+
+
+def written_by_trainer(record: Any) -> bool:
+    """Whether a run.json record was written by the trainer (the run has started), not planned only."""
+    return isinstance(record, dict) and "identity" in record
+
+
+PLANNED_BY = "planned_by"  # the command that planned a run (a planned record's key; not kept once trained)
+
+
+def write_planned_record(run_dir: Path, planned: dict[str, Any]) -> None:
+    """Write the planned run.json before a job starts; the trainer's run.json (the run has started) only gains
+    the planned keys it lacks."""
+    existing = read_run_record(run_dir)
+    if written_by_trainer(existing):
+        missing = {k: v for k, v in planned.items() if k not in existing and k != PLANNED_BY}
+        if missing:
+            write_run_record(run_dir, {**existing, **missing})
+    elif existing != planned:
+        write_run_record(run_dir, planned)
+
+
+def with_planned(trainer_record: dict[str, Any], planned: dict[str, Any] | None) -> dict[str, Any]:
+    """The trainer's run.json: its own record, plus the planned keys it lacks (family, point, pair, ...)."""
+    extra = {k: v for k, v in (planned or {}).items() if k not in trainer_record and k != PLANNED_BY}
+    return {**trainer_record, **extra}
+
+
+def read_json_checked(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """``(mapping, "")``, ``(None, "")`` when the file does not exist, or ``(None, why)`` when it is unreadable."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, ""
+    except (OSError, ValueError) as exc:
+        return None, f"unreadable {path.name}: {exc}"
+    if not isinstance(data, dict):
+        return None, f"unreadable {path.name}: not a JSON object"
+    return data, ""
+
+
+# ----------------------------------------------------------------------------------------------------- status
+def read_status(run_dir: Path) -> dict[str, Any] | None:
+    """The run's status.json, or None when it has none (or an unreadable one)."""
+    status = read_json(Path(run_dir) / STATUS_FILE)
+    return status if isinstance(status, dict) else None
+
+
+def run_state(run_dir: Path) -> str:
+    """The state in the run's status.json; ``pending`` when there is none."""
+    status = read_status(run_dir)
+    return str(status.get("state", "pending")) if status else "pending"
+
+
+def write_status(run_dir: Path, state: str, **fields: Any) -> dict[str, Any]:
+    """Set the run's state and ``fields``, keeping its other keys (``step``, ``total_steps``, ``job_id``, ...)
+    except those of the previous attempt's ending (error, summary, ...), unless given again; ``updated_at`` is now
+    unless given. Returns the status."""
+    if state not in STATES:
+        raise ValueError(f"unknown run state {state!r}; expected one of {', '.join(STATES)}")
+    previous = read_status(run_dir) or {"step": 0, "total_steps": None}
+    status = {k: v for k, v in previous.items() if k not in _ATTEMPT_KEYS}
+    status.update(fields)
+    status.setdefault("error", None)
+    status["state"] = state
+    status["updated_at"] = fields.get("updated_at") or utc_now()
+    atomic_write_json(Path(run_dir) / STATUS_FILE, status)
+    return status
+
+
+# ----------------------------------------------------------------------------------------------------- metrics
+def metrics_path(run_dir: Path) -> Path:
+    return Path(run_dir) / METRICS_FILE
+
+
+def read_metrics(run_dir: Path, columns: list[str] | None = None) -> Any | None:
+    """The run's metrics as a ``pyarrow.Table`` (``columns`` only), or None when there are none (yet), or the
+    file is being replaced, or a column asked for is not there. :func:`read_metrics_checked` says why."""
+    table, _ = read_metrics_checked(run_dir, columns)
+    return table
+
+
+def read_metrics_checked(run_dir: Path, columns: list[str] | None = None) -> tuple[Any | None, str]:
+    """``(table, "")``, or ``(None, why)``: ``no metrics.parquet`` or ``unreadable metrics.parquet: ...``."""
+    import pyarrow.parquet as pq
+
+    path = metrics_path(run_dir)
+    if not path.is_file():
+        return None, f"no {METRICS_FILE}"
+    try:
+        return pq.read_table(path, columns=columns, use_threads=False), ""
+    except Exception as exc:  # noqa: BLE001 - corrupt, truncated, or without the column: the caller says so
+        return None, f"unreadable {METRICS_FILE}: {exc}"
+
+
+def write_metrics(run_dir: Path, frame: Any) -> None:
+    """Replace the run's metrics with ``frame`` (a pandas DataFrame), whole."""
+    with atomic_file(metrics_path(run_dir)) as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+# ----------------------------------------------------------------------------------------------------- checkpoints
+CHECKPOINT_NAME = re.compile(r"^step_(\d{8})\.pt$")
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"step_{step:08d}.pt"
+
+
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete-looking checkpoints (a ``.pt`` with its ``.sha256`` beside it), oldest first."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = CHECKPOINT_NAME.match(path.name)
+        if match and _checksum_path(path).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write ``state`` as the checkpoint of ``step`` and delete all but the newest ``keep`` checkpoints."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    path = checkpoint_path(run_dir, step)
+    # A stale checksum of an older checkpoint at this step must not vouch for the new file being written.
+    _checksum_path(path).unlink(missing_ok=True)
+    atomic_write_bytes(path, data, fsync=True)
+    atomic_write_text(_checksum_path(path), hashlib.sha256(data).hexdigest() + "\n", fsync=True)
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        _checksum_path(old).unlink(missing_ok=True)
+        old.unlink(missing_ok=True)
+    return path
+
+
+def verify_checkpoint(path: Path) -> bool:
+    """Whether the file's sha256 matches its ``.sha256`` file."""
+    path = Path(path)
+    try:
+        expected = _checksum_path(path).read_text().strip()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return False
+    return digest == expected
+
+
+def load_latest_checkpoint(run_dir: Path, map_location: Any = "cpu") -> tuple[int, dict[str, Any]] | None:
+    """``(step, state)`` of the newest intact checkpoint, or None when there is none.
+
+    Corrupt or truncated checkpoints met on the way are renamed ``*.corrupt`` and reported, and temporary files of
+    a save that was killed are removed."""
+    import torch
+
+    folder = checkpoint_dir(run_dir)
+    if folder.is_dir():
+        for leftover in folder.glob(".step_*.tmp"):
+            leftover.unlink(missing_ok=True)
+    for step, path in reversed(list_checkpoints(run_dir)):
+        problem = None
+        if not verify_checkpoint(path):
+            problem = "checksum mismatch (truncated or corrupt)"
+        else:
+            try:
+                state = torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
+                problem = f"cannot be loaded: {exc}"
+        if problem is None:
+            return step, state
+        log(f"checkpoint {path} is unusable ({problem}); falling back to the previous one")
+        for item in (path, _checksum_path(path)):
+            if item.exists():
+                os.replace(item, item.with_name(item.name + ".corrupt"))
+    return None
+
+
+def remove_partial_writes(run_dir: Path) -> None:
+    """Delete the temporary files of writes that a killed attempt never finished."""
+    for leftover in Path(run_dir).glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
+__all__ = [
+    "CHECKPOINT_DIR", "DONE_STATES", "FAILED_STATES", "FAILED_TO_START", "IN_FLIGHT_STATES", "LOST", "METRICS_FILE",
+    "PLANNED_BY", "RUN_FILE", "SHOWN_STATES", "STATES", "STATUS_FILE", "TERMINAL_STATES", "checkpoint_dir",
+    "checkpoint_path", "is_run_dir", "list_checkpoints", "load_latest_checkpoint", "metrics_path",
+    "read_json_checked", "read_metrics", "read_metrics_checked", "read_run_record", "read_status",
+    "remove_partial_writes", "run_state", "save_checkpoint", "utc_now", "verify_checkpoint", "with_planned",
+    "write_metrics", "write_planned_record", "write_run_record", "write_status", "written_by_trainer",
+]

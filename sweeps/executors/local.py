@@ -1,0 +1,354 @@
+"""The local executor: jobs on this machine, at most one per free GPU (or a fixed number of CPU jobs).
+
+submitit's own LocalExecutor starts every job at once; this one hands each job ``g`` free GPUs, pinned with
+``CUDA_VISIBLE_DEVICES``, and a job that needs ``g`` GPUs waits for ``g`` free ones (it runs as ``g`` tasks, the
+DDP ranks). Without GPUs, ``cpu_jobs`` jobs run at once, each with ``OMP_NUM_THREADS`` set to its share of the
+cores. Each job is a submitit local job (``python -m submitit.local._local``) started in a session of its own, so
+
+- killing the driver (even with SIGKILL) leaves running jobs running: the next driver finds them through the
+  job map (pid, process start time) and waits for them instead of starting them twice;
+- ``embscale cancel`` stops a job and everything it started by signalling its process group.
+
+``EMBSCALE_FAKE_GPUS=N`` pretends the machine has N GPUs (ids 0..N-1), to test the pinning on a CPU machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from embscale.sweeps.executors.base import Executor, Job, Record
+from embscale.sweeps.executors.jobmap import hostname, proc_start_time, process_alive
+
+FAKE_GPUS_ENV = "EMBSCALE_FAKE_GPUS"
+# submitit's local jobs time out after 2 minutes unless told otherwise; a training run may take days.
+DEFAULT_LOCAL_TIMEOUT_MIN = 60 * 24 * 30
+
+
+def available_gpus() -> list[str]:
+    """The GPU ids jobs may be pinned to: ``EMBSCALE_FAKE_GPUS``, else ``CUDA_VISIBLE_DEVICES``, else all."""
+    fake = os.environ.get(FAKE_GPUS_ENV)
+    if fake not in (None, ""):
+        try:
+            count = int(fake)
+        except ValueError as exc:
+            raise ValueError(f"{FAKE_GPUS_ENV} must be a whole number, got {fake!r}") from exc
+        return [str(i) for i in range(count)]
+    if not any(Path(p).exists() for p in ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/kfd")):
+        return []  # no GPU driver: spare the driver process the seconds of importing torch
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip():
+        ids = [part.strip() for part in visible.split(",") if part.strip()]
+        return ids[:count] if count else []
+    return [str(i) for i in range(count)]
+
+
+def _usable_cpus() -> int:
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_cpu_jobs() -> int:
+    return max(1, _usable_cpus() // 2)
+
+
+def cpu_job_environment(cpu_jobs: int) -> dict[str, str]:
+    """Thread limits for a CPU job that shares the machine with ``cpu_jobs - 1`` others: torch would otherwise
+    start one intra-op thread per core in every job, and oversubscribed OpenMP threads spin against each other
+    (several times slower than one thread per job). An ``OMP_NUM_THREADS`` the user set is kept."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, _usable_cpus() // max(1, cpu_jobs)))}
+
+
+class SlotPool:
+    """Who holds which GPU (or CPU slot). GPU runs get ids; CPU runs count against ``cpu_jobs`` slots."""
+
+    def __init__(self, gpus: list[str], cpu_jobs: int):
+        self.gpus = list(gpus)
+        self.cpu_jobs = max(1, int(cpu_jobs))
+        self.free_gpus = list(self.gpus)
+        self.busy_cpu = 0
+
+    @property
+    def has_gpus(self) -> bool:
+        return bool(self.gpus)
+
+    def capacity(self) -> int:
+        return len(self.gpus) if self.gpus else self.cpu_jobs
+
+    def fits_ever(self, n_gpus: int) -> bool:
+        return n_gpus <= len(self.gpus) if self.gpus else n_gpus == 0
+
+    def acquire(self, n_gpus: int) -> list[str] | None:
+        """The GPUs given to a job that needs ``n_gpus`` (``[]`` for a CPU job), or None when it must wait."""
+        if self.gpus:
+            need = max(1, n_gpus)  # on a GPU machine every job gets at least one GPU
+            if len(self.free_gpus) < need:
+                return None
+            taken, self.free_gpus = self.free_gpus[:need], self.free_gpus[need:]
+            return taken
+        if n_gpus > 0:
+            raise ValueError(f"a run needs {n_gpus} GPUs but this machine has none")
+        if self.busy_cpu >= self.cpu_jobs:
+            return None
+        self.busy_cpu += 1
+        return []
+
+    def take(self, gpus: list[str]) -> None:
+        """Mark ``gpus`` (or one CPU slot when empty) as held by a job this driver did not start."""
+        if self.gpus:
+            for gpu in gpus:
+                if gpu in self.free_gpus:
+                    self.free_gpus.remove(gpu)
+        else:
+            self.busy_cpu += 1
+
+    def release(self, gpus: list[str]) -> None:
+        if self.gpus:
+            for gpu in gpus:
+                if gpu in self.gpus and gpu not in self.free_gpus:
+                    self.free_gpus.append(gpu)
+            self.free_gpus.sort(key=self.gpus.index)
+        else:
+            self.busy_cpu = max(0, self.busy_cpu - 1)
+
+
+class PinnedLocalExecutor(submitit.LocalExecutor):
+    """submitit's LocalExecutor whose job controller starts in a new session, pinned to given GPUs.
+
+    Set :attr:`devices` (the ``CUDA_VISIBLE_DEVICES`` value), :attr:`cwd` and :attr:`extra_env` before each
+    ``submit``. The job id is the controller's pid, which is also its process group id.
+    """
+
+    def __init__(self, folder: Path | str, **kwargs: Any):
+        super().__init__(folder, **kwargs)
+        self.devices: str = ""
+        self.cwd: Path | None = None
+        self.extra_env: dict[str, str] = {}
+
+    def _submit_command(self, command: str) -> submitit.local.local.LocalJob:
+        ntasks = int(self.parameters.get("tasks_per_node", 1))
+        timeout_min = self.parameters.get("timeout_min", DEFAULT_LOCAL_TIMEOUT_MIN)
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        # The same variables as submitit.local.local.start_controller, which cannot start a new session.
+        env.update(
+            SUBMITIT_LOCAL_NTASKS=str(ntasks),
+            SUBMITIT_LOCAL_COMMAND=command,
+            SUBMITIT_LOCAL_TIMEOUT_S=str(int(60 * timeout_min)),
+            SUBMITIT_LOCAL_SIGNAL_DELAY_S=str(int(self.parameters.get("signal_delay_s", 30))),
+            SUBMITIT_LOCAL_NODEID="0",
+            SUBMITIT_LOCAL_JOB_NUM_NODES="1",
+            SUBMITIT_STDERR_TO_STDOUT="1" if self.parameters.get("stderr_to_stdout", False) else "",
+            SUBMITIT_EXECUTOR="local",
+            CUDA_VISIBLE_DEVICES=self.devices,
+            SUBMITIT_LOCAL_WITH_SHELL="",
+        )
+        folder = Path(self.folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        # The controller must not hold the driver's stdout: a killed driver's pipe would stay open for ever.
+        with open(folder / "controllers.log", "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "submitit.local._local", str(folder)],
+                env=env,
+                cwd=str(self.cwd) if self.cwd else None,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return submitit.local.local.LocalJob(
+            folder=self.folder, job_id=str(process.pid), process=process, tasks=list(range(ntasks))
+        )
+
+
+def kill_process_groups(groups: list[tuple[int, int | None]], grace_s: float = 10.0) -> list[int]:
+    """SIGTERM each job's process group (its trainer checkpoints and exits), SIGKILL what is left after ``grace_s``
+    (one grace period for all). ``(pgid, start)``: ``start`` guards against a recycled pid. Returns the groups
+    signalled."""
+    signalled = []
+    for pgid, start in groups:
+        if not process_alive(pgid, start):
+            continue
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        signalled.append(pgid)
+    deadline = time.monotonic() + grace_s
+    left = list(signalled)
+    while left and time.monotonic() < deadline:
+        for pgid in list(left):
+            _reap(pgid)
+            if not _group_alive(pgid):
+                left.remove(pgid)
+        if left:
+            time.sleep(0.1)
+    for pgid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        _reap(pgid)
+    return signalled
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # Zombies of the group still count for killpg; look for a live member.
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+class LocalExecutor(Executor):
+    """Jobs on this machine through :class:`PinnedLocalExecutor`, never more than the slots allow."""
+
+    name = "local"
+
+    def __init__(self, folder: Path, pool: SlotPool, *, log: Callable[[str], None],
+                 timeout_min: float = DEFAULT_LOCAL_TIMEOUT_MIN, extra_env: dict[str, str] | None = None,
+                 cwd: Path | None = None):
+        super().__init__(folder, log)
+        self.pool = pool
+        self.timeout_min = timeout_min
+        self.extra_env = dict(extra_env or {})
+        self.cwd = cwd
+        self._jobs: dict[str, Any] = {}  # key -> submitit LocalJob of the jobs started here (adopted ones have none)
+
+    def slots(self) -> int:
+        return self.pool.capacity()
+
+    def has_slot(self, gpus: int = 0) -> bool:
+        if self.pool.has_gpus:
+            return len(self.pool.free_gpus) >= max(1, gpus)
+        return self.pool.busy_cpu < self.pool.cpu_jobs
+
+    def adopt(self, key: str, record: Record) -> bool:
+        if not super().adopt(key, record):
+            return False
+        self.pool.take([str(g) for g in record.get("gpus") or []])
+        return True
+
+    def start(self, jobs: list[Job]) -> list[tuple[Job, Record]]:
+        for job in jobs:
+            if not self.pool.fits_ever(job.gpus):
+                have = f"{len(self.pool.gpus)} GPUs" if self.pool.has_gpus else "no GPU"
+                raise ValueError(f"{job.key} needs {job.gpus} GPUs but this machine has {have}")
+        started = []
+        for job in jobs:
+            gpus = self.pool.acquire(job.gpus)
+            if gpus is None:
+                continue
+            try:
+                started.append((job, self._start(job, gpus)))
+            except BaseException:
+                self.pool.release(gpus)
+                raise
+        return started
+
+    def _start(self, job: Job, gpus: list[str]) -> Record:
+        executor = PinnedLocalExecutor(self.folder)
+        executor.update_parameters(timeout_min=self.timeout_min, tasks_per_node=max(1, len(gpus)),
+                                   gpus_per_node=len(gpus))
+        executor.devices = ",".join(gpus)
+        executor.cwd = self.cwd
+        executor.extra_env = dict(self.extra_env)
+        if not self.pool.has_gpus:
+            executor.extra_env = {**cpu_job_environment(self.pool.cpu_jobs), **executor.extra_env}
+        submitted = executor.submit(job.fn)
+        pid = int(submitted.job_id)
+        record = {"job_id": submitted.job_id, "executor": self.name, "pid": pid, "pgid": pid,
+                  "proc_start": proc_start_time(pid), "host": hostname(), "gpus": gpus, "started_at": time.time(),
+                  "folder": str(self.folder)}
+        self.tracked[job.key] = record
+        self._jobs[job.key] = submitted
+        return dict(record)
+
+    def poll(self) -> list[tuple[str, Record]]:
+        ended = []
+        for key, record in list(self.tracked.items()):
+            submitted = self._jobs.get(key)
+            if submitted is not None:
+                process = submitted._process
+                exit_code = process.poll() if process is not None else None
+                if process is not None and exit_code is None:
+                    continue
+            elif process_alive(record.get("pid"), record.get("proc_start")):
+                continue
+            else:
+                exit_code = None
+            del self.tracked[key]
+            self._jobs.pop(key, None)
+            self.pool.release([str(g) for g in record.get("gpus") or []])
+            ended.append((key, {**record, "ended_at": time.time(), "exit_code": exit_code}))
+        return ended
+
+    def describe(self, record: Record) -> str:
+        where = f"GPU {','.join(record['gpus'])}" if record.get("gpus") else "CPU"
+        return f"{where} (pid {record.get('pid')})"
+
+    @classmethod
+    def inspect(cls, records: list[Record], ask_scheduler: bool = True) -> list[tuple[bool | None, str | None]]:
+        return [(local_job_alive(record), None) for record in records]
+
+    @classmethod
+    def stop(cls, records: list[Record], grace_s: float = 10.0) -> list[Record]:
+        groups = [(int(r.get("pgid") or r["pid"]), r.get("proc_start")) for r in records if r.get("pid")]
+        kill_process_groups(groups, grace_s)
+        return [r for r in records if local_job_alive(r)]
+
+
+def local_job_alive(record: Record | None) -> bool | None:
+    """Whether a local job still runs: True/False, None when it ran on another host (cannot tell)."""
+    if not record or record.get("ended_at") or not record.get("pid"):
+        return False
+    if record.get("host") not in (None, hostname()):
+        return None
+    return process_alive(record.get("pid"), record.get("proc_start"))
+
+
+def ended_at(record: Record) -> float:
+    """When a local job that ended unwatched (its driver was killed) ended: when submitit wrote its result, else
+    now."""
+    paths = submitit.core.utils.JobPaths(record.get("folder") or ".", job_id=str(record["job_id"]), task_id=0)
+    try:
+        return paths.result_pickle.stat().st_mtime
+    except OSError:
+        return time.time()
+
+
+__all__ = ["DEFAULT_LOCAL_TIMEOUT_MIN", "LocalExecutor", "PinnedLocalExecutor", "SlotPool", "available_gpus",
+           "cpu_job_environment", "default_cpu_jobs", "ended_at", "kill_process_groups", "local_job_alive"]

@@ -1,0 +1,116 @@
+"""What every executor runs: :class:`RunJob`, one planned run trained by :func:`embscale.training.trainer.train_run`.
+
+A ``submitit.helpers.Checkpointable`` holding plain data only (picklable). On preemption or time-out the trainer
+saves a checkpoint and stops (state ``interrupted``); submitting the same call again resumes from it. Near its time
+limit a job requeues itself: a Slurm job with ``scontrol requeue`` (at most ``max_requeues`` times), a local job by
+exiting with the code that makes submitit's local controller restart it. A preempted or requeued job is requeued by
+Slurm, and a cancelled one must not come back, so nothing is done for those.
+
+Multi-task jobs (several GPUs, or nodes) get the ``torch.distributed`` environment from submitit (``MASTER_ADDR``,
+``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``); ``CUDA_VISIBLE_DEVICES`` keeps all
+of the job's GPUs and rank ``r`` uses ``cuda:LOCAL_RANK``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from embscale.base import rundir
+
+LOCAL_REQUEUE_EXIT_CODE = 144  # submitit's local controller restarts a task that exits with it
+
+
+class RunJob(submitit.helpers.Checkpointable):
+    """Train run ``run_id`` in ``run_dir`` from its RunConfig mapping ``config``; ``planned`` is its planned
+    run.json record, whose keys the trainer keeps in the run.json it writes."""
+
+    def __init__(self, run_id: str, run_dir: str, config: dict[str, Any], executor: str = "local",
+                 timeout_min: float | None = None, signal_delay_s: float = 90.0,
+                 planned: dict[str, Any] | None = None, max_requeues: int = 3):
+        self.run_id = run_id
+        self.run_dir = str(run_dir)
+        self.config = config
+        self.executor = executor
+        self.timeout_min = timeout_min
+        self.signal_delay_s = signal_delay_s
+        self.planned = planned or {}
+        self.max_requeues = max_requeues
+
+    def __call__(self) -> dict[str, Any]:
+        import embscale
+        from embscale.training.config import RunConfig
+        from embscale.training.trainer import train_run
+
+        started = time.time()
+        rank = self._setup_distributed()
+        run_dir = Path(self.run_dir)
+        print(f"embscale: run {self.run_id} in {run_dir}; code from {Path(embscale.__file__).parent.parent}; "
+              f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}; rank {rank}", flush=True)
+        try:
+            summary = train_run(RunConfig.from_dict(self.config), run_dir, resume=True, planned=self.planned)
+        except SystemExit as exc:  # a trainer that exits on a signal after checkpointing
+            self._after_interruption(rank, started)
+            raise SystemExit(exc.code) from None
+        except BaseException as exc:
+            if rank == 0:
+                _mark_failed(run_dir, exc)
+            raise
+        if summary.get("state") == "interrupted":
+            self._after_interruption(rank, started)
+        return summary
+
+    def _setup_distributed(self) -> int:
+        try:
+            env = submitit.JobEnvironment()
+        except RuntimeError:  # not inside a submitit job (called directly)
+            return 0
+        if env.num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        return env.global_rank
+
+    def _timed_out(self, started: float) -> bool:
+        if not self.timeout_min:
+            return False
+        limit = 60.0 * float(self.timeout_min)
+        return time.time() - started >= limit - self.signal_delay_s - 30.0
+
+    def _after_interruption(self, rank: int, started: float) -> None:
+        if rank != 0 or not self._timed_out(started):
+            return
+        if self.executor == "slurm":
+            job_id = submitit.JobEnvironment().job_id
+            shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True,
+                                   check=False, timeout=60).stdout
+            restarts = re.search(r"Restarts=(\d+)", shown)
+            if restarts and int(restarts.group(1)) >= self.max_requeues:
+                print(f"embscale: run {self.run_id} timed out again after {restarts.group(1)} requeues; "
+                      "not requeued (raise slurm.max_requeues or slurm.time)", flush=True)
+                return
+            subprocess.run(["scontrol", "requeue", job_id], check=False, timeout=60)
+            print(f"embscale: run {self.run_id} timed out; requeued job {job_id}", flush=True)
+        elif self.executor == "local":
+            print(f"embscale: run {self.run_id} timed out; restarting", flush=True)
+            raise SystemExit(LOCAL_REQUEUE_EXIT_CODE)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        # The trainer keeps its own checkpoints in the run folder; resubmitting the same call resumes from them.
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def _mark_failed(run_dir: Path, exc: BaseException) -> None:
+    """Status ``failed`` for a run whose trainer raised before it could say so itself (bad input, say)."""
+    if rundir.run_state(run_dir) in rundir.TERMINAL_STATES:
+        return
+    with contextlib.suppress(OSError):
+        rundir.write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}".strip())
+
+
+__all__ = ["LOCAL_REQUEUE_EXIT_CODE", "RunJob"]

@@ -1,0 +1,1 @@
+"""How one run trains: the run config, the trainer's steps, optimizers, checkpoint state, distributed setup, data."""

@@ -1,0 +1,332 @@
+"""Run configuration: what one training run trains, on what data, and where its results go.
+
+A run file is YAML with four sections::
+
+    model:     # a ModelConfig (models/config.py); vocab_size and eos_token_id may be omitted
+    training:  # TrainingConfig: steps or tokens, batch, optimizer, schedule, evaluation, checkpoints
+    data:      # DataConfig: corpus (builtin or a path), validation splits, tokenizer
+    output:    # OutputConfig: results root and sweep name (does not enter the run id)
+
+Vocabulary: ``model.vocab_size`` omitted (the usual case) is filled with the tokenizer's size;
+given, it must be at least the tokenizer's size (a larger value pads the embedding, e.g. to a multiple of 64).
+``model.eos_token_id`` omitted is filled with the tokenizer's end-of-sequence id; given, it must equal it.
+
+``run_id`` is a short hash (10 hex digits) of the model, training and data sections with every default filled
+in, so the same run written two ways gets the same id, and the output section (where results go) does not
+change it. Opt-in training fields added later (``table_optimizer``, ``table_optimizer_moments``,
+``ngram_backend``) enter the hash only when they differ from their defaults, so existing run ids are unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from embscale.base.datafile import build_dataclass, load_config_file
+from embscale.base.errors import ConfigError
+from embscale.models.config import ModelConfig
+
+SCHEDULES = ("cosine", "wsd")
+TABLE_OPTIMIZERS = ("adamw", "dense", "sparse")
+TABLE_OPTIMIZER_MOMENTS = ("full", "compact")
+NGRAM_BACKENDS = ("torch", "triton")
+# Training fields added after runs were recorded: left out of the run id at their default, so the ids of
+# earlier runs (and of runs that do not use them) stay what they were.
+_OPT_IN_TRAINING_DEFAULTS = {"table_optimizer": "adamw", "table_optimizer_moments": "full", "ngram_backend": "torch"}
+DEVICES = ("auto", "cpu", "cuda")
+FORMATS = ("auto", "dir", "jsonl", "parquet")
+SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+# Placeholder sizes for validating a model section before the tokenizer is known.
+_PROVISIONAL_VOCAB = 1 << 20
+
+
+def _require(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(field_name, message)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Optimisation and bookkeeping of one run. Exactly one of ``steps`` and ``tokens`` is set.
+
+    ``batch_tokens`` is the global batch in tokens per optimizer step; it must be a multiple of
+    ``seq_len * micro_batch_size * world_size``, the quotient being the gradient-accumulation steps.
+    Schedules: ``cosine`` (linear warmup over ``warmup_fraction`` of the steps, cosine decay to
+    ``lr * min_lr_ratio``) and ``wsd`` (warmup, constant, then linear decay to ``lr * min_lr_ratio`` over the
+    last ``decay_fraction`` of the steps). ``eval_every`` / ``checkpoint_every`` of 0 mean only at the end.
+    ``table_optimizer``: ``adamw`` trains the N-gram tables in the ordinary AdamW with dense gradients;
+    ``dense`` / ``sparse`` give every ``NgramEmbedding``'s ``tables.weight`` row-sparse gradients and train
+    it with ``kernels.table_optim.TableAdamW`` in that mode (``dense``: exactly AdamW; ``sparse``: lazy
+    Adam on the touched rows; single process only). ``table_optimizer_moments``: that optimizer's state,
+    ``full`` (fp32 moments per element: AdamW's) or ``compact`` (bf16 first moment per element, fp32 second
+    moment per row: partial row-wise Adam, a different optimizer, for tables whose fp32 moments do not fit);
+    only with ``table_optimizer`` ``dense`` or ``sparse``. ``ngram_backend``: the N-gram gather, ``torch`` or
+    ``triton`` (``kernels.ngram``).
+    A run has diverged when its loss is NaN/inf or exceeds ``spike_factor`` times the running mean
+    (exponential, over about 20 steps; 0 turns the spike test off).
+    """
+
+    steps: int = 0
+    tokens: int = 0
+    batch_tokens: int = 16384
+    micro_batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"
+    warmup_fraction: float = 0.05
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    table_weight_decay: bool = False
+    eval_every: int = 0
+    eval_tokens: int = 65536
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+    compile: bool = False
+    spike_factor: float = 4.0
+    device: str = "auto"
+    table_optimizer: str = "adamw"
+    table_optimizer_moments: str = "full"
+    ngram_backend: str = "torch"
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 0, "steps", f"must be non-negative, got {self.steps}")
+        _require(self.tokens >= 0, "tokens", f"must be non-negative, got {self.tokens}")
+        _require((self.steps > 0) != (self.tokens > 0), "steps",
+                 "set exactly one of training.steps and training.tokens (a positive number)")
+        for name in ("batch_tokens", "micro_batch_size", "seq_len", "eval_tokens", "keep_checkpoints"):
+            value = getattr(self, name)
+            _require(value > 0, name, f"must be positive, got {value}")
+        _require(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.schedule in SCHEDULES, "schedule",
+                 f"unknown value {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        _require(0 <= self.warmup_fraction < 1, "warmup_fraction",
+                 f"must be in [0, 1), got {self.warmup_fraction}")
+        _require(0 <= self.decay_fraction <= 1, "decay_fraction",
+                 f"must be in [0, 1], got {self.decay_fraction}")
+        if self.schedule == "wsd":
+            _require(self.warmup_fraction + self.decay_fraction <= 1, "decay_fraction",
+                     "warmup_fraction + decay_fraction must not exceed 1")
+        _require(self.weight_decay >= 0, "weight_decay", f"must be non-negative, got {self.weight_decay}")
+        betas = self.betas
+        _require(isinstance(betas, (list, tuple)) and len(betas) == 2
+                 and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas),
+                 "betas", f"must be a pair of numbers, got {betas!r}")
+        _require(all(0 <= b < 1 for b in betas), "betas", f"must be in [0, 1), got {list(betas)}")
+        object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
+        _require(self.eps > 0, "eps", f"must be positive, got {self.eps}")
+        _require(self.grad_clip >= 0, "grad_clip",
+                 f"must be non-negative (0 turns clipping off), got {self.grad_clip}")
+        _require(self.eval_every >= 0, "eval_every", f"must be non-negative, got {self.eval_every}")
+        _require(self.checkpoint_every >= 0, "checkpoint_every",
+                 f"must be non-negative, got {self.checkpoint_every}")
+        _require(self.spike_factor == 0 or self.spike_factor > 1, "spike_factor",
+                 f"must be 0 (off) or above 1, got {self.spike_factor}")
+        _require(self.device in DEVICES, "device",
+                 f"unknown value {self.device!r}; expected one of {', '.join(DEVICES)}")
+        _require(self.table_optimizer in TABLE_OPTIMIZERS, "table_optimizer",
+                 f"unknown value {self.table_optimizer!r}; expected one of {', '.join(TABLE_OPTIMIZERS)}")
+        _require(self.table_optimizer_moments in TABLE_OPTIMIZER_MOMENTS, "table_optimizer_moments",
+                 f"unknown value {self.table_optimizer_moments!r}; expected one of "
+                 f"{', '.join(TABLE_OPTIMIZER_MOMENTS)}")
+        _require(self.table_optimizer_moments == "full" or self.table_optimizer != "adamw",
+                 "table_optimizer_moments",
+                 f"{self.table_optimizer_moments!r} moments belong to the table optimizer "
+                 "(kernels.table_optim.TableAdamW), and training.table_optimizer is 'adamw'; set "
+                 "training.table_optimizer to dense or sparse, or leave table_optimizer_moments at full")
+        _require(self.ngram_backend in NGRAM_BACKENDS, "ngram_backend",
+                 f"unknown value {self.ngram_backend!r}; expected one of {', '.join(NGRAM_BACKENDS)}")
+        self.accumulation_steps(1)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps if self.steps > 0 else math.ceil(self.tokens / self.batch_tokens)
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.batch_tokens // self.seq_len
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per rank per optimizer step; ConfigError when the batch does not divide."""
+        per_micro = self.seq_len * self.micro_batch_size * world_size
+        _require(self.batch_tokens % per_micro == 0, "batch_tokens",
+                 f"{self.batch_tokens} tokens do not divide into micro-batches of seq_len * micro_batch_size"
+                 f" * world_size = {self.seq_len} * {self.micro_batch_size} * {world_size} = {per_micro}"
+                 " tokens")
+        return self.batch_tokens // per_micro
+
+
+def training_identity(training: TrainingConfig) -> dict[str, Any]:
+    """The training section as it enters the run id: every field, except the opt-in ones at their defaults
+    (``sweeps.expand`` hashes the same mapping)."""
+    identity = dataclasses.asdict(training)
+    for name, default in _OPT_IN_TRAINING_DEFAULTS.items():
+        if identity[name] == default:
+            del identity[name]
+    return identity
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The corpus and tokenizer.
+
+    ``corpus``: ``builtin`` (the Python standard library's sources as code plus its bundled documentation
+    as prose; validation splits ``code`` and ``prose``) or a path. ``format``: ``dir`` (every non-hidden file
+    under the folder is one document), ``jsonl`` or ``parquet`` (a file, or a folder of such files, with the
+    text in ``text_column``); ``auto`` infers it from the path. ``val_paths`` maps split names to validation
+    files or folders in the same format; without it, 2% of the documents (by a hash of their key) are held out
+    as split ``val``. Tokenizer: a BPE of ``vocab_size`` trained on ``tokenizer_sample_bytes`` of the training
+    split, or the ``tokenizer.json`` at ``tokenizer_path`` (its EOS token named by ``eos_token`` or found).
+    """
+
+    corpus: str = "builtin"
+    format: str = "auto"
+    text_column: str = "text"
+    val_paths: dict[str, str] | None = None
+    vocab_size: int = 8192
+    tokenizer_path: str | None = None
+    eos_token: str | None = None
+    tokenizer_sample_bytes: int = 8_000_000
+
+    def __post_init__(self) -> None:
+        _require(self.corpus != "", "corpus", "must be 'builtin' or a path")
+        _require(self.format in FORMATS, "format",
+                 f"unknown value {self.format!r}; expected one of {', '.join(FORMATS)}")
+        _require(self.corpus != "builtin" or self.format == "auto", "format",
+                 "the builtin corpus has no format; leave data.format out")
+        _require(self.text_column != "", "text_column", "must not be empty")
+        if self.val_paths is not None:
+            _require(isinstance(self.val_paths, dict) and len(self.val_paths) > 0, "val_paths",
+                     "must be a mapping of split name to path, e.g. {web: data/val.jsonl}")
+            _require(self.corpus != "builtin", "val_paths",
+                     "the builtin corpus brings its own validation splits (code, prose)")
+            for name, path in self.val_paths.items():
+                _require(isinstance(name, str) and SPLIT_NAME.match(name) is not None, f"val_paths.{name}",
+                         "split names are lowercase identifiers (letters, digits, _), e.g. web or code")
+                _require(isinstance(path, str) and path != "", f"val_paths.{name}",
+                         f"must be a path, got {path!r}")
+            object.__setattr__(self, "val_paths", dict(sorted(self.val_paths.items())))
+        if self.tokenizer_path is None:
+            from embscale.training.data.tokenizer import check_vocab_size
+
+            check_vocab_size(self.vocab_size, "vocab_size")
+        _require(self.tokenizer_sample_bytes > 0, "tokenizer_sample_bytes",
+                 f"must be positive, got {self.tokenizer_sample_bytes}")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where results go: ``<root>/<sweep>/<run_id>/``. ``log_interval_s``: seconds between plain log lines."""
+
+    root: str = "results"
+    sweep: str = "default"
+    log_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _require(self.root != "", "root", "must be a folder path")
+        _require(re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", self.sweep) is not None, "sweep",
+                 f"must be a plain folder name (letters, digits, '.', '_', '-'), got {self.sweep!r}")
+        _require(self.log_interval_s > 0, "log_interval_s", f"must be positive, got {self.log_interval_s}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run. ``model`` is the ModelConfig mapping, resolved against the tokenizer by
+    :meth:`resolve_model`."""
+
+    model: dict[str, Any]
+    training: TrainingConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.model, dict), "model", "must be a mapping of ModelConfig fields")
+        self.provisional_model()  # validates every model field now, with field paths under "model."
+        _require(self.training.seq_len <= self.provisional_model().max_seq_len, "training.seq_len",
+                 f"must not exceed model.max_seq_len {self.provisional_model().max_seq_len}")
+
+    def provisional_model(self) -> ModelConfig:
+        """The model config with placeholder vocabulary and EOS where omitted (no tokenizer yet)."""
+        data = dict(self.model)
+        data.setdefault("vocab_size", _PROVISIONAL_VOCAB)
+        data.setdefault("eos_token_id", 0)
+        try:
+            return build_dataclass(ModelConfig, data)
+        except ConfigError as exc:
+            raise exc.under("model") from None
+
+    def resolve_model(self, vocab_size: int, eos_token_id: int) -> ModelConfig:
+        """The model config for a tokenizer of ``vocab_size`` entries and end-of-sequence ``eos_token_id``."""
+        data = dict(self.model)
+        if "vocab_size" in data:
+            given = data["vocab_size"]
+            _require(given >= vocab_size, "model.vocab_size",
+                     f"{given} is smaller than the tokenizer's vocabulary ({vocab_size}); omit it to use the"
+                     " tokenizer's size")
+        else:
+            data["vocab_size"] = vocab_size
+        if "eos_token_id" in data:
+            _require(data["eos_token_id"] == eos_token_id, "model.eos_token_id",
+                     f"{data['eos_token_id']} is not the tokenizer's end-of-sequence id {eos_token_id};"
+                     " omit it")
+        else:
+            data["eos_token_id"] = eos_token_id
+        try:
+            return build_dataclass(ModelConfig, data)
+        except ConfigError as exc:
+            raise exc.under("model") from None
+
+    # ----- identity -----
+    def identity(self) -> dict[str, Any]:
+        """Everything that determines the run's results, with defaults filled in (except the opt-in training
+        fields ``table_optimizer``, ``table_optimizer_moments`` and ``ngram_backend``, present only when not at
+        their defaults)."""
+        model = self.provisional_model().to_dict()
+        for omitted in ("vocab_size", "eos_token_id"):
+            if omitted not in self.model:
+                model[omitted] = None
+        return {"model": model, "training": training_identity(self.training),
+                "data": dataclasses.asdict(self.data)}
+
+    @property
+    def run_id(self) -> str:
+        text = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
+
+    # ----- (de)serialisation -----
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": dict(self.model), "training": dataclasses.asdict(self.training),
+                "data": dataclasses.asdict(self.data), "output": dataclasses.asdict(self.output)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> RunConfig:
+        return build_dataclass(cls, data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        return load_config_file(path, cls.from_dict, "run file")
+
+    def replace(self, **sections: Any) -> RunConfig:
+        """A copy with whole sections or section fields changed: ``replace(training={"steps": 10})``."""
+        data = self.to_dict()
+        for name, value in sections.items():
+            if isinstance(value, dict) and name != "model":
+                data[name] = {**data[name], **value}
+            else:
+                data[name] = value
+        return RunConfig.from_dict(data)
+
+
+__all__ = ["DataConfig", "OutputConfig", "RunConfig", "TrainingConfig", "DEVICES", "FORMATS", "NGRAM_BACKENDS",
+           "SCHEDULES", "TABLE_OPTIMIZERS", "training_identity"]

@@ -1,0 +1,384 @@
+"""Corpora: the documents of a training split and its validation splits, and the corpus fingerprint.
+
+``builtin``: the running Python's standard library, no download. Code documents are its ``*.py`` source files
+(``site-packages`` excluded, test suites kept; empty files and exact duplicates dropped). Prose documents are the
+``pydoc_data.topics`` entries and the module docstrings (``ast.get_docstring``, at least 100 characters; modules
+are parsed, never imported) of the same files. A source file is held out when the hash of its path (relative to
+the stdlib folder) falls in the lowest 2%: its code goes to validation split ``code`` and its docstring to
+``prose``, so no held-out text reaches training inside a file. ``pydoc_data/topics.py`` itself is not a code
+document (it *is* the prose); 15% of its topics (by a hash of the topic name) are held out as ``prose``. About
+31 MB of code and 0.8 MB of prose with CPython 3.11.
+
+User corpora: a folder of text files (each file one document), or JSONL / Parquet files with the text in a
+configurable column, with the user's validation files (``data.val_paths``) or 2% held out by hash.
+
+Every corpus has a fingerprint (file list, sizes and a sha256 of the contents) whose hash, the corpus id, keys
+the tokenizer and shard caches (:mod:`embscale.training.data.shards`) and is stored with every run.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import io
+import json
+import sys
+import sysconfig
+import tokenize
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from embscale.base.errors import ConfigError, UserError
+from embscale.training.data.tokenizer import hash_fraction
+
+BUILTIN_VAL_FRACTION = 0.02
+BUILTIN_TOPIC_VAL_FRACTION = 0.15
+USER_VAL_FRACTION = 0.02
+MIN_DOCSTRING_CHARS = 100
+EXTRACTION_VERSION = 3  # bump when the way documents are cut from files changes
+TOPICS_FILE = "pydoc_data/topics.py"
+
+
+def digest(data: Any) -> str:
+    """sha256 of ``data`` as canonical JSON (sorted keys, no spaces)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def _hash_files(files: list[tuple[str, Path]]) -> dict[str, Any]:
+    """Fingerprint of ``(name, path)`` pairs: count, bytes, a hash of names and sizes, a hash of contents."""
+    listing = hashlib.sha256()
+    contents = hashlib.sha256()
+    total = 0
+    for name, path in files:
+        size = path.stat().st_size
+        total += size
+        listing.update(f"{name}\t{size}\n".encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda h=handle: h.read(1 << 20), b""):
+                contents.update(block)
+    return {"n_files": len(files), "total_bytes": total, "list_sha256": listing.hexdigest(),
+            "content_sha256": contents.hexdigest()}
+
+
+class Corpus:
+    """Documents by split (``train`` and the validation splits), as ``(key, text)`` pairs."""
+
+    kind: str
+    location: str
+    fingerprint: dict[str, Any]
+    val_splits: tuple[str, ...]
+
+    @property
+    def id(self) -> str:
+        """Short hash of the fingerprint; keys the caches."""
+        return digest({k: v for k, v in self.fingerprint.items() if k != "location"})[:16]
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return ("train", *self.val_splits)
+
+    def documents(self, split: str) -> Iterator[tuple[str, str]]:
+        raise NotImplementedError
+
+    def split_bytes(self, split: str) -> int:
+        """An estimate of a split's size in bytes (the tokenizer's sampling rate and the progress total)."""
+        raise NotImplementedError
+
+    def describe(self, split: str) -> str:
+        """Where a split's documents come from, for error messages."""
+        return f"split {split} of {self.location}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The built-in corpus: the standard library
+# ----------------------------------------------------------------------------------------------------------
+def _is_builtin_val(relpath: str) -> bool:
+    return hash_fraction("split:" + relpath) < BUILTIN_VAL_FRACTION
+
+
+def _is_topic_val(name: str) -> bool:
+    return hash_fraction("split:topic:" + name) < BUILTIN_TOPIC_VAL_FRACTION
+
+
+def _read_text(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def _module_docstring(path: Path) -> str | None:
+    """The module docstring (``ast.get_docstring``), parsing only the file's first statement for speed."""
+    raw = path.read_bytes()
+    end = 0
+    try:
+        for token in tokenize.tokenize(io.BytesIO(raw).readline):
+            if token.type in (tokenize.NEWLINE, tokenize.ENDMARKER):
+                end = token.end[0]
+                break
+    except (tokenize.TokenError, SyntaxError, UnicodeDecodeError):
+        return None  # test data with deliberately bad syntax or encodings
+    head = b"".join(raw.splitlines(keepends=True)[:end])
+    try:
+        tree = ast.parse(head)
+    except (SyntaxError, ValueError, UnicodeDecodeError, MemoryError, RecursionError):
+        return None
+    doc = ast.get_docstring(tree)
+    return doc if doc and len(doc) >= MIN_DOCSTRING_CHARS else None
+
+
+class BuiltinCorpus(Corpus):
+    """The running Python's standard library: code (``*.py``) and prose (pydoc topics, module docstrings)."""
+
+    kind = "builtin"
+    val_splits = ("code", "prose")
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root or sysconfig.get_paths()["stdlib"])
+        self.location = str(self.root)
+        excluded = {"site-packages", "dist-packages", "__pycache__"}
+        self.files = sorted(
+            (p.relative_to(self.root).as_posix(), p) for p in self.root.rglob("*.py")
+            if p.is_file() and not excluded.intersection(p.relative_to(self.root).parts))
+        if not self.files:
+            raise UserError(f"no Python sources found under the standard library folder {self.root}")
+        self.fingerprint = {
+            "kind": self.kind, "location": self.location, "python": sys.version.split()[0],
+            "extraction_version": EXTRACTION_VERSION, "val_fraction": BUILTIN_VAL_FRACTION,
+            "topic_val_fraction": BUILTIN_TOPIC_VAL_FRACTION, **_hash_files(self.files)}
+        # Code documents: non-empty files, exact duplicates dropped (the first path in sorted order is kept),
+        # so a held-out file cannot reappear in training under another name.
+        seen: set[str] = set()
+        self.code_files = []
+        for rel, path in self.files:
+            raw = path.read_bytes()
+            digest = hashlib.sha1(raw).hexdigest()
+            if rel != TOPICS_FILE and raw.strip() and digest not in seen:
+                seen.add(digest)
+                self.code_files.append((rel, path))
+
+    def _code_files(self, held_out: bool) -> Iterator[tuple[str, Path]]:
+        for rel, path in self.code_files:
+            if _is_builtin_val(rel) == held_out:
+                yield rel, path
+
+    def _topics(self) -> dict[str, str]:
+        """pydoc's topics, each distinct text once (under its first name: "else" and "if" share one)."""
+        from pydoc_data.topics import topics
+
+        unique: dict[str, str] = {}
+        for name, text in sorted(topics.items()):
+            if text.strip() and text not in unique.values():
+                unique[name] = text
+        return unique
+
+    def documents(self, split: str) -> Iterator[tuple[str, str]]:
+        if split == "train":
+            for rel, path in self._code_files(held_out=False):
+                yield rel, _read_text(path)
+            yield from self._prose(held_out=False)
+        elif split == "code":
+            for rel, path in self._code_files(held_out=True):
+                yield rel, _read_text(path)
+        elif split == "prose":
+            yield from self._prose(held_out=True)
+        else:
+            raise KeyError(split)
+
+    def _prose(self, held_out: bool) -> Iterator[tuple[str, str]]:
+        for name, text in self._topics().items():
+            if _is_topic_val(name) == held_out:
+                yield f"topic:{name}", text
+        for rel, path in self._code_files(held_out=held_out):
+            doc = _module_docstring(path)
+            if doc:
+                yield f"doc:{rel}", doc
+
+    def split_bytes(self, split: str) -> int:
+        code = sum(path.stat().st_size for _, path in self._code_files(held_out=split != "train"))
+        topics = sum(len(text.encode("utf-8")) for name, text in self._topics().items()
+                     if _is_topic_val(name) == (split != "train"))
+        docstrings = code // 50  # docstrings are about 1/50 of the source, by size
+        return {"train": code + topics + docstrings, "code": code, "prose": topics + docstrings}[split]
+
+    def describe(self, split: str) -> str:
+        return f"builtin corpus split {split} ({self.root})"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# User corpora: a folder of text files, JSONL or Parquet
+# ----------------------------------------------------------------------------------------------------------
+def _visible_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _infer_format(path: Path, field: str) -> str:
+    suffix_format = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+    if path.is_file():
+        return suffix_format.get(path.suffix.lower(), "dir")
+    suffixes = {p.suffix.lower() for p in _visible_files(path)}
+    if len(suffixes) == 1 and next(iter(suffixes)) in suffix_format:
+        return suffix_format[next(iter(suffixes))]
+    return "dir"
+
+
+class _Source:
+    """One user-given path (training corpus or a validation split) in one format."""
+
+    def __init__(self, path: Path, fmt: str, text_column: str, field: str):
+        self.path, self.format, self.text_column, self.field = path, fmt, text_column, field
+        if path.is_file():
+            self.files = [(path.name, path)]
+        else:
+            wanted = {"jsonl": (".jsonl", ".ndjson"), "parquet": (".parquet",)}.get(fmt)
+            self.files = [(p.relative_to(path).as_posix(), p) for p in _visible_files(path)
+                          if wanted is None or p.suffix.lower() in wanted]
+        if not self.files:
+            kind = {"jsonl": "JSONL files", "parquet": "Parquet files"}.get(fmt, "files")
+            raise ConfigError(field, f"no {kind} found in {path}")
+
+    def check_columns(self) -> None:
+        """The text column exists in every file (first record of JSONL, schema of Parquet)."""
+        for _, file in self.files:
+            if self.format == "parquet":
+                import pyarrow.parquet as pq
+
+                try:
+                    names = pq.ParquetFile(file).schema_arrow.names
+                except Exception as exc:
+                    raise UserError(f"{file}: not a readable Parquet file ({exc})") from None
+                if self.text_column not in names:
+                    raise ConfigError("data.text_column",
+                                      f"column {self.text_column!r} not found in {file}; columns are {names}")
+            elif self.format == "jsonl":
+                for _lineno, record in self._jsonl_records(file, limit=1):
+                    if self.text_column not in record:
+                        raise ConfigError("data.text_column",
+                                          f"key {self.text_column!r} not found in {file} (first record); "
+                                          f"keys are {sorted(record)}")
+
+    def _jsonl_records(self, file: Path, limit: int | None = None) -> Iterator[tuple[int, dict]]:
+        seen = 0
+        with open(file, encoding="utf-8", errors="replace") as handle:
+            for lineno, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as exc:
+                    raise UserError(f"{file}:{lineno}: not a JSON line ({exc})") from None
+                if not isinstance(record, dict):
+                    got = type(record).__name__
+                    raise UserError(f"{file}:{lineno}: a JSON object was expected, got {got}")
+                yield lineno, record
+                seen += 1
+                if limit is not None and seen >= limit:
+                    return
+
+    def documents(self) -> Iterator[tuple[str, str]]:
+        for name, file in self.files:
+            if self.format == "dir":
+                text = _read_text(file)
+                if text:
+                    yield name, text
+            elif self.format == "jsonl":
+                for lineno, record in self._jsonl_records(file):
+                    if self.text_column not in record:
+                        raise ConfigError("data.text_column",
+                                          f"key {self.text_column!r} missing in {file} line {lineno}")
+                    text = record[self.text_column]
+                    if text is None:
+                        continue
+                    if not isinstance(text, str):
+                        raise UserError(f"{file}:{lineno}: {self.text_column!r} is not a string")
+                    if text:
+                        yield f"{name}:{lineno}", text
+            else:
+                import pyarrow.parquet as pq
+
+                parquet = pq.ParquetFile(file)
+                row = 0
+                for batch in parquet.iter_batches(columns=[self.text_column], batch_size=4096):
+                    for text in batch.column(0).to_pylist():
+                        row += 1
+                        if isinstance(text, str) and text:
+                            yield f"{name}:{row}", text
+                        elif text is not None and not isinstance(text, str):
+                            raise UserError(f"{file} row {row}: {self.text_column!r} is not text")
+
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for _, p in self.files)
+
+
+class UserCorpus(Corpus):
+    """A corpus from the user's files; validation from ``val_paths`` or 2% held out by hash."""
+
+    kind = "user"
+
+    def __init__(self, corpus: str, fmt: str = "auto", text_column: str = "text",
+                 val_paths: dict[str, str] | None = None):
+        path = Path(corpus).expanduser()
+        if not path.exists():
+            raise ConfigError("data.corpus", f"corpus path {path} does not exist")
+        fmt = _infer_format(path, "data.corpus") if fmt == "auto" else fmt
+        self.location = str(path)
+        self.train_source = _Source(path, fmt, text_column, "data.corpus")
+        self.val_sources: dict[str, _Source] = {}
+        train_files = {p.resolve() for _, p in self.train_source.files}
+        for name, val_path in (val_paths or {}).items():
+            field = f"data.val_paths.{name}"
+            vpath = Path(val_path).expanduser()
+            if not vpath.exists():
+                raise ConfigError(field, f"validation path {vpath} does not exist")
+            source = _Source(vpath, fmt, text_column, field)
+            overlap = sorted(str(p) for _, p in source.files if p.resolve() in train_files)
+            if overlap:
+                raise ConfigError(field, f"{overlap[0]} is also part of the training corpus {path}")
+            self.val_sources[name] = source
+        self.val_splits = tuple(self.val_sources) if self.val_sources else ("val",)
+        for source in (self.train_source, *self.val_sources.values()):
+            source.check_columns()
+        self.fingerprint = {
+            "kind": self.kind, "location": self.location, "format": fmt,
+            "extraction_version": EXTRACTION_VERSION,
+            "text_column": text_column if fmt in ("jsonl", "parquet") else None,
+            "val_fraction": None if self.val_sources else USER_VAL_FRACTION,
+            **_hash_files(self.train_source.files),
+            "val": {name: _hash_files(s.files) for name, s in self.val_sources.items()}}
+
+    def documents(self, split: str) -> Iterator[tuple[str, str]]:
+        if self.val_sources:
+            source = self.train_source if split == "train" else self.val_sources[split]
+            yield from source.documents()
+            return
+        if split not in ("train", "val"):
+            raise KeyError(split)
+        for key, text in self.train_source.documents():
+            if (hash_fraction("split:" + key) < USER_VAL_FRACTION) == (split == "val"):
+                yield key, text
+
+    def split_bytes(self, split: str) -> int:
+        if split == "train":
+            return self.train_source.total_bytes()
+        if self.val_sources:
+            return self.val_sources[split].total_bytes()
+        return max(1, int(self.train_source.total_bytes() * USER_VAL_FRACTION))
+
+    def describe(self, split: str) -> str:
+        if split == "train":
+            return f"corpus {self.location}"
+        if self.val_sources:
+            return f"validation split {split} ({self.val_sources[split].path})"
+        return (f"held-out validation split ({USER_VAL_FRACTION:.0%} of the documents by hash) of "
+                f"{self.location} (give your own with data.val_paths)")
+
+
+def open_corpus(data_cfg: Any) -> Corpus:
+    """The corpus a :class:`~sweeps.run_config.DataConfig` names; errors name the field or file."""
+    if data_cfg.corpus == "builtin":
+        return BuiltinCorpus()
+    return UserCorpus(data_cfg.corpus, data_cfg.format, data_cfg.text_column, data_cfg.val_paths)
+
+
+
+
+__all__ = ["BuiltinCorpus", "Corpus", "UserCorpus", "digest", "open_corpus"]
