@@ -1,7 +1,7 @@
-"""Function-level benchmark of the MoE layer (``models.moe.MoE``): forward + backward on CUDA.
+"""Function-level benchmark of the MoE layer (``embscale.models.moe.MoE``): forward + backward on CUDA.
 
-    python -m kernels.bench_moe                      # T=16384, D=1024, 64 experts, top-8, hidden 512, bf16
-    python -m kernels.bench_moe --zero-experts 32    # with zero-computation experts
+    python -m embscale.bench.moe                     # T=16384, D=1024, 64 experts, top-8, hidden 512, bf16
+    python -m embscale.bench.moe --zero-experts 32   # with zero-computation experts
 
 Times the dispatched layer (sort + fused gate/up ``grouped_mm`` + SwiGLU + down ``grouped_mm`` + combine) and
 the naive per-expert Python loop (``MoE.forward_reference``) with ``triton.testing.do_bench`` (median, ms),

@@ -1,25 +1,25 @@
 """Benchmark: N-gram Embedding forward + backward, the default (concatenated) path against the naive form.
 
-    python -m kernels.bench_ngram                      # the default sizes below, on the first CUDA device
-    python -m kernels.bench_ngram --tokens 8192 --json results/bench_ngram.json
+    python -m embscale.bench.ngram                     # the default sizes below, on the first CUDA device
+    python -m embscale.bench.ngram --tokens 8192 --json results/bench_ngram.json
 
 Default sizes: T = 16384 tokens, D = 1024, N = 4, K = 4 (S = 12 sub-tables of d = 85), about 2,000,003 rows
 per sub-table (``paper`` sizing with m = 2,000,002: M = m + 2 idx + 1), bf16 parameters, dense gradients.
 
-- ``default``: :class:`models.ngram.NgramEmbedding.forward`: one concatenated table, one gather into a
+- ``default``: :meth:`embscale.models.ngram.NgramEmbedding.forward`: one concatenated table, one gather into a
   (T, S*d) buffer, one GEMM with the concatenated projection.
 - ``naive``: S separate ``nn.Embedding`` tables and S per-table ``nn.Linear(d, D)``, summed one by one.
 
 - ``triton_sparse``: the same module with ``backend="triton", sparse_grad=True, sparse_token_grad=True``
-  (:func:`kernels.ngram.ngram_embed`): one fused hash + gather kernel, the token rows and the projection in one
-  ``addmm``, and sparse, deterministic gradients for the token table and the n-gram tables from one shared sort
+  (:func:`embscale.kernels.ngram.ngram_embed`): one fused hash + gather kernel, the token rows and the projection
+  in one ``addmm``, and sparse, deterministic gradients for the token table and the n-gram tables from one shared sort
   (appended to each weight's ``sparse_grads``; the lists are cleared before each timed call, as the table
   optimizer would). Reported as ``triton_forward_ms`` / ``triton_forward_backward_ms`` (and replayed from a
   CUDA graph), then with the token table's gradient dense (``triton_token_dense_*``: what a run whose token
   table stays in AdamW does), with the pieces from CUDA graphs: ``gather_ms``, ``sort_ms`` (all keys),
   ``ngram_reduce_ms`` and ``token_reduce_ms`` (each table's segment sum).
 
-``default`` and ``naive`` hash the ids (the same :func:`models.ngram.ngram_hashes`) and produce dense table
+``default`` and ``naive`` hash the ids (the same :func:`embscale.models.ngram.ngram_hashes`) and produce dense table
 gradients: the gradient of 12 x 2M x 85 rows has to be zero-filled every step whichever dense form computes it,
 so the ``zero-fill`` line (writing one table-sized tensor) is the floor of a dense backward; the sparse variant
 does not pay it. Times are medians of ``triton.testing.do_bench`` with every parameter's gradient reset to
@@ -32,7 +32,6 @@ None before each call (no accumulation).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -40,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from embscale.base.files import atomic_write_json
 from embscale.models.config import NgramConfig
 from embscale.models.ngram import NgramEmbedding, ngram_hashes
 
@@ -249,10 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if "triton_speedup" in r:
         print(f"  triton_sparse is {r['triton_speedup']:.2f}x the naive form (forward+backward)")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(r, indent=2) + "\n")
-        tmp.replace(args.json)
+        atomic_write_json(args.json, r)
     timed = [r[key] for key in r if key.endswith("_forward_backward_ms")]
     return 0 if all(math.isfinite(t) for t in timed) else 1
 

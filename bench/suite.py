@@ -154,7 +154,7 @@ def measure_tables(ceilings: dict, rows_scale: int, table_dtype: str = "fp32", w
                     "table_gib": table.numel() * table.element_size() / 2**30}
     result["forward_backward_ms"] = _median_ms(forward_backward, grad_to_none=dense_params)
     forward_backward()
-    # The gradient is padded to one slot per lookup (kernels.ngram.SparseRowGrad): count the real rows.
+    # The gradient is padded to one slot per lookup (embscale.kernels.ngram.SparseRowGrad): count the real rows.
     grad_rows = table.sparse_grads[0].rows
     touched = int((grad_rows < table.shape[0]).sum())
     result["touched_rows"] = touched

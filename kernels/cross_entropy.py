@@ -1,10 +1,9 @@
 """Fused cross-entropy of the LM head (Triton): the loss from bf16 logits without an fp32 copy of them.
 
-The model's loss was ``F.cross_entropy(logits.float(), targets)``: at 16 sequences of 1024 tokens and a 32,768
-vocabulary the logits are 537M values, so the upcast writes a 2.1 GB fp32 copy, the log-softmax reads it and
-writes another, and the backward writes an fp32 gradient before casting it back to bf16. Profiled inside the
-compiled MoE benchmark model on an H100 (2026-11-23), the softmax forward and backward alone took 2.68 + 2.85 ms
-per micro-batch, 22 ms of a 205 ms step.
+``F.cross_entropy(logits.float(), targets)`` is expensive at LM-head sizes: at 16 sequences of 1024 tokens and a
+32,768 vocabulary the logits are 537M values, so the upcast writes a 2.1 GB fp32 copy, the log-softmax reads it
+and writes another, and the backward writes an fp32 gradient before casting it back to bf16. In the compiled
+benchmark models the softmax kernels were the largest item that is not a matrix product.
 
 Here, per row ``i`` with target ``t_i`` (rows whose target is ``ignore_index`` contribute nothing)::
 
@@ -18,15 +17,13 @@ Here, per row ``i`` with target ``t_i`` (rows whose target is ``ignore_index`` c
   one-hot and scales by the row's incoming gradient, writing the gradient in the logits' dtype.
 
 Bytes: the forward reads the logits once (1.07 GB in bf16 at the size above), the backward reads them once and
-writes their gradient once (2.15 GB): predicted 0.36 + 0.72 ms at 3.0 TB/s, against 5.5 ms. Measured on an
-H100: 0.41 + 0.75 ms; the whole loss, forward and backward, 1.25 ms against 8.90 ms for ``F.cross_entropy`` on
-the fp32 copy (more than the two softmax kernels: the upcast and the fp32 gradient's cast cost too). The
-compiled benchmark models' steps fell from 205 to 170 ms (MoE) and from 175 to 145 ms (NE twin), and their
-peak memory from 19 to 14 GiB.
+writes their gradient once (2.15 GB), so the floor is three passes over the bf16 logits, against the fp32 path's
+upcast, fp32 softmax and fp32 gradient. The measured times (forward, backward, against ``F.cross_entropy`` on the
+fp32 copy, and the effect on whole compiled steps and their peak memory) are in BENCHMARKS.md.
 
 :func:`cross_entropy` is what the model calls: on CUDA the kernels, as the custom operator
 ``embscale::cross_entropy_rows`` (opaque to ``torch.compile``, so the compiled model has no graph break and
-keeps the kernels); elsewhere ``F.cross_entropy`` on the fp32 logits, exactly as before.
+keeps the kernels); elsewhere ``F.cross_entropy`` on the fp32 logits.
 :func:`reference_cross_entropy_rows` and :func:`reference_cross_entropy_rows_backward` are the PyTorch twins
 that define the meaning (the tests run the kernels in Triton's CPU interpreter against them).
 """
@@ -46,10 +43,8 @@ except ImportError:  # pragma: no cover - exercised only without Triton
 from embscale.kernels.runtime import lazy_kernels, triton_usable
 from embscale.kernels.runtime import next_pow2 as _next_pow2
 
-# Launch shapes swept on an H100 at 16384 x 32768 bf16 logits (2026-11-23): forward walk 1024 columns x 4 warps
-# 0.408 ms (2.63 TB/s; 2048 x 4 0.434, 4096 x 8 0.474, 8192 x 8 0.549), backward 4096 columns x 8 warps 0.750 ms
-# (2.86 TB/s; 1024 to 8192 within 1%). Against F.cross_entropy on the fp32 copy: 1.25 ms forward + backward
-# against 8.90 ms.
+# Launch shapes chosen by a sweep at 16384 x 32768 bf16 logits (numbers in BENCHMARKS.md): the forward's walk is
+# fastest at 1024 columns x 4 warps; the backward is flat from 1024 to 8192 columns, 4096 x 8 warps kept.
 FORWARD_BLOCK_V = 1024  # vocabulary columns per step of the forward's walk
 FORWARD_WARPS = 4
 BACKWARD_BLOCK_V = 4096  # vocabulary columns per program of the backward

@@ -10,9 +10,9 @@
   or CUDA in float32) a loop over the contiguous segments, which reads the offsets on the host. Traced by
   ``torch.compile`` off CUDA it takes forms with no host read, so the layer stays one graph: bf16 the same
   ``grouped_mm``, other dtypes a masked per-expert product (``E`` times the FLOPs).
-- :class:`SwiGLUWeighted`: ``silu(g) * u * w`` as one fused Triton kernel each way on CUDA (``kernels.swiglu``), and
-  the expert choice as one more (:func:`use_triton_routing`, ``kernels.routing``); ``EMBSCALE_MOE_TRITON=0`` or
-  torch.compile tracing keep the torch functions.
+- :class:`SwiGLUWeighted`: ``silu(g) * u * w`` as one fused Triton kernel each way on CUDA
+  (:mod:`embscale.kernels.swiglu`), and the expert choice as one more (:func:`use_triton_routing`,
+  :mod:`embscale.kernels.routing`); ``EMBSCALE_MOE_TRITON=0`` or torch.compile tracing keep the torch functions.
 - :func:`sort_key_dtype`: the dispatch sort runs on the narrowest integer keys that hold the expert ids (a radix
   sort makes one pass per key byte).
 """
@@ -56,8 +56,7 @@ def _sum_slots(rows: torch.Tensor, slot_pos: torch.Tensor, slot_real: torch.Tens
     """``out[t] = sum_j rows[slot_pos[t, j]]`` over real slots, accumulated in fp32. (M, D) -> (T, D).
 
     Written as ``k`` row gathers added up (``k`` is static) rather than a gather to ``(T, k, D)`` and a
-    reduction: compiled, this is one pointwise kernel, measured 0.4 ms faster per layer step on an H100 at
-    T=16384, D=1024, k=8.
+    reduction: compiled, this is one pointwise kernel, which measured faster (BENCHMARKS.md).
     """
     dtype = accumulation_dtype(rows.dtype)
     out = None
@@ -124,7 +123,8 @@ def use_triton_swiglu(gate_up: torch.Tensor) -> bool:
 
 class SwiGLUWeighted(torch.autograd.Function):
     """``silu(g) * u * w`` per sorted row, saving only ``gate_up`` (recomputed in backward). On CUDA one fused
-    Triton kernel each way (``kernels.swiglu``, see :func:`use_triton_swiglu`); else its PyTorch twins, compiled."""
+    Triton kernel each way (:mod:`embscale.kernels.swiglu`, see :func:`use_triton_swiglu`); else its PyTorch
+    twins, compiled."""
 
     @staticmethod
     def forward(ctx, gate_up, weight, row_real):
@@ -167,7 +167,7 @@ def grouped_linear(a: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     # Fallback (eager CPU, or CUDA outside bf16): a loop over the contiguous segments; reads offsets on the
     # host, which breaks a torch.compile graph (so CUDA in float32 still does).
     # split/unbind rather than slicing and weight[e]: their backward concatenates and stacks, where slicing
-    # would zero-fill a full-size gradient for every expert (measured 3x slower per CPU training step).
+    # would zero-fill a full-size gradient for every expert (much slower on CPU; BENCHMARKS.md).
     sizes = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
     segments = a.split(sizes + [m - sum(sizes)])
     pieces = [segment @ w.T for segment, w in zip(segments[:-1], weight.unbind(0), strict=True)]

@@ -1,25 +1,26 @@
 """Fused N-gram Embedding gather (Triton) and its sparse, deterministic table gradient.
 
-Forward (:func:`ngram_gather`): token ids ``(B, T)`` and a :class:`models.ngram.HashPlan` -> the gathered
+Forward (:func:`ngram_gather`): token ids ``(B, T)`` and a :class:`embscale.models.ngram.HashPlan` -> the gathered
 rows of the concatenated table, ``(B*T, W)``, and the row ids ``(B*T, S)`` (int32 below 2^31 table rows, kept
 for the backward). One kernel hashes and gathers: program ``(i, s)`` takes ``BLOCK_T`` tokens and sub-table
 ``s``, loads their ``N`` context ids, walks the look-back in-kernel (``alive_j = alive_{j-1} and i-j >= 0 and
 t_{i-j} != EOS``: a token never sees an EOS behind it nor anything before one, while an EOS as the current
 token hashes with its full look-back; context beyond the sequence start is id 0), accumulates the hash
-(``acc = (acc + t_{i-j} * (V0^j mod M_s)) mod M_s``, exact in int64 as in :mod:`models.ngram`), adds the row
-offset, writes the row id and copies the row (``d`` features) straight into its slot of the output, cast to
-the GEMM's dtype. ``W`` is ``S*d`` rounded up to a multiple of :data:`ALIGN` (zeros past ``S*d``): with ``K =
-S*d = 1020`` cuBLAS falls back to its sm80 kernels (0.151 ms per GEMM at the benchmark shape on an H200),
-with ``K = 1024`` it runs its sm90 ones (0.052 ms).
+(``acc = (acc + t_{i-j} * (V0^j mod M_s)) mod M_s``, exact in int64 as in :mod:`embscale.models.ngram`), adds
+the row offset, writes the row id and copies the row (``d`` features) straight into its slot of the output,
+cast to the GEMM's dtype. ``W`` is ``S*d`` rounded up to a multiple of :data:`ALIGN` (zeros past ``S*d``):
+with an unaligned ``K`` (``S*d = 1020`` at the benchmark shape) cuBLAS falls back to its slower sm80 kernels,
+with ``K = 1024`` it runs its sm90 ones (timings in BENCHMARKS.md).
 
-The whole lookup (:func:`ngram_embed`, what :class:`models.ngram.NgramEmbedding` runs with ``backend="triton"``):
-the gather kernel also writes each token's sort key (``total_rows + token id``) beside its n-gram rows, the
-token rows are gathered by ``F.embedding`` into the output buffer, and one ``addmm`` adds the projection and
-averages. Its backward: two GEMMs (the gathered buffer's gradient, unscaled, and the projection's), then ONE
-stable sort of all ``T*(S+1)`` keys (:func:`sort_segments`; int32 keys: half the radix passes of int64) and a
-device cumsum of the segment starts. The n-gram lookups sort first and the token lookups after them, so each
-table's reduction is a :class:`Part` of the same sort, read straight from its gradient buffer (no slicing
-copies) and scaled by the average's factor on the way.
+The whole lookup (:func:`ngram_embed`, what :class:`embscale.models.ngram.NgramEmbedding` runs with
+``backend="triton"``): the gather kernel also writes each token's sort key (``total_rows + token id``) beside its
+n-gram rows, the token rows are gathered by ``F.embedding`` into the output buffer, and one ``addmm`` adds the
+projection and averages. Its backward: two GEMMs (the gathered buffer's gradient, unscaled, and the
+projection's), then ONE stable sort of all ``T*(S+1)`` keys (:func:`sort_segments`; int32 keys: half the radix
+passes of int64) and a device cumsum of the segment starts. The n-gram lookups sort first and the token lookups
+after them, so each table's reduction is a :class:`Part` of the same sort, read straight from its gradient
+buffer (no slicing copies) and scaled by the average's factor on the way. The token table thus shares the
+n-gram tables' sort instead of running torch's embedding backward (a sort and scatter of its own).
 
 Reduction (:func:`triton_segment_sum`), in fp32, in a fixed order, with no host synchronisation: program
 ``(c, b)`` takes :data:`SEGMENT_CHUNK` sorted positions and :data:`SEGMENT_BLOCK_D` columns; every lane loads
@@ -27,7 +28,7 @@ its lookup's row and a segmented scan over the chunk (a fixed tree) leaves each 
 Runs inside the chunk are final; a run crossing a chunk boundary leaves its pieces in a small ``carry`` buffer
 that a second kernel adds in chunk order. No lane walks a run, so a row looked up thousands of times (frequent
 n-grams and tokens in real text) costs what a row looked up once does, plus ``count / CHUNK`` carried pieces:
-Zipf-distributed ids run at 1.05x the time of uniform ones. Nothing table-sized is allocated and two
+skewed (Zipf-distributed) ids cost about what uniform ones do. Nothing table-sized is allocated and two
 backwards are bit-identical. The result is a padded :class:`SparseRowGrad` (``P`` = the part's lookups: the
 distinct rows ascending, then :data:`PAD_ROW`), so its size is known without reading the device and the whole
 forward + backward can be captured in a CUDA graph. :func:`sparse_row_grad` is the same reduction for one
@@ -37,25 +38,16 @@ flat array of per-lookup rows; :func:`merge_sparse_grads` re-reduces a list of t
 Autograd: :func:`ngram_embed` (above). With sparse gradients
 the backward appends the :class:`SparseRowGrad` to ``weight.sparse_grads`` (a list; one entry per backward) and
 returns no gradient, so ``weight.grad`` stays None; otherwise it writes the dense gradient (deterministic too).
+Eagerly the call is bound by the host (about 16 launches from Python); inside a model step the GPU's queue
+hides that, since nothing in the call synchronises.
 
 Every kernel has a plain-PyTorch twin (``reference_*``) that defines its meaning; the Triton versions run on
 CUDA tensors, or anywhere with ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by the tests). Kernels
 are jitted on first use, not at import, so the interpreter switch is read at the first launch and this module
 imports without a GPU (or without Triton).
 
-Predicted against measured for ``make bench`` (T=16384, D=1024, N=4, K=4, S=12, d=85, 2,000,003 rows per
-sub-table, bf16; 196,608 n-gram lookups), 2026-11-23 (BENCHMARKS.md):
-
-- gather: predicted 0.02-0.03 ms, measured 0.041 ms (H200);
-- projection GEMMs (K padded to 1024): predicted 0.16 ms for the three, measured 0.052 ms each (H200);
-- first version (a sort for the n-gram rows, a lane walking each run, torch's embedding backward for the token
-  table): 0.895 ms from a CUDA graph on an H200, 0.95 ms on an H100, of which the token table's backward
-  (its 256 MB zero-fill, sort and scatter) took 0.42 ms and the walk 0.12 ms;
-- one shared sort, the token table's gradient through the same reduction, no slicing copies, the projection's
-  gradient over the aligned width (a strided K=1020 operand had sent cuBLAS to a 0.127 ms sm80 kernel):
-  predicted 0.55 ms, measured 0.63 ms (H100);
-- the scan instead of the walk, launched at 1 warp: predicted 0.50 ms, measured 0.475 ms uniform, 0.499 ms
-  Zipf-distributed ids (H100); eagerly the call is host-bound near 1 ms (about 16 launches from Python).
+The measurements behind these choices (launch shapes, the aligned width, each step's predicted and measured
+time) are in BENCHMARKS.md, "Measurements behind the kernels' design".
 """
 
 from __future__ import annotations
@@ -79,7 +71,8 @@ from embscale.kernels.runtime import next_pow2 as _next_pow2
 
 
 class Plan(Protocol):
-    """The fields of :class:`models.ngram.HashPlan` used here (duck-typed: kernels never import embscale.models)."""
+    """The fields of :class:`embscale.models.ngram.HashPlan` used here (duck-typed: kernels never import
+    embscale.models)."""
 
     vocab_size: int
     max_order: int
@@ -91,11 +84,10 @@ class Plan(Protocol):
 
 PAD_ROW = 2**63 - 1  # the row id of a SparseRowGrad's padding slots: sorts after every real row
 ALIGN = 8  # the gathered buffer's row length is a multiple of this (16 bytes in bf16): cuBLAS's fast path
-# Launch shapes, from embscale.sweeps at the benchmark shape (196,608 lookups of 85 bf16 features, 16,384 token rows of
-# 1024): gather 32 tokens x 1 warp per program, 41 us on an H200 (64 x 4 warps: 1.08 ms, 128 x 8: 2.3 ms: the
-# sweep matters). Segment sum (a scan per chunk), whole NE forward + backward from a CUDA graph on an H100,
-# 2026-11-23: 32 positions x 64 columns x 1 warp 0.475 ms (Zipf-distributed ids 0.499 ms); the same with
-# 2 warps 0.79 ms, 4 warps 0.71 ms; chunks of 16 0.56 ms, of 64 0.52-0.57 ms. Carry: 16 chunks x 1 warp.
+# Launch shapes, chosen by sweeps at the benchmark shape (196,608 lookups of 85 bf16 features, 16,384 token rows
+# of 1024; the numbers are in BENCHMARKS.md). The sweep matters: larger gather tiles were many times slower, and
+# more segment-sum warps or other chunk sizes slower too. Gather: 32 tokens x 1 warp per program. Segment sum (a
+# scan per chunk): 32 positions x 64 columns x 1 warp. Carry: 16 chunks x 1 warp.
 GATHER_BLOCK_T = 32
 GATHER_WARPS = 1
 SEGMENT_CHUNK = 32
@@ -148,7 +140,7 @@ def _plan_tensors(plan: Plan, device: torch.device) -> tuple[torch.Tensor, torch
 
 def reference_row_ids(ids: torch.Tensor, plan: Plan, eos_token_id: int | None) -> torch.Tensor:
     """Rows into the concatenated table, ``(..., T)`` -> ``(..., T, S)`` int64: the same walk-back as the
-    kernel, in plain PyTorch (a second, independent writing of :func:`models.ngram.ngram_row_ids`)."""
+    kernel, in plain PyTorch (a second, independent writing of :func:`embscale.models.ngram.ngram_row_ids`)."""
     ids = ids.long()
     moduli, powers, offsets = _plan_tensors(plan, ids.device)
     time = ids.shape[-1]

@@ -1,19 +1,18 @@
 """MoE expert selection (Triton): top-``k`` of the biased router scores and each expert's load, one kernel.
 
-The MoE layer (:mod:`models.moe`) picks, for each token, the ``k`` largest of ``scores + correction_bias``
-(``scores`` ``(T, E')`` fp32 softmax outputs, ``E'`` = real + zero experts; the bias only picks, it never
-weights) and counts how many slots each expert received (``counts`` ``(E',)``, on the device: the group
+The MoE layer (:mod:`embscale.models.moe`) picks, for each token, the ``k`` largest of ``scores +
+correction_bias`` (``scores`` ``(T, E')`` fp32 softmax outputs, ``E'`` = real + zero experts; the bias only picks,
+it never weights) and counts how many slots each expert received (``counts`` ``(E',)``, on the device: the group
 offsets of the grouped products, the balancing update and the load statistics all come from it). In PyTorch
-that is ``topk(scores + bias, k)`` and a ``scatter_add_`` of ones: four launches, of which ``topk`` took 56 us
-and the scatter (131,072 atomic adds into 64 counters) 29 us per layer on an H100 at T = 16384, 64 experts,
-top-8 (2026-11-23).
+that is ``topk(scores + bias, k)`` and a ``scatter_add_`` of ones (``T*k`` atomic adds into ``E'`` counters):
+four launches, together far slower than the bytes they move would allow.
 
-Here one program takes ``BLOCK_T`` tokens, loads their ``(BLOCK_T, E')`` biased scores once (about 4 MB for the
-whole batch), and ``k`` times takes each row's ``argmax`` (the lowest index among equal values), writes it and
-masks it out; the experts a block picked are summed per column and added to the global counts with one
-atomic add per expert per program (integers: the result is exact and does not depend on the order). Picks come
-out in descending score order, as ``torch.topk`` returns them. Predicted: ~4 MB read, 1 MB written, under
-10 us for the batch above; the two launches it replaces cost 85 us.
+Here one program takes ``BLOCK_T`` tokens, loads their ``(BLOCK_T, E')`` biased scores once (about 4 MB for a
+batch of 16384 tokens and 64 experts), and ``k`` times takes each row's ``argmax`` (the lowest index among equal
+values), writes it and masks it out; the experts a block picked are summed per column and added to the global
+counts with one atomic add per expert per program (integers: the result is exact and does not depend on the
+order). Picks come out in descending score order, as ``torch.topk`` returns them. Predicted and measured times
+against the PyTorch form are in BENCHMARKS.md.
 
 :func:`reference_select_experts` is the PyTorch twin that defines the meaning (``torch.topk`` leaves the order
 of exactly equal scores unspecified; the kernel takes the lower index first). Kernels are jitted at first
@@ -34,7 +33,7 @@ except ImportError:  # pragma: no cover - exercised only without Triton
 from embscale.kernels.runtime import lazy_kernels, triton_usable
 from embscale.kernels.runtime import next_pow2 as _next_pow2
 
-SELECT_BLOCK_T = 32  # tokens per program; H100, T = 16384, 64 experts: 32 x 4 warps 12 us, 64 x 4 14 us
+SELECT_BLOCK_T = 32  # tokens per program; launch shape chosen by measurement (BENCHMARKS.md)
 SELECT_WARPS = 4
 
 

@@ -1,8 +1,9 @@
 """Fused weighted SwiGLU of the MoE layer (Triton): ``silu(g) * u * w`` and its backward, one kernel each.
 
-The MoE layer (:mod:`models.moe`) applies, per expert-sorted row, ``h = silu(g) * u * w`` to the grouped gate/up
-product ``gate_up = [g | u]`` ``(M, 2H)`` (bf16 in training) with per-row routing weights ``w`` ``(M,)`` fp32,
-and its backward needs ``grad_gate_up = [grad_g | grad_u]`` ``(M, 2H)`` and ``grad_w`` ``(M,)``::
+The MoE layer (:mod:`embscale.models.moe`, through :class:`embscale.kernels.moe_dispatch.SwiGLUWeighted`)
+applies, per expert-sorted row, ``h = silu(g) * u * w`` to the grouped gate/up product ``gate_up = [g | u]``
+``(M, 2H)`` (bf16 in training) with per-row routing weights ``w`` ``(M,)`` fp32, and its backward needs
+``grad_gate_up = [grad_g | grad_u]`` ``(M, 2H)`` and ``grad_w`` ``(M,)``::
 
     sig    = sigmoid(g);  silu = g * sig
     grad_w = sum_j grad * silu * u        (fp32 row sum over the H columns; 0 on rows with row_real False)
@@ -10,8 +11,8 @@ and its backward needs ``grad_gate_up = [grad_g | grad_u]`` ``(M, 2H)`` and ``gr
     grad_g = grad_h * u * sig * (1 + g * (1 - sig))
     grad_u = grad_h * silu
 
-Compiled by ``torch.compile`` the backward was two kernels (a reduction for ``grad_w`` and a pointwise kernel
-for ``grad_gate_up``), each reading ``grad`` and ``gate_up``. Here each is one kernel:
+Compiled by ``torch.compile``, the twin's backward is two kernels (a reduction for ``grad_w`` and a pointwise
+kernel for ``grad_gate_up``), each reading ``grad`` and ``gate_up``. Here each is one kernel:
 
 - forward (:func:`swiglu_weighted_forward`): each program takes ``BLOCK_M`` rows and walks the ``H`` columns
   in ``BLOCK_H`` chunks (columns masked, so ``H`` need not be a power of two; rows masked, so ``M`` is ragged),
@@ -29,23 +30,19 @@ All math is fp32; outputs take the input dtypes (``grad_gate_up`` that of ``gate
 arguments (``block_m``, ``block_h``, ``num_warps``) for the benchmark to tune; the defaults give each program
 about 4096 (forward) / 2048 (backward, three inputs live) elements with 4 warps, i.e. 32 / 16 per thread per
 tensor, which should give 16-byte vector accesses of bf16 (when ``H`` is a multiple of 8) without register
-spills (not yet measured: tune with the keywords).
+spills (the defaults come from this reasoning, not from a sweep: tune with the keywords).
 
-Every kernel has a plain-PyTorch twin (``reference_*``, the same formulas as the torch functions it replaces
-in :mod:`models.moe`) that defines its meaning; the Triton versions run on CUDA tensors, or anywhere with
-``TRITON_INTERPRET=1`` (the tests). Kernels are jitted at first launch, not at import, so the interpreter
-switch is read then, and this module imports without a GPU or without Triton.
+Every kernel has a plain-PyTorch twin (``reference_*``) that defines its meaning; the MoE layer runs the twins
+where the kernels do not apply (off CUDA, float64, under ``torch.compile`` tracing, ``EMBSCALE_MOE_TRITON=0``).
+The Triton versions run on CUDA tensors, or anywhere with ``TRITON_INTERPRET=1`` (the tests). Kernels are
+jitted at first launch, not at import, so the interpreter switch is read then, and this module imports without
+a GPU or without Triton.
 
-Prediction on an H100 (bandwidth-bound, ~3.0 TB/s achieved), at ``M = 131072`` rows, ``H = 512``, bf16:
-
-- backward: reads ``grad`` (H) + ``gate_up`` (2H) bf16 + ``w`` (4 B), writes ``grad_gate_up`` (2H) bf16 +
-  ``grad_w`` (4 B): 10H + 8 bytes a row, 0.67 GB -> ~0.22 ms (torch.compile's two kernels: 94 + 262 us measured
-  on an H200, whose bandwidth is higher);
-- forward: reads 2H, writes H bf16 (+ ``w``): 6H + 4 bytes a row, 0.40 GB -> ~0.13 ms.
-
-The math (one sigmoid, a dozen flops an element) is far below the H100's compute, so both should land within
-~10-15% of these figures; the row reduction of the backward is a per-program ``tl.sum`` over one 512-wide
-tile, cheap next to the loads.
+Both kernels are bandwidth-bound: the backward reads ``grad`` (H) + ``gate_up`` (2H) bf16 + ``w`` (4 B) and
+writes ``grad_gate_up`` (2H) bf16 + ``grad_w`` (4 B), 10H + 8 bytes a row; the forward reads 2H and writes H
+bf16 (+ ``w``), 6H + 4 bytes a row. The math (one sigmoid, a dozen flops an element) is far below the GPU's
+compute, so both should run near the copy rate; the row reduction of the backward is a per-program ``tl.sum``
+over each ``BLOCK_H``-wide tile, cheap next to the loads. Predicted and measured times are in BENCHMARKS.md.
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
 """AdamW for lookup tables whose gradients arrive as touched rows (``weight.sparse_grads``).
 
-The N-gram Embedding's sparse-gradient path (``kernels.ngram``, ``NgramEmbedding(sparse_grad=True)``) leaves
-``tables.weight.grad`` None and appends one ``SparseRowGrad`` per backward to ``tables.weight.sparse_grads``.
-:class:`TableAdamW` consumes that list (merged with :func:`kernels.ngram.merge_sparse_grads`), never builds a
-dense ``(R, d)`` gradient, and clears the list in ``zero_grad``. A plain dense ``.grad`` is accepted too (see
-:func:`collect_row_grad`).
+The N-gram Embedding's sparse-gradient path (:mod:`embscale.kernels.ngram`,
+``NgramEmbedding(sparse_grad=True)``) leaves ``tables.weight.grad`` None and appends one ``SparseRowGrad`` per
+backward to ``tables.weight.sparse_grads``. :class:`TableAdamW` consumes that list (merged with
+:func:`embscale.kernels.ngram.merge_sparse_grads`), never builds a dense ``(R, d)`` gradient, and clears the list
+in ``zero_grad``. A plain dense ``.grad`` is accepted too (see :func:`collect_row_grad`).
 
 Gradient contract (padded, no host sync). A row gradient is ``rows`` (P,) int64 sorted ascending and
 ``values`` (P, d) fp32: the first U entries are the distinct touched rows, the remaining P - U entries are
-:data:`PAD_ROW` (``2**63 - 1``, equal to ``kernels.ngram.PAD_ROW``; it sorts after every real row) and their
-``values`` rows are exactly zero. P is static (the number of lookups); U is known only on the device, and no
+:data:`PAD_ROW` (``2**63 - 1``, equal to ``embscale.kernels.ngram.PAD_ROW``; it sorts after every real row) and
+their ``values`` rows are exactly zero. P is static (the number of lookups); U is known only on the device, and no
 consumer here needs it on the host on the Triton path: the dense kernel's binary search only looks at rows
 below the table size (``PAD_ROW`` never matches a table row), and the sparse kernel runs over all P slots and
 skips those whose row is not a table row. The PyTorch twins drop the padding with a boolean mask (a host sync,
@@ -107,8 +107,8 @@ from embscale.kernels.runtime import next_pow2 as _next_pow2
 MODES = ("dense", "sparse")
 MOMENTS = ("full", "compact")
 BACKENDS = ("auto", "torch", "triton")
-# The row id of a gradient's padding slots. Must equal kernels.ngram.PAD_ROW (tests assert it); defined here
-# too so that this module does not import embscale.kernels.ngram to read a constant.
+# The row id of a gradient's padding slots. Must equal embscale.kernels.ngram.PAD_ROW (tests assert it); defined
+# here too so that this module does not import embscale.kernels.ngram to read a constant.
 PAD_ROW = 2**63 - 1
 
 
@@ -119,7 +119,7 @@ PAD_ROW = 2**63 - 1
 class RowGrad:
     """A gradient restricted to rows, padded: ``rows`` (P,) int64 sorted ascending, the first U the distinct
     touched rows and the rest :data:`PAD_ROW`; ``values`` (P, d) fp32, zero in the padding rows. (The shape
-    of ``kernels.ngram.SparseRowGrad``; any object with ``.rows`` and ``.values`` is accepted.)"""
+    of ``embscale.kernels.ngram.SparseRowGrad``; any object with ``.rows`` and ``.values`` is accepted.)"""
 
     __slots__ = ("rows", "values")
 
@@ -151,15 +151,15 @@ def _merge_row_grads_torch(grads: list[Any]) -> RowGrad:
 def merge_row_grads(grads: list[Any], use_triton: bool | None = None) -> Any:
     """The sum of ``grads`` (padded row gradients, see :class:`RowGrad`) as one such object.
 
-    Uses :func:`kernels.ngram.merge_sparse_grads` (deterministic re-reduction; ``use_triton`` None lets it
-    choose); one gradient is returned as is."""
+    Uses :func:`embscale.kernels.ngram.merge_sparse_grads` (deterministic re-reduction; ``use_triton`` None lets
+    it choose); one gradient is returned as is."""
     if not grads:
         raise ValueError("merge_row_grads: empty list of gradients")
     if len(grads) == 1:
         return grads[0]
     try:
         from embscale.kernels.ngram import merge_sparse_grads
-    except ImportError:  # pragma: no cover - kernels.ngram ships with this module
+    except ImportError:  # pragma: no cover - embscale.kernels.ngram ships with this module
         return _merge_row_grads_torch(list(grads))
     return merge_sparse_grads(list(grads), use_triton=use_triton)
 
@@ -309,7 +309,7 @@ def _adam_rows_fn(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, values_ptr, table_rows
     # One Adam(W) step on rows `table_rows` (where row_ok) of a (rows, d) table, shared by both kernels. Row
     # i's gradient is values[grad_slots[i]] where grad_ok[i], zero elsewhere (its moments still decay).
     # PER_ROW: step_size and bias_correction2_sqrt are per-row vectors (the sparse kernel's row steps), else
-    # scalars (the dense kernel: broadcasting them as vectors made its step 1.46x slower on an H100).
+    # scalars (the dense kernel: broadcasting them as vectors measurably slowed its step; BENCHMARKS.md).
     rows = table_rows.to(tl.int64)
     if PER_ROW:
         step = step_size[:, None]

@@ -185,11 +185,11 @@ def count_parameters(cfg: ModelConfig) -> Accounting:
 
 
 def parameter_group(name: str) -> str:
-    """The accounting group of a parameter of ``models.model.LanguageModel``, by its qualified name.
+    """The accounting group of a parameter of ``embscale.models.model.LanguageModel``, by its qualified name.
 
-    Relies on the parameter names of ``models.ngram.NgramEmbedding`` (``token``, ``tables``, ``projection``,
-    ``norm``) and of ``models.per_layer`` (``per_layer.{layer}_{mlp}`` holding an ``nn.Embedding`` or an
-    ``NgramEmbedding``).
+    Relies on the parameter names of ``embscale.models.ngram.NgramEmbedding`` (``token``, ``tables``,
+    ``projection``, ``norm``) and of ``embscale.models.per_layer`` (``per_layer.{layer}_{mlp}`` holding an
+    ``nn.Embedding`` or an ``NgramEmbedding``).
     """
     parts = name.split(".")
     if name == "embed.token.weight":

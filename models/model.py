@@ -1,9 +1,9 @@
 """The decoder-only language model: embedding, a stack of layers, final norm, LM head.
 
 Embedding: a plain ``TokenEmbedding`` when ``cfg.ngram`` is None, else the hashed N-gram Embedding
-(``models.ngram.NgramEmbedding``); both expose the ``V0 x D`` table as ``.token``. With ``cfg.per_layer`` the
-per-layer embeddings (``models.per_layer.build_per_layer_embeddings``, keyed ``"{layer}_{mlp}"``) feed the
-dense MLPs that have no up-projection. The LM head is tied to ``embed.token.weight`` when ``tie_embeddings``.
+(``embscale.models.ngram.NgramEmbedding``); both expose the ``V0 x D`` table as ``.token``. With ``cfg.per_layer``
+the per-layer embeddings (``embscale.models.per_layer.build_per_layer_embeddings``, keyed ``"{layer}_{mlp}"``)
+feed the dense MLPs that have no up-projection. The LM head is tied to ``embed.token.weight`` when ``tie_embeddings``.
 
 Initialisation (GPT-2 style, applied to the modules built here; the N-gram and per-layer embeddings keep their
 own): every weight matrix and embedding table ~ N(0, init_std); output projections that write into the

@@ -105,7 +105,7 @@ class MoE(nn.Module):
 
     def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`route` plus ``counts (E+Z,)`` int64, each expert's slots: on CUDA one Triton kernel picks the
-        experts and counts them (``kernels.routing``), elsewhere ``topk`` and a scatter of ones."""
+        experts and counts them (:mod:`embscale.kernels.routing`), elsewhere ``topk`` and a scatter of ones."""
         scores = self.router(x).float().softmax(dim=-1)
         chosen, counts = select_experts(scores.detach(), self.correction_bias, self.top_k,
                                         use_triton=use_triton_routing(x))
@@ -140,7 +140,7 @@ class MoE(nn.Module):
         self._record(counts)
 
         # Sort slots by expert; zero experts have ids >= E, so their slots end up last. Narrow keys: a radix
-        # sort makes one pass per key byte (uint8 keys: 20 us against int64's 74 us at M = 131072, H100).
+        # sort makes one pass per key byte (uint8 keys for up to 256 experts; timings in BENCHMARKS.md).
         order = torch.argsort(flat_choice.to(sort_key_dtype(E + self.n_zero_experts)), stable=True)  # row -> slot
         position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
         slot_pos = position.view(T, k)  # slot -> sorted row

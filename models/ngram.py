@@ -45,11 +45,11 @@ from embscale.models.sizes import (  # noqa: F401  (re-exported: the public home
 
 MAX_VOCAB = 2**21  # token ids < 2^21
 MAX_MODULUS = 2**31  # hash values < 2^31
-BACKENDS = ("torch", "triton")  # NgramEmbedding's gather: plain PyTorch, or kernels.ngram's fused kernel
+BACKENDS = ("torch", "triton")  # NgramEmbedding's gather: plain PyTorch, or embscale.kernels.ngram's fused kernel
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Hash plan (table sizes live in models.sizes, torch-free)
+# Hash plan (table sizes live in embscale.models.sizes, torch-free)
 # ------------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -189,11 +189,11 @@ class NgramEmbedding(nn.Module):
     ``1/(S+1)^2``.
 
     Backends (opt-in; the default is the plain PyTorch form above): ``backend="triton"`` runs the whole lookup
-    as :func:`kernels.ngram.ngram_embed`: one fused hash + gather kernel, the token rows and the projection in
-    one ``addmm``, and a backward that sorts the token and n-gram lookups once and reduces both tables'
-    gradients from that sort (on CUDA, or anywhere under ``TRITON_INTERPRET=1``; its PyTorch twins
+    as :func:`embscale.kernels.ngram.ngram_embed`: one fused hash + gather kernel, the token rows and the
+    projection in one ``addmm``, and a backward that sorts the token and n-gram lookups once and reduces both
+    tables' gradients from that sort (on CUDA, or anywhere under ``TRITON_INTERPRET=1``; its PyTorch twins
     otherwise). ``sparse_grad=True`` (either backend) delivers the n-gram tables' gradient as a
-    :class:`kernels.ngram.SparseRowGrad` (touched rows only, fp32, deterministic) appended to
+    :class:`embscale.kernels.ngram.SparseRowGrad` (touched rows only, fp32, deterministic) appended to
     ``tables.weight.sparse_grads`` (one entry per backward) and leaves ``tables.weight.grad`` None; the table
     optimizer consumes and clears that list. ``sparse_token_grad=True`` does the same for ``token.weight``
     (then a table optimizer must train it too). ``projection`` stays a dense parameter. :meth:`set_backend`
@@ -239,7 +239,7 @@ class NgramEmbedding(nn.Module):
         self.sparse_token_grad = sparse_token_grad
         for weight, sparse in ((self.tables.weight, sparse_grad), (self.token.weight, sparse_token_grad)):
             if sparse and not hasattr(weight, "sparse_grads"):
-                weight.sparse_grads = []  # kernels.ngram appends one SparseRowGrad per backward
+                weight.sparse_grads = []  # embscale.kernels.ngram appends one SparseRowGrad per backward
 
     def reset_parameters(self) -> None:
         for weight in (self.token.weight, self.tables.weight, self.projection.weight):

@@ -5,7 +5,7 @@ A per-layer embedding replaces the up-projection output of a layer's dense SwiGL
     FFN_l(x) = W_d( SiLU(W_g x) * E_l(t) )
 
 ``E_l`` maps the token ids to ``dense_hidden`` features: for ``ple`` a per-layer token table ``E0_l``
-(``nn.Embedding(V0, dense_hidden)``), for ``plne`` a per-layer :class:`~models.ngram.NgramEmbedding` of width
+(``nn.Embedding(V0, dense_hidden)``), for ``plne`` a per-layer :class:`~embscale.models.ngram.NgramEmbedding` of width
 ``dense_hidden`` (its own token table, sub-tables and projection). Only dense MLPs receive it; which ones of
 a shortcut layer is ``per_layer.targets`` (``first`` = MLP 0, ``second`` = MLP 1, ``both``). A dense standard
 layer has one MLP (index 0), so it takes ``targets: first`` only.

@@ -1,7 +1,8 @@
 """Table sizes and parameter counts of the N-gram and per-layer embeddings, in plain integers.
 
 Kept free of torch so that accounting (``embscale params``, sweep expansion over thousands of configs) runs in
-milliseconds; :mod:`models.ngram` and :mod:`models.per_layer` re-export these and build the modules.
+milliseconds; :mod:`embscale.models.ngram` and :mod:`embscale.models.per_layer` re-export these and build the
+modules.
 """
 
 from __future__ import annotations
