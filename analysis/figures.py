@@ -1,8 +1,7 @@
-"""Figures of a sweep, in the paper's figure types, and the table of fits.
+"""The paper's figure types, drawn from a sweep's fits (:class:`embscale.analysis.fits.Analysis`).
 
-:func:`plot_sweep` loads a sweep (collecting it first when its tables are stale), fits the laws and writes,
-as PNG and PDF under ``<sweep>/figures/``, every figure the sweep holds data for; a figure without data is
-skipped with a log line saying why:
+Each ``fig_*`` function writes PNG and PDF into a folder and returns their paths; a figure without data is
+skipped, saying why through ``log``:
 
 - ``fig2_loss_vs_ratio_<size>``: loss against ``ratio = total / activated`` for MoE and each NE anchor, per
   split, linear and log x, with the fitted ratio laws (bootstrap band) and the crossover ratios marked
@@ -19,20 +18,15 @@ skipped with a log line saying why:
 - ``loss_curves``: the curves of a readable subset of runs (at most 8 per series), with a ``L(D)`` fit and its
   extrapolation to 4x the budget for one run per series.
 
-``<sweep>/summary.csv`` holds one row per fitted quantity (ratio-law slopes and intercepts, parameter-law
-constants and exponents, crossovers) with its bootstrap interval and held-out error.
-
-Figures use fixed margins rather than a layout engine: constrained layout doubled the drawing time, and a
-1,000-run sweep must plot in seconds.
+Figures use fixed margins rather than a layout engine, so that a 1,000-run sweep plots in seconds (a layout engine
+doubles the drawing time).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -42,168 +36,33 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib import ticker  # noqa: E402
 
 from embscale.analysis import frontier, laws  # noqa: E402
 from embscale.analysis.curves import fit_loss_curve  # noqa: E402
-from embscale.analysis.store import (  # noqa: E402
-    load,
-    loss_column,
-    resolve_sweep_dir,
-    splits,
-    usable,
+from embscale.analysis.fits import Analysis  # noqa: E402
+from embscale.analysis.store import loss_column, usable  # noqa: E402
+from embscale.analysis.style import (  # noqa: E402
+    FAMILY_COLORS,
+    FAMILY_NAMES,
+    Log,
+    count_axis,
+    human,
+    is_nan,
+    ratio_axis,
+    save_figure,
+    series_color,
+    series_label,
+    set_title,
+    size_label,
+    slug,
+    split_title,
+    subplots,
 )
-from embscale.base.files import atomic_file, atomic_write_bytes  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("png", "pdf")
-PNG_DPI = 130
-STYLE = {
-    "font.size": 8.5,
-    "axes.titlesize": 9.5,
-    "axes.labelsize": 8.5,
-    "figure.titlesize": 10.5,
-    "legend.fontsize": 7,
-    "legend.frameon": False,
-    "xtick.labelsize": 7.5,
-    "ytick.labelsize": 7.5,
-    "axes.grid": True,
-    "grid.alpha": 0.3,
-    "grid.linewidth": 0.6,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "lines.linewidth": 1.4,
-    "lines.markersize": 4,
-    "pdf.fonttype": 3,  # Type 42 subsetting through fontTools cost a third of the plotting time
-}
-FAMILY_COLORS = {"moe": "#1f77b4", "ne": "#d62728", "ple": "#2ca02c", "plne": "#9467bd", "dense": "#7f7f7f"}
-FAMILY_NAMES = {"moe": "MoE", "ne": "NE", "ple": "PLE", "plne": "PLNE", "dense": "Dense"}
-# NE anchored at different base ratios: lighter for lower anchors
-ANCHOR_SHADES = ["#f4a582", "#d6604d", "#b2182b", "#67001f"]
 MAX_CURVES_PER_SERIES = 8
-NICE_RATIOS = (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 SUBLAYER_ORDER = ("attn0", "attn", "mlp0", "moe", "attn1", "mlp1", "mlp")
-
-Log = Callable[[str], None]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# helpers
-
-def _isnan(value: object) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def human(n: float) -> str:
-    """6.4e9 -> '6.4B', 2.8e8 -> '280M'."""
-    if _isnan(n) or not np.isfinite(n):
-        return "?"
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.3g}"
-
-
-def _sci(n: float, _pos: object = None) -> str:
-    """Compact tick label: 3e19, 1.5e20; parameter counts go through :func:`human`."""
-    if n <= 0:
-        return ""
-    exponent = int(math.floor(math.log10(n)))
-    mantissa = n / 10**exponent
-    return f"{mantissa:.2g}e{exponent}" if abs(mantissa - 1) > 1e-9 else f"1e{exponent}"
-
-
-def split_title(split: str) -> str:
-    return "training loss" if split == "train" else f"validation loss ({split[len('val_'):]})"
-
-
-def series_label(family: str, base_ratio: object = None) -> str:
-    name = FAMILY_NAMES.get(family, str(family))
-    if family != "moe" and not _isnan(base_ratio):
-        return f"{name} (base ratio {float(base_ratio):g})"
-    return name
-
-
-def series_color(family: str, base_ratio: object, anchors: Sequence[float]) -> str:
-    if family == "ne" and not _isnan(base_ratio) and len(anchors) > 1 and float(base_ratio) in anchors:
-        index = sorted(anchors).index(float(base_ratio))
-        span = np.linspace(0, len(ANCHOR_SHADES) - 1, len(anchors)).round().astype(int)
-        return ANCHOR_SHADES[span[index]]
-    return FAMILY_COLORS.get(family, "#333333")
-
-
-def size_label(width: object, depth: object, activated: float | None = None) -> str:
-    parts = []
-    if not _isnan(width):
-        parts.append(f"width {float(width):g}")
-    if not _isnan(depth):
-        parts.append(f"depth {float(depth):g}")
-    if activated is not None and np.isfinite(activated):
-        parts.append(f"{human(activated)} activated")
-    return ", ".join(parts)
-
-
-def _slug(*values: object) -> str:
-    out = []
-    for prefix, value in zip(("w", "d"), values, strict=False):
-        if not _isnan(value):
-            out.append(f"{prefix}{float(value):g}")
-    return "_".join(out) or "all"
-
-
-def subplots(nrows: int, ncols: int, panel: tuple[float, float] = (3.2, 2.5), *, left: float = 0.7,
-             right: float = 0.2, bottom: float = 0.55, top: float = 0.65, wgap: float = 0.7, hgap: float = 0.75,
-             **kwargs: object) -> tuple[plt.Figure, np.ndarray]:
-    """A grid of panels of ``panel`` inches with fixed margins (inches); ``axes`` is always 2-D."""
-    width = left + right + ncols * panel[0] + (ncols - 1) * wgap
-    height = bottom + top + nrows * panel[1] + (nrows - 1) * hgap
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, **kwargs)
-    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height,
-                        top=1 - top / height, wspace=wgap / panel[0], hspace=hgap / panel[1])
-    return fig, axes
-
-
-def _title(fig: plt.Figure, text: str) -> None:
-    fig.suptitle(text, y=1 - 0.12 / fig.get_figheight(), va="top")
-
-
-def ratio_axis(ax: plt.Axes, lo: float, hi: float, log: bool) -> None:
-    """Ratio x axis: log scale with plain ticks at 4, 8, 16, ... when ``log``."""
-    if not log:
-        return
-    ax.set_xscale("log")
-    ticks = [t for t in NICE_RATIOS if lo / 1.05 <= t <= hi * 1.05]
-    if len(ticks) > 7:
-        ticks = ticks[::2]
-    if len(ticks) >= 2:
-        ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
-        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _p: f"{v:g}"))
-        ax.xaxis.set_minor_locator(ticker.NullLocator())
-
-
-def count_axis(ax: plt.Axes, which: str = "x", kind: str = "params") -> None:
-    """Log axis of parameter counts (280M, 6.4B) or FLOPs (3e19)."""
-    axis = ax.xaxis if which == "x" else ax.yaxis
-    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
-    # ticks at 1, 2 and 5 per decade, so that a range narrower than a decade still gets labels
-    axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
-    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _p: human(v) if kind == "params" else _sci(v)))
-    axis.set_minor_locator(ticker.NullLocator())
-
-
-def save_figure(fig: plt.Figure, out_dir: Path, name: str, formats: Sequence[str] = FORMATS) -> list[Path]:
-    """Save ``fig`` as ``out_dir/name.<fmt>`` for each format, each atomically (temp file, rename); close it."""
-    paths = []
-    try:
-        for fmt in formats:
-            path = out_dir / f"{name}.{fmt}"
-            with atomic_file(path) as tmp:
-                fig.savefig(tmp, format=fmt, dpi=PNG_DPI if fmt == "png" else None)
-            paths.append(path)
-    finally:
-        plt.close(fig)
-    return paths
 
 
 def _mean_std(frame: pd.DataFrame, by: list[str], column: str) -> pd.DataFrame:
@@ -216,91 +75,8 @@ def _members(runs: pd.DataFrame, keys: list[str], key: tuple) -> pd.DataFrame:
     mask = np.ones(len(runs), dtype=bool)
     for name, value in zip(keys, key, strict=True):
         column = runs[name]
-        mask &= column.isna().to_numpy() if _isnan(value) else (column == value).to_numpy()
+        mask &= column.isna().to_numpy() if is_nan(value) else (column == value).to_numpy()
     return runs[mask]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# analysis shared by figures and summary
-
-@dataclass
-class Analysis:
-    runs: pd.DataFrame
-    split_names: list[str]
-    ratio_laws: laws.RatioLaws
-    param_laws: laws.ParamLaws
-    crossovers: pd.DataFrame
-    notes: list[str] = field(default_factory=list)
-
-
-def analyse(runs: pd.DataFrame, *, n_boot: int = 400, n_boot_param: int = 100, seed: int = 0) -> Analysis:
-    """Fit every ratio law and parameter law of a runs table and find the crossovers."""
-    split_names = splits(runs)
-    ratio_laws = laws.fit_ratio_laws(runs, split_names=split_names, n_boot=n_boot, seed=seed)
-    param_laws = laws.fit_param_laws(runs, split_names=split_names, n_boot=n_boot_param, seed=seed)
-    crossings = frontier.crossovers(ratio_laws)
-    notes = []
-    if param_laws.skipped:
-        notes.append(f"parameter law skipped for {len(param_laws.skipped)} group(s) whose sizes do not vary "
-                     f"enough, e.g. {param_laws.skipped[0]}")
-    excluded = int((~runs["fit_ok"]).sum()) if len(runs) else 0
-    if excluded:
-        notes.append(f"{excluded} run(s) excluded from fits (failed, diverged, running, ...): see "
-                     "excluded_reason in runs.parquet")
-    return Analysis(runs, split_names, ratio_laws, param_laws, crossings, notes)
-
-
-SUMMARY_COLUMNS = ["law", "group", "split", "parameter", "estimate", "ci_lo", "ci_hi", "n_runs", "heldout_mae",
-                   "heldout_mre", "note"]
-
-
-def summary_table(result: Analysis) -> pd.DataFrame:
-    """One row per fitted quantity, columns :data:`SUMMARY_COLUMNS` (intervals: 95% bootstrap)."""
-    rows = []
-    for _, row in result.ratio_laws.table.iterrows():
-        for name in ("b", "a"):
-            rows.append({"law": "ratio: L = a + b ln(ratio)", "group": row["label"], "split": row["split"],
-                         "parameter": name, "estimate": row[name], "ci_lo": row[f"{name}_lo"],
-                         "ci_hi": row[f"{name}_hi"], "n_runs": row["n_runs"], "heldout_mae": row["heldout_mae"],
-                         "heldout_mre": row["heldout_mre"], "note": row["heldout_note"]})
-    for _, row in result.param_laws.table.iterrows():
-        for name in ("alpha_act", "alpha_tot", "E", "A_act", "A_tot"):
-            rows.append({"law": "param: L = E + A_act/N_act^alpha_act + A_tot/N_tot^alpha_tot",
-                         "group": row["label"], "split": row["split"], "parameter": name,
-                         "estimate": row[name], "ci_lo": row[f"{name}_lo"], "ci_hi": row[f"{name}_hi"],
-                         "n_runs": row["n_runs"], "heldout_mae": row["heldout_mae"],
-                         "heldout_mre": row["heldout_mre"], "note": row["heldout_note"]})
-    keys = result.ratio_laws.keys
-    for _, row in result.crossovers.iterrows():
-        label = laws.group_label({k: row[k] for k in keys if k in row.index})
-        side = "NE lower above r*" if row["ne_wins_above"] else "NE lower below r*"
-        rows.append({"law": "crossover with MoE", "group": label, "split": row["split"], "parameter": "r*",
-                     "estimate": row["crossover"], "ci_lo": row["ci_lo"], "ci_hi": row["ci_hi"],
-                     "n_runs": math.nan, "heldout_mae": math.nan, "heldout_mre": math.nan,
-                     "note": "; ".join(p for p in (side, row["note"]) if p)})
-    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
-
-
-def format_summary(summary: pd.DataFrame, max_rows: int = 40) -> str:
-    """A compact printed form of the summary: slopes, exponents and crossovers."""
-    if summary.empty:
-        return "no fits (too few usable runs along any axis)"
-    keep = summary[summary["parameter"].isin(["b", "alpha_act", "alpha_tot", "r*"])]
-    # words every group shares (one corpus, amplification=none, ...) are printed once, not on every line
-    words = [set(str(g).split()) for g in keep["group"]]
-    common = set.intersection(*words) if words else set()
-    lines = [f"all groups: {' '.join(sorted(common))}"] if common else []
-    for law, group in keep.groupby("law", sort=False):
-        lines.append(law)
-        for _, row in group.head(max_rows).iterrows():
-            label = " ".join(w for w in str(row["group"]).split() if w not in common)
-            held = f"  held-out MAE {row['heldout_mae']:.4f}" if np.isfinite(row["heldout_mae"]) else ""
-            note = f"  ({row['note']})" if row["parameter"] == "r*" and row["note"] else ""
-            lines.append(f"  {row['split']:<10} {label[:60]:<60} {row['parameter']:>9} = "
-                         f"{row['estimate']:9.4g} [{row['ci_lo']:.4g}, {row['ci_hi']:.4g}]{held}{note}")
-        if len(group) > max_rows:
-            lines.append(f"  ... {len(group) - max_rows} more in summary.csv")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -320,11 +96,11 @@ def _series_runs(result: Analysis) -> dict[tuple, pd.DataFrame]:
 
 def _plain_key(key: tuple) -> tuple:
     """A series key with NaN replaced by None: NaN != NaN, so keys from two groupbys would never match."""
-    return tuple(None if _isnan(v) else v for v in key)
+    return tuple(None if is_nan(v) else v for v in key)
 
 
 def _size_of(key: tuple, keys: list[str], size_keys: list[str]) -> tuple:
-    return tuple(None if _isnan(key[keys.index(k)]) else key[keys.index(k)] for k in size_keys)
+    return tuple(None if is_nan(key[keys.index(k)]) else key[keys.index(k)] for k in size_keys)
 
 
 def _size_groups(result: Analysis) -> list[tuple]:
@@ -425,12 +201,12 @@ def fig_loss_vs_ratio(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
         axes[0, 0].legend(loc="upper right")
         width, depth = size_of.get("width"), size_of.get("depth")
         title = f"Loss against sparsity ratio ({size_label(width, depth, activated)})"
-        name = f"fig2_loss_vs_ratio_{_slug(width, depth)}"
+        name = f"fig2_loss_vs_ratio_{slug(width, depth)}"
         if multi_print:
             title += f", corpus {str(size_of.get('corpus_fingerprint'))[:8]}"
             name += f"_{str(size_of.get('corpus_fingerprint'))[:8]}"
         crossed = any(not _crossings_for(result, size_of, split).empty for split in split_names)
-        _title(fig, title + ("; dashed: crossover r* with 95% CI" if crossed else ""))
+        set_title(fig, title + ("; dashed: crossover r* with 95% CI" if crossed else ""))
         paths += save_figure(fig, out_dir, name)
     return paths
 
@@ -487,7 +263,7 @@ def fig_collisions(sweep_dir: Path | None, runs: pd.DataFrame, out_dir: Path, lo
     axes[0, 0].set_title("n-gram hit rate")
     axes[0, 1].set_title("collision rate (dotted: integer multiples of V0)" if vocab else "collision rate")
     axes[0, 1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    _title(fig, "N-gram embedding table size")
+    set_title(fig, "N-gram embedding table size")
     return save_figure(fig, out_dir, "fig3_collisions")
 
 
@@ -530,7 +306,7 @@ def fig_ngram_nk(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
         ax.grid(axis="x", visible=False)
     axes[0, 0].set_ylabel("final loss (mean over seeds)")
     activated = float(group["activated"].median()) if "activated" in group else None
-    _title(fig, f"N-gram order N and sub-tables per order K, NE at ratio {float(fixed['target_ratio']):g} "
+    set_title(fig, f"N-gram order N and sub-tables per order K, NE at ratio {float(fixed['target_ratio']):g} "
                 f"({size_label(fixed.get('width'), fixed.get('depth'), activated)}); dark: best")
     return save_figure(fig, out_dir, "fig4_ngram_nk")
 
@@ -614,7 +390,7 @@ def fig_norms(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
             ax.bar([split_title(split)], [group[loss_column(split)].mean()])
         ax.set_title(f"final loss ({variants[0]})")
         ax.tick_params(axis="x", rotation=30)
-    _title(fig, f"Output norms: {series_label(fixed.get('family', ''), fixed.get('base_ratio'))} at ratio "
+    set_title(fig, f"Output norms: {series_label(fixed.get('family', ''), fixed.get('base_ratio'))} at ratio "
                 f"{float(fixed.get('target_ratio', math.nan)):g}, {size_label(fixed.get('width'), fixed.get('depth'))}")
     return save_figure(fig, out_dir, "fig5_norms")
 
@@ -638,7 +414,7 @@ def fig_reduction(result: Analysis, out_dir: Path, log: Log, by: str) -> list[Pa
         log(f"{number} skipped: the matched NE/MoE pairs cover a single {by} at every {other}")
         return []
     fixed_other = counts.idxmax()
-    subset = runs[runs[other] == fixed_other] if not _isnan(fixed_other) else runs[runs[other].isna()]
+    subset = runs[runs[other] == fixed_other] if not is_nan(fixed_other) else runs[runs[other].isna()]
     split_names = result.split_names
     fig, axes = subplots(1, len(split_names), (3.1, 2.5), sharey=True, wgap=0.35)
     cmap = plt.get_cmap("viridis")
@@ -671,7 +447,7 @@ def fig_reduction(result: Analysis, out_dir: Path, log: Log, by: str) -> list[Pa
         ratio_axis(ax, lo, hi, True)
     axes[0, 0].set_ylabel("loss(NE) - loss(matched MoE)")
     axes[0, 0].legend(loc="best")
-    _title(fig, f"NE against parameter-matched MoE across {by} ({other} {float(fixed_other):g}); "
+    set_title(fig, f"NE against parameter-matched MoE across {by} ({other} {float(fixed_other):g}); "
                 "below zero: NE better")
     return save_figure(fig, out_dir, f"{number}_{by}_loss_reduction")
 
@@ -709,11 +485,11 @@ def fig_per_layer(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
                     continue
                 mean, std = sub[loss_column(split)].mean(), sub[loss_column(split)].std()
                 x = c_i + (f_i - (len(families) - 1) / 2) * step
-                ax.errorbar([x], [mean], yerr=[0.0 if _isnan(std) else std], fmt="s", ms=5, capsize=2,
+                ax.errorbar([x], [mean], yerr=[0.0 if is_nan(std) else std], fmt="s", ms=5, capsize=2,
                             color=FAMILY_COLORS[family], label=FAMILY_NAMES[family] if c_i == 0 else None)
                 ax.annotate(human(float(sub["total"].median())), (x, mean), textcoords="offset points",
                             xytext=(0, 5), ha="center", fontsize=6)
-                spread = 0.0 if _isnan(std) else std
+                spread = 0.0 if is_nan(std) else std
                 ymin, ymax = min(ymin, mean - spread), max(ymax, mean + spread)
         ax.set_xticks(range(len(configs)), [
             f"w{float(f.get('width', math.nan)):g} d{float(f.get('depth', math.nan)):g}\n"
@@ -725,7 +501,7 @@ def fig_per_layer(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
         ax.grid(axis="x", visible=False)
     axes[0, 0].set_ylabel("final loss")
     axes[0, 0].legend(loc="best")
-    _title(fig, "NE against Per-Layer Embedding (PLE) and Per-Layer NE (PLNE); labels: total parameters")
+    set_title(fig, "NE against Per-Layer Embedding (PLE) and Per-Layer NE (PLNE); labels: total parameters")
     return save_figure(fig, out_dir, "fig9_per_layer")
 
 
@@ -766,7 +542,7 @@ def fig_pareto(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
             ax.set_xlabel(AXIS_LABELS[axis])
         axes[0, 0].set_ylabel(f"final {split_title(split)}")
         axes[0, -1].legend(loc="upper right")
-        _title(fig, f"Pareto frontiers, {split_title(split)} (points: runs; lines: frontier per family)")
+        set_title(fig, f"Pareto frontiers, {split_title(split)} (points: runs; lines: frontier per family)")
         paths += save_figure(fig, out_dir, f"pareto_{split}")
     return paths
 
@@ -785,7 +561,7 @@ def fig_param_law(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
     fig, axes = subplots(1, len(split_names), (2.9, 2.9), wgap=0.8)
     fam_i = keys.index("family")
     base_i = keys.index("base_ratio") if "base_ratio" in keys else None
-    anchors = sorted({float(k[base_i]) for k, _ in fits if base_i is not None and not _isnan(k[base_i])})
+    anchors = sorted({float(k[base_i]) for k, _ in fits if base_i is not None and not is_nan(k[base_i])})
     for ax, split in zip(axes[0], split_names, strict=True):
         lo, hi = math.inf, -math.inf
         for (key, s), fit in fits.items():
@@ -805,7 +581,7 @@ def fig_param_law(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
         ax.set_title(split_title(split))
         ax.legend(loc="upper left")
     axes[0, 0].set_ylabel("observed final loss")
-    _title(fig, "Parameter law L = E + A/N_act^a_act + B/N_tot^a_tot (Huber in log space, L-BFGS-B)")
+    set_title(fig, "Parameter law L = E + A/N_act^a_act + B/N_tot^a_tot (Huber in log space, L-BFGS-B)")
     return save_figure(fig, out_dir, "param_law")
 
 
@@ -904,61 +680,5 @@ def fig_loss_curves(result: Analysis, curves: pd.DataFrame, out_dir: Path, log: 
     if len(finite):
         low, high = np.nanpercentile(finite, [0.5, 95])
         axes[0, 0].set_ylim(low - 0.05 * (high - low), high)
-    _title(fig, f"Loss curves, one size and seed per series ({split_title(split)}); dashed: L(D) fit, 95% band")
+    set_title(fig, f"Loss curves, one size and seed per series ({split_title(split)}); dashed: L(D) fit, 95% band")
     return save_figure(fig, out_dir, "loss_curves")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the whole sweep
-
-@dataclass
-class PlotResult:
-    sweep_dir: Path
-    figures: list[Path]
-    summary: pd.DataFrame
-    summary_path: Path | None
-    skipped: list[str]
-
-
-def plot_results(runs: pd.DataFrame, curves: pd.DataFrame, out_dir: str | Path, *,
-                 sweep_dir: Path | None = None, n_boot: int = 400, n_boot_param: int = 100,
-                 log: Log | None = None) -> tuple[list[Path], pd.DataFrame, list[str]]:
-    """Fit and draw every figure the runs support into ``out_dir``; returns (paths, summary, skip lines)."""
-    skipped: list[str] = []
-    emit = log or logger.info
-
-    def note(message: str) -> None:
-        skipped.append(message)
-        emit(message)
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = analyse(runs, n_boot=n_boot, n_boot_param=n_boot_param)
-    for line in result.notes:
-        emit(line)
-    paths: list[Path] = []
-    with plt.rc_context(STYLE):
-        paths += fig_loss_vs_ratio(result, out_dir, note)
-        paths += fig_collisions(sweep_dir, runs, out_dir, note)
-        paths += fig_ngram_nk(result, out_dir, note)
-        paths += fig_norms(result, out_dir, note)
-        paths += fig_reduction(result, out_dir, note, "width")
-        paths += fig_reduction(result, out_dir, note, "depth")
-        paths += fig_per_layer(result, out_dir, note)
-        paths += fig_pareto(result, out_dir, note)
-        paths += fig_param_law(result, out_dir, note)
-        paths += fig_loss_curves(result, curves, out_dir, note)
-    return paths, summary_table(result), skipped
-
-
-def plot_sweep(sweep: str | os.PathLike, *, results: str | os.PathLike = "results", n_boot: int = 400,
-               n_boot_param: int = 100, log: Log | None = None) -> PlotResult:
-    """Load (collecting when stale), fit and plot one sweep into ``<sweep>/figures/``; write ``summary.csv``."""
-    sweep_dir = resolve_sweep_dir(sweep, results)
-    emit = log or logger.info
-    runs, curves = load(sweep_dir, progress=lambda done, total: emit(f"collecting: {done}/{total} runs read"))
-    paths, summary, skipped = plot_results(runs, curves, sweep_dir / "figures", sweep_dir=sweep_dir,
-                                           n_boot=n_boot, n_boot_param=n_boot_param, log=log)
-    summary_path = sweep_dir / "summary.csv"
-    atomic_write_bytes(summary_path, summary.to_csv(index=False).encode())
-    return PlotResult(sweep_dir, paths, summary, summary_path, skipped)

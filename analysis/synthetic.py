@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embscale.base import rundir
+from embscale.base.files import atomic_file
 
 VOCAB = 32768
 BASE_WIDTH = 1024
@@ -313,8 +314,8 @@ def generate(out_dir: str | Path, *, runs: int | None = None, evals: int = 20, s
         point = replace(points[index % len(points)], seed=index // len(points))
         write_run(sweep_dir, index, point, evals=evals, rng=rng, truth=truth, sweep=sweep)
     if collisions:
-        pq.write_table(pa.Table.from_pandas(collisions_table(), preserve_index=False),
-                       sweep_dir / "collisions.parquet", compression="zstd")
+        with atomic_file(sweep_dir / "collisions.parquet") as tmp:
+            pq.write_table(pa.Table.from_pandas(collisions_table(), preserve_index=False), tmp, compression="zstd")
     return sweep_dir
 
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from embscale.analysis.figures import plot_sweep
-from embscale.commands import plots as cmd_plots
+from embscale.analysis.report import plot_sweep
+from embscale.cli import main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results"
 EXPECTED = ("fig2_loss_vs_ratio_w1024_d10", "fig3_collisions", "fig4_ngram_nk", "fig5_norms",
@@ -25,8 +24,7 @@ def results(tmp_path: Path) -> Path:
 
 
 def test_plots_write_png_and_pdf_for_the_fixture(results: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = argparse.Namespace(sweeps=[], results=str(results), bootstrap=50, bootstrap_param=4, quiet=False)
-    assert cmd_plots.run(args) == 0
+    assert main(["plots", "--results", str(results), "--bootstrap", "50", "--bootstrap-param", "4"]) == 0
     out = capsys.readouterr().out
     figures = results / "synthetic" / "figures"
     for name in EXPECTED:

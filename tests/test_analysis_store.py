@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -27,8 +26,7 @@ from embscale.analysis.store import (
     resolve_sweep_dir,
     splits,
 )
-from embscale.commands import collect as cmd_collect
-from embscale.commands import plots as cmd_plots
+from embscale.cli import main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -186,22 +184,21 @@ def test_bad_input_names_the_path(tmp_path: Path, capsys: pytest.CaptureFixture[
         collect(empty / "sweep")
     assert not os.listdir(empty / "sweep")  # nothing written
 
-    code = cmd_collect.run(argparse.Namespace(sweep=str(missing), results=str(tmp_path), last_k=3))
+    code = main(["collect", str(missing), "--results", str(tmp_path), "--last-k", "3"])
     assert code == 2 and str(missing) in capsys.readouterr().err
-    code = cmd_plots.run(argparse.Namespace(sweeps=[], results=str(empty), bootstrap=10, bootstrap_param=2,
-                                            quiet=True))
+    code = main(["plots", "--results", str(empty), "--bootstrap", "10", "--bootstrap-param", "2", "--quiet"])
     assert code == 2 and f"no sweeps under {empty}" in capsys.readouterr().err
 
 
 def test_cli_collect_prints_a_summary(results: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = cmd_collect.run(argparse.Namespace(sweep="synthetic", results=str(results), last_k=3))
+    code = main(["collect", "synthetic", "--results", str(results), "--last-k", "3"])
     out = capsys.readouterr().out
     assert code == 0 and "54 runs, 50 usable by fits" in out and "still running" in out
 
 
 def test_analysis_imports_neither_torch_nor_sweeps_nor_models() -> None:
     code = ("import sys, embscale.analysis.store, embscale.analysis.curves, embscale.analysis.laws, "
-            "embscale.analysis.frontier, embscale.analysis.figures, embscale.commands.collect, "
+            "embscale.analysis.frontier, embscale.analysis.report, embscale.commands.collect, "
             "embscale.commands.plots, embscale.analysis.synthetic\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.split('.')[:2] in "
             "(['embscale', 'sweeps'], ['embscale', 'models'], ['embscale', 'training']))\n"

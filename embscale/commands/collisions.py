@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from embscale.analysis.figures import STYLE, fig_collisions
+    from embscale.analysis.figures import fig_collisions
+    from embscale.analysis.style import STYLE
 
     (out / "figures").mkdir(exist_ok=True)
     with plt.rc_context(STYLE):

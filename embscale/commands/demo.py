@@ -40,7 +40,7 @@ def _fmt_loss(value: object) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from embscale.analysis.figures import plot_sweep
+    from embscale.analysis.report import plot_sweep
     from embscale.analysis.store import collect
     from embscale.commands.plan import format_plan
     from embscale.sweeps.plan import load_plan

@@ -16,7 +16,7 @@ from embscale.base.errors import ResultsError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("embscale.sweeps", nargs="*", metavar="SWEEP",
+    parser.add_argument("sweeps", nargs="*", metavar="SWEEP",
                         help="sweep folders or names under --results (default: every sweep there)")
     parser.add_argument("--results", default="results", help="results folder holding the sweeps (default results)")
     parser.add_argument("--bootstrap", type=int, default=400,
@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from embscale.analysis.figures import format_summary, plot_sweep  # matplotlib only when plotting
+    from embscale.analysis.fits import format_summary
+    from embscale.analysis.report import plot_sweep  # matplotlib only when plotting
 
     def log(message: str) -> None:
         if not args.quiet:

@@ -1,0 +1,161 @@
+"""How the figures look: the matplotlib style, each series' colour and label, axis helpers, and saving a figure
+as PNG and PDF (atomically)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib import ticker  # noqa: E402
+
+from embscale.base.files import atomic_file  # noqa: E402
+
+FORMATS = ("png", "pdf")
+PNG_DPI = 130
+STYLE = {
+    "font.size": 8.5,
+    "axes.titlesize": 9.5,
+    "axes.labelsize": 8.5,
+    "figure.titlesize": 10.5,
+    "legend.fontsize": 7,
+    "legend.frameon": False,
+    "xtick.labelsize": 7.5,
+    "ytick.labelsize": 7.5,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.6,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "lines.linewidth": 1.4,
+    "lines.markersize": 4,
+    "pdf.fonttype": 3,  # Type 42 subsetting through fontTools cost a third of the plotting time
+}
+FAMILY_COLORS = {"moe": "#1f77b4", "ne": "#d62728", "ple": "#2ca02c", "plne": "#9467bd", "dense": "#7f7f7f"}
+FAMILY_NAMES = {"moe": "MoE", "ne": "NE", "ple": "PLE", "plne": "PLNE", "dense": "Dense"}
+# NE anchored at different base ratios: lighter for lower anchors
+ANCHOR_SHADES = ["#f4a582", "#d6604d", "#b2182b", "#67001f"]
+NICE_RATIOS = (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+Log = Callable[[str], None]
+
+
+def is_nan(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def human(n: float) -> str:
+    """6.4e9 -> '6.4B', 2.8e8 -> '280M'."""
+    if is_nan(n) or not np.isfinite(n):
+        return "?"
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def _sci(n: float, _pos: object = None) -> str:
+    """Compact tick label: 3e19, 1.5e20; parameter counts go through :func:`human`."""
+    if n <= 0:
+        return ""
+    exponent = int(math.floor(math.log10(n)))
+    mantissa = n / 10**exponent
+    return f"{mantissa:.2g}e{exponent}" if abs(mantissa - 1) > 1e-9 else f"1e{exponent}"
+
+
+def split_title(split: str) -> str:
+    return "training loss" if split == "train" else f"validation loss ({split[len('val_'):]})"
+
+
+def series_label(family: str, base_ratio: object = None) -> str:
+    name = FAMILY_NAMES.get(family, str(family))
+    if family != "moe" and not is_nan(base_ratio):
+        return f"{name} (base ratio {float(base_ratio):g})"
+    return name
+
+
+def series_color(family: str, base_ratio: object, anchors: Sequence[float]) -> str:
+    if family == "ne" and not is_nan(base_ratio) and len(anchors) > 1 and float(base_ratio) in anchors:
+        index = sorted(anchors).index(float(base_ratio))
+        span = np.linspace(0, len(ANCHOR_SHADES) - 1, len(anchors)).round().astype(int)
+        return ANCHOR_SHADES[span[index]]
+    return FAMILY_COLORS.get(family, "#333333")
+
+
+def size_label(width: object, depth: object, activated: float | None = None) -> str:
+    parts = []
+    if not is_nan(width):
+        parts.append(f"width {float(width):g}")
+    if not is_nan(depth):
+        parts.append(f"depth {float(depth):g}")
+    if activated is not None and np.isfinite(activated):
+        parts.append(f"{human(activated)} activated")
+    return ", ".join(parts)
+
+
+def slug(*values: object) -> str:
+    out = []
+    for prefix, value in zip(("w", "d"), values, strict=False):
+        if not is_nan(value):
+            out.append(f"{prefix}{float(value):g}")
+    return "_".join(out) or "all"
+
+
+def subplots(nrows: int, ncols: int, panel: tuple[float, float] = (3.2, 2.5), *, left: float = 0.7,
+             right: float = 0.2, bottom: float = 0.55, top: float = 0.65, wgap: float = 0.7, hgap: float = 0.75,
+             **kwargs: object) -> tuple[plt.Figure, np.ndarray]:
+    """A grid of panels of ``panel`` inches with fixed margins (inches); ``axes`` is always 2-D."""
+    width = left + right + ncols * panel[0] + (ncols - 1) * wgap
+    height = bottom + top + nrows * panel[1] + (nrows - 1) * hgap
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, **kwargs)
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height,
+                        top=1 - top / height, wspace=wgap / panel[0], hspace=hgap / panel[1])
+    return fig, axes
+
+
+def set_title(fig: plt.Figure, text: str) -> None:
+    fig.suptitle(text, y=1 - 0.12 / fig.get_figheight(), va="top")
+
+
+def ratio_axis(ax: plt.Axes, lo: float, hi: float, log: bool) -> None:
+    """Ratio x axis: log scale with plain ticks at 4, 8, 16, ... when ``log``."""
+    if not log:
+        return
+    ax.set_xscale("log")
+    ticks = [t for t in NICE_RATIOS if lo / 1.05 <= t <= hi * 1.05]
+    if len(ticks) > 7:
+        ticks = ticks[::2]
+    if len(ticks) >= 2:
+        ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _p: f"{v:g}"))
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+
+
+def count_axis(ax: plt.Axes, which: str = "x", kind: str = "params") -> None:
+    """Log axis of parameter counts (280M, 6.4B) or FLOPs (3e19)."""
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+    # ticks at 1, 2 and 5 per decade, so that a range narrower than a decade still gets labels
+    axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _p: human(v) if kind == "params" else _sci(v)))
+    axis.set_minor_locator(ticker.NullLocator())
+
+
+def save_figure(fig: plt.Figure, out_dir: Path, name: str, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Save ``fig`` as ``out_dir/name.<fmt>`` for each format, each atomically (temp file, rename); close it."""
+    paths = []
+    try:
+        for fmt in formats:
+            path = out_dir / f"{name}.{fmt}"
+            with atomic_file(path) as tmp:
+                fig.savefig(tmp, format=fmt, dpi=PNG_DPI if fmt == "png" else None)
+            paths.append(path)
+    finally:
+        plt.close(fig)
+    return paths
