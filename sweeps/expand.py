@@ -27,7 +27,7 @@ a width the sub-tables do not divide, any invalid model config, an unreachable r
 :attr:`Plan.skipped` with the reason, never dropped. Axes that do not apply to a family (``n`` for ``moe``,
 ``ratio`` for ``ple``) are left out of its point, so such crossings collapse.
 
-Run ids are :attr:`sweeps.run_config.RunConfig.run_id` of the planned run config (a hash of the model,
+Run ids are :attr:`embscale.training.config.RunConfig.run_id` of the planned run config (a hash of the model,
 training and data sections with defaults filled in; never the sweep name), so the same run in two sweeps is
 trained once, and duplicates within a sweep are collapsed (the first point wins; :attr:`Plan.duplicates`
 counts the rest).
@@ -81,7 +81,7 @@ def _canonical(value: Any) -> str:
 @dataclass
 class PlannedRun:
     """One run of a plan. ``config`` has the ``model``, ``training`` and ``data`` sections of a
-    :class:`~sweeps.run_config.RunConfig` (dispatch adds ``output``); ``accounting`` is
+    :class:`~embscale.training.config.RunConfig` (the plan adds ``output``); ``accounting`` is
     ``Accounting.to_dict(seq_len)``; ``flops`` = ``flops_per_token(seq_len) * tokens`` (6 N D + attention).
 
     ``target_ratio``: the ratio asked for (None for a run not placed by ratio); ``achieved_ratio``: its own
@@ -735,7 +735,7 @@ def plan_sweep(path: str) -> Plan:
 
 
 def to_run_config(run: PlannedRun, output: dict[str, Any] | None = None) -> RunConfig:
-    """The :class:`RunConfig` of a planned run (``output`` as dispatch fills it)."""
+    """The :class:`RunConfig` of a planned run (``output`` as the plan fills it)."""
     data = dict(run.config)
     if output is not None:
         data["output"] = output

@@ -1,7 +1,7 @@
 """Sweep files: what to train, as data (YAML read safely), validated before anything runs.
 
-A sweep file names a base model, how to train it, and the axes to vary; :func:`sweeps.expand.expand` turns it
-into parameter-matched runs. Every error is a :class:`models.config.ConfigError` whose field is the path of
+A sweep file names a base model, how to train it, and the axes to vary; :func:`embscale.sweeps.expand.expand` turns it
+into parameter-matched runs. Every error is a :class:`embscale.base.errors.ConfigError` whose field is the path of
 the bad value, prefixed with the file name when it comes from a file
 (``sweeps/x.yaml: grid.ratio[2]: must be greater than 1, got 1``).
 
@@ -23,7 +23,7 @@ Sections (unknown keys are rejected, naming them)::
       zero_expert_ratio: 0.5  # n_zero_experts = round(0.5 * n_experts), kept as experts are added
     ngram: {n: 3, k: 2, sizing: paper, amplification: sqrt_d}   # NE settings of ne/plne runs
     per_layer: {targets: first}   # the dense MLP of a shortcut layer that takes the PLE/PLNE embedding
-    training:                 # RunConfig.training (sweeps/run_config.py), after resolving:
+    training:                 # RunConfig.training (training/config.py), after resolving:
       tokens: 2.0e9           #   a token count, or
       tokens_per_activated: 20    # 20 x the run's activated parameters, rounded up to whole batches,
       batch_tokens: 65536     #   or steps: 1000
@@ -33,9 +33,10 @@ Sections (unknown keys are rejected, naming them)::
     grid: {family: [moe, ne], ratio: [8, 16, 24], base_ratio: [8]}   # crossed
     zip: {width: [256, 512], depth: [4, 8]}    # zipped (equal lengths); a list of such groups is allowed
     limits: {max_ne_share: 0.6, match_tolerance: 0.005, ratio_tolerance: 0.05, max_points: 1000000}
-    executor: {...}           # passed to dispatch unchanged (must be a mapping)
-    slurm: {...}              # passed to dispatch unchanged (must be a mapping)
-    tune: {...}               # passed to `embscale tune` unchanged (must be a mapping)
+    executor: {...}           # where runs train by default (sweeps/sections.py: type, cpu_jobs, ...)
+    slurm: {...}              # sbatch settings (sweeps/sections.py: partition, time, gpus_per_node, ...)
+    tune: {...}               # the `embscale tune` search (sweeps/sections.py; param, low and high may
+                              #   come from the command line)
 
 Model shorthands: ``width`` = ``d_model``, ``depth`` = ``n_layers``, ``heads`` = ``n_heads``, ``kv_heads`` =
 ``n_kv_heads``, ``experts`` = ``n_experts``, ``zero_experts`` = ``n_zero_experts``, ``shared_experts`` =

@@ -79,7 +79,10 @@ def wheel_venv(tmp_path_factory) -> Path:
     venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"
     site = Path(run(python, "import sysconfig; print(sysconfig.get_paths()['purelib'])", tmp).stdout.strip())
-    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # every site folder of this environment (its own, and the ones its .pth files add, such as a CUDA image's
+    # packages), as plain paths: their .pth files, this checkout's editable hook among them, are not run
+    sites = [p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))]
+    (site / "deps.pth").write_text("\n".join(dict.fromkeys([sysconfig.get_paths()["purelib"], *sites])) + "\n")
     installed = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
                                 "-q", str(wheels[0])], capture_output=True, text=True, timeout=600)
     assert installed.returncode == 0, installed.stdout + installed.stderr

@@ -80,6 +80,35 @@ def test_missing_file_is_exit_2(capsys, tmp_path):
     assert code == 2 and "nope.yaml" in err and "cannot read" in err
 
 
+UNREADABLE = {  # file bytes -> what the error says
+    "binary": (b"\x00\x01\x02 not text", "binary file"),
+    "latin1": ("name: café\n".encode("latin-1"), "not UTF-8"),
+    "empty": (b"", "is empty"),
+    "comments": (b"# nothing but a comment\n", "is empty"),
+    "folder": (None, "is a folder"),
+}
+
+
+@pytest.mark.parametrize("command", ["plan", "submit", "status", "tune", "train", "params"])
+@pytest.mark.parametrize("kind", sorted(UNREADABLE))
+def test_unreadable_file_is_exit_2_naming_it(command, kind, capsys, tmp_path, monkeypatch):
+    """Sweep files (plan, submit, status, tune), run files (train) and model configs (params) that are binary,
+    not UTF-8, empty or a folder: exit 2, the file named, nothing written."""
+    data, says = UNREADABLE[kind]
+    path = tmp_path / f"{kind}.yaml"
+    if data is None:
+        path.mkdir()
+    else:
+        path.write_bytes(data)
+    monkeypatch.chdir(tmp_path)
+    before = _tree(tmp_path)
+    code = main([command, str(path)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert path.name in err and says in err, err
+    assert _tree(tmp_path) == before
+
+
 # ----- validation, through parse_sweep -----
 def _parse(**changes) -> ConfigError:
     data = deep_merge(BASE, changes)

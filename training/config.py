@@ -169,7 +169,7 @@ class TrainingConfig:
 
 def training_identity(training: TrainingConfig) -> dict[str, Any]:
     """The training section as it enters the run id: every field, except the opt-in ones at their defaults
-    (``sweeps.expand`` hashes the same mapping)."""
+    (``embscale.sweeps.expand`` hashes the same mapping)."""
     identity = dataclasses.asdict(training)
     for name, default in _OPT_IN_TRAINING_DEFAULTS.items():
         if identity[name] == default:

@@ -44,7 +44,7 @@ def _pending_grad(table: torch.Tensor) -> SparseRowGrad | None:
 def all_reduce_table_grads(tables: Sequence[torch.Tensor], group: dist.ProcessGroup | None = None) -> None:
     """Replace each table's ``sparse_grads`` list by one ``SparseRowGrad``: the mean over the ranks of
     ``group`` of their merged local gradients, bit-identical on every rank (the same inputs in rank order,
-    re-reduced by the deterministic :func:`kernels.ngram.merge_sparse_grads`), so every rank's table
+    re-reduced by the deterministic :func:`embscale.kernels.ngram.merge_sparse_grads`), so every rank's table
     optimizer takes the same step. The mean matches DDP's averaging of the dense gradients: with the loss
     divided by the micro-batches per rank, it equals one process's gradient of the same global batch. Rows
     touched on any rank are present (possibly with a zero sum), as one process would see them.

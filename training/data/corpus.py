@@ -373,7 +373,7 @@ class UserCorpus(Corpus):
 
 
 def open_corpus(data_cfg: Any) -> Corpus:
-    """The corpus a :class:`~sweeps.run_config.DataConfig` names; errors name the field or file."""
+    """The corpus a :class:`~embscale.training.config.DataConfig` names; errors name the field or file."""
     if data_cfg.corpus == "builtin":
         return BuiltinCorpus()
     return UserCorpus(data_cfg.corpus, data_cfg.format, data_cfg.text_column, data_cfg.val_paths)

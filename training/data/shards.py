@@ -137,7 +137,7 @@ def prepare_data(data_cfg: Any, cache: Path | None = None,
                  report: Callable[[str], None] | None = log) -> PreparedData:
     """Open and check the corpus, get the tokenizer (cached or trained), get the shards (cached or built).
 
-    ``data_cfg`` is a :class:`~sweeps.run_config.DataConfig`. Everything is validated before anything is
+    ``data_cfg`` is a :class:`~embscale.training.config.DataConfig`. Everything is validated before anything is
     written, and cache entries are written atomically, so a bad corpus leaves nothing behind.
     """
     corpus = open_corpus(data_cfg)
