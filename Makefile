@@ -20,7 +20,11 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	@if $(PYTHON) -c "import sys, torch; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1; then \
+		echo "$(PYTHON) has a CUDA build of torch: $(VENV) uses its packages instead of downloading another"; \
+		$(PYTHON) -c "import site; print(site.getsitepackages()[0])" \
+			> "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_base_packages.pth"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		echo "CUDA machine: installing the default torch build"; \
 		$(PY) -m pip install -q "torch>=2.11"; \
 	else \
