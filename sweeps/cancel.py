@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from embscale.base import rundir
-from embscale.sweeps.executors import inspect_jobs, stop_jobs
 from embscale.sweeps.executors.jobmap import JobMap, hostname, process_alive
+from embscale.sweeps.executors.jobs import inspect_jobs, stop_jobs
 from embscale.sweeps.plan import SweepPlan
 from embscale.sweeps.status import driver_alive, view_runs
 from embscale.sweeps.submit import safe_log

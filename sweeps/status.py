@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from embscale.base import rundir
-from embscale.sweeps.executors import inspect_jobs
 from embscale.sweeps.executors.jobmap import JobMap, first_line, hostname, parse_time, process_alive
+from embscale.sweeps.executors.jobs import inspect_jobs
 from embscale.sweeps.expand import PlannedRun
 from embscale.sweeps.plan import SweepPlan
 
