@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from embscale.kernels import swiglu
-from embscale.kernels.runtime import triton_usable
+from embscale.kernels.runtime import cast, triton_usable
 from embscale.kernels.swiglu import reference_backward as _swiglu_weighted_bwd  # the weighted SwiGLU's math
 from embscale.kernels.swiglu import reference_forward as _swiglu_weighted_fwd
 
@@ -65,7 +65,7 @@ def _sum_slots(rows: torch.Tensor, slot_pos: torch.Tensor, slot_real: torch.Tens
         if slot_real is not None:
             picked = torch.where(slot_real[:, j:j + 1], picked, 0.0)
         out = picked if out is None else out + picked
-    return out.to(rows.dtype)
+    return cast(out, rows.dtype)
 
 
 _COMPILED: dict[str, object] = {}

@@ -34,6 +34,13 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype``, converting only when the dtype differs. A custom ``autograd.Function`` must not
+    return a no-op ``.to()``: traced by ``torch.compile`` (torch 2.11, AOT autograd) the gradient through such an
+    output is silently zero."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 _JITTED: dict[tuple[str, bool], dict] = {}
 
 
@@ -49,4 +56,4 @@ def lazy_kernels(owner: str, build: Callable[[], dict]) -> dict:
     return _JITTED[key]
 
 
-__all__ = ["interpreting", "lazy_kernels", "next_pow2", "triton_usable"]
+__all__ = ["cast", "interpreting", "lazy_kernels", "next_pow2", "triton_usable"]

@@ -56,7 +56,7 @@ except ImportError:  # pragma: no cover - exercised only without Triton
     triton = None
     tl = None
 
-from embscale.kernels.runtime import interpreting, lazy_kernels, triton_usable
+from embscale.kernels.runtime import cast, interpreting, lazy_kernels, triton_usable
 from embscale.kernels.runtime import next_pow2 as _next_pow2
 
 # ------------------------------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def reference_forward(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tens
     """``silu(g) * u * w`` for ``gate_up = [g | u]`` (M, 2H) and per-row weights ``w`` (M,): (M, H) in the
     dtype of ``gate_up``, computed in fp32 (fp64 for fp64 data)."""
     g, u = gate_up.to(_accumulation_dtype(gate_up.dtype)).chunk(2, dim=-1)
-    return (torch.nn.functional.silu(g) * u * weight.unsqueeze(-1)).to(gate_up.dtype)
+    return cast(torch.nn.functional.silu(g) * u * weight.unsqueeze(-1), gate_up.dtype)
 
 
 def reference_backward(grad: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor,
@@ -107,7 +107,7 @@ def reference_backward(grad: torch.Tensor, gate_up: torch.Tensor, weight: torch.
     grad_h = grad * weight.unsqueeze(-1)
     grad_g = grad_h * u * sig * (1.0 + g * (1.0 - sig))
     grad_u = grad_h * silu
-    return torch.cat((grad_g, grad_u), dim=-1).to(gate_up.dtype), grad_weight.to(weight.dtype)
+    return cast(torch.cat((grad_g, grad_u), dim=-1), gate_up.dtype), cast(grad_weight, weight.dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------

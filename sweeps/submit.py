@@ -35,7 +35,6 @@ from embscale.sweeps.executors.base import Executor, Job, Record, drive
 from embscale.sweeps.executors.debug import DebugExecutor
 from embscale.sweeps.executors.jobmap import JobMap, first_line, hostname, proc_start_time
 from embscale.sweeps.executors.local import (
-    DEFAULT_LOCAL_TIMEOUT_MIN,
     LocalExecutor,
     SlotPool,
     available_gpus,
@@ -103,7 +102,7 @@ def make_executor(plan: SweepPlan, options: SubmitOptions, snapshot: Path | None
                         "EMBSCALE_FAKE_GPUS); use --gpus-per-run 0 for CPU runs")
     if gpus and gpus_per_run > len(gpus):
         raise UserError(f"runs need {gpus_per_run} GPUs each but only {len(gpus)} are visible")
-    timeout = options.timeout_min or section.get("timeout_min") or DEFAULT_LOCAL_TIMEOUT_MIN
+    timeout = options.timeout_min or section.get("timeout_min")
     executor = LocalExecutor(folder, SlotPool(gpus, cpu_jobs), log=log, timeout_min=timeout,
                              extra_env=job_environment(snapshot),
                              cwd=snapshot if sys.version_info < (3, 11) else None)  # no PYTHONSAFEPATH before 3.11

@@ -1,19 +1,36 @@
 """Suite-wide setup.
 
-Without a GPU, Triton kernels run in Triton's interpreter. It must be switched on before anything imports
-Triton (``import torch._dynamo`` does), or kernels that call Triton's own jitted helpers fail in some test
-orders; so it is set here, before any test module is imported. On a CUDA machine the kernels compile for real.
+Where the Triton kernels run is decided here, once: compiled on the GPU when CUDA is usable, otherwise in
+Triton's CPU interpreter. The interpreter must be switched on before anything imports Triton (``import
+torch._dynamo`` does), or kernels that call Triton's own jitted helpers fail in some test orders; so it is set
+here, before any test module is imported, and only without a GPU (on a CUDA machine the kernels compile for
+real, and the kernel tests compare the compiled kernels with their PyTorch twins). Kernel tests take the
+``kernel_device`` fixture and create their inputs there.
 """
 
 import os
 import shutil
 
-if shutil.which("nvidia-smi") is None:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if shutil.which("nvidia-smi") is None:  # no driver: no GPU; switched on before anything can import Triton
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# A driver but no usable device (a CPU build of torch, a hidden GPU): the interpreter too. `import torch` does
+# not import Triton, so this is still in time.
+CUDA = shutil.which("nvidia-smi") is not None and torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+KERNEL_DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+
+@pytest.fixture(scope="session")
+def kernel_device() -> torch.device:
+    """Where the kernel tests put their tensors: ``cuda`` (the compiled kernels) when a GPU is usable, else
+    ``cpu`` (the kernels in Triton's interpreter)."""
+    return KERNEL_DEVICE
 
 
 @pytest.fixture

@@ -62,10 +62,11 @@ def test_dispatch_matches_reference_forward_and_backward(changes):
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-10, atol=1e-10, msg=name)
 
 
-def test_dispatch_float32_and_empty_experts():
-    moe = make_moe(dtype=torch.float32, n_experts=8, n_zero_experts=2, top_k=2)
+def test_dispatch_float32_and_empty_experts(kernel_device):
+    """On CUDA the layer's own fast path: the routing and weighted-SwiGLU kernels, compiled."""
+    moe = make_moe(dtype=torch.float32, n_experts=8, n_zero_experts=2, top_k=2).to(kernel_device)
     force_routing(moe, [1, 8])  # expert 1 and zero expert 8; all other experts receive nothing
-    x, grad_out = torch.randn(40, 32), torch.randn(40, 32)
+    x, grad_out = torch.randn(40, 32).to(kernel_device), torch.randn(40, 32).to(kernel_device)
     y, gx, grads = outputs_and_grads(moe, x, grad_out, reference=False)
     y_ref, gx_ref, grads_ref = outputs_and_grads(moe, x, grad_out, reference=True)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)

@@ -6,9 +6,10 @@ path runs. Eager CPU runs neither (it loops over segments, reading the offsets o
 results are compared with eager ones with the ``aot_eager`` backend (no C++ toolchain needed). Not covered:
 CUDA in float32, which still takes the host-reading loop and breaks the graph there.
 
-``torch._dynamo`` is imported inside the tests, not at collection: it imports Triton, and Triton must first be
-imported after the kernel test modules set ``TRITON_INTERPRET=1`` (its interpreter cannot call the jitted
-helpers of ``triton.language`` otherwise).
+``torch._dynamo`` imports Triton; it is imported inside the tests, not at collection. On a machine without a GPU,
+conftest.py sets ``TRITON_INTERPRET=1`` before any test module is imported, so Triton is first imported under the
+interpreter (which cannot call the jitted helpers of ``triton.language`` otherwise). These tests run on the CPU on
+every machine.
 """
 
 from __future__ import annotations

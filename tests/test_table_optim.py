@@ -1,31 +1,24 @@
 """TableAdamW (kernels/table_optim.py): the dense mode equals torch's AdamW, the sparse mode a per-row lazy
-Adam reference, compact moments a float64 partial row-wise reference, the Triton kernels (under
-TRITON_INTERPRET=1) their PyTorch twins; padded gradients (PAD_ROW slots) give exactly the unpadded results;
-state round-trips through torch.save / torch.load(weights_only=True); and the trainer's opt-in wiring (clipping
-over sparse gradients, training with each mode and with compact moments, exact resume with the sparse mode, a
-model without N-gram tables refused). Under DDP: tests/test_ddp.py."""
+Adam reference, compact moments a float64 partial row-wise reference, the Triton kernels (compiled on CUDA
+tensors when a GPU is there, otherwise in Triton's CPU interpreter: conftest.py decides, the ``kernel_device``
+fixture) their PyTorch twins; padded gradients (PAD_ROW slots) give exactly the unpadded results; state
+round-trips through torch.save / torch.load(weights_only=True); and the trainer's opt-in wiring on the CPU
+(clipping over sparse gradients, training with each mode and with compact moments, exact resume with the sparse
+mode, a model without N-gram tables refused). Under DDP: tests/test_ddp.py."""
 
 from __future__ import annotations
 
-import os
+import io
+from pathlib import Path
 
-# Before any Triton kernel is decorated: kernels.table_optim decorates at first launch, under this switch.
-os.environ["TRITON_INTERPRET"] = "1"
+import pandas as pd
+import pytest
+import torch
+from test_data import write_text_corpus
 
-import io  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from test_data import write_text_corpus  # noqa: E402
-
-from embscale.base.errors import ConfigError  # noqa: E402
-from embscale.base.rundir import (
-    list_checkpoints,  # noqa: E402
-    write_status,  # noqa: E402
-)
-from embscale.kernels.table_optim import (  # noqa: E402
+from embscale.base.errors import ConfigError
+from embscale.base.rundir import list_checkpoints, write_status
+from embscale.kernels.table_optim import (
     PAD_ROW,
     RowGrad,
     TableAdamW,
@@ -35,9 +28,9 @@ from embscale.kernels.table_optim import (  # noqa: E402
     sparse_step_torch,
     sparse_step_triton,
 )
-from embscale.training.config import RunConfig  # noqa: E402
-from embscale.training.optim import clip_gradients  # noqa: E402
-from embscale.training.trainer import train_run  # noqa: E402
+from embscale.training.config import RunConfig
+from embscale.training.optim import clip_gradients
+from embscale.training.trainer import train_run
 
 HYPER = {"lr": 3e-2, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
 
@@ -58,6 +51,11 @@ def padded(grad: RowGrad, extra: int) -> RowGrad:
     ``kernels.ngram.SparseRowGrad``, whose P is the number of lookups and U only known on the device."""
     rows = torch.cat([grad.rows, torch.full((extra,), PAD_ROW, dtype=torch.int64)])
     return RowGrad(rows, torch.cat([grad.values, grad.values.new_zeros(extra, grad.values.shape[1])]))
+
+
+def moved(grad: RowGrad, device: torch.device) -> RowGrad:
+    """``grad`` (made on the CPU: the same values on every machine) on ``device``."""
+    return RowGrad(grad.rows.to(device), grad.values.to(device))
 
 
 def state_tensors(num_rows: int, d: int, generator: torch.Generator, moments: str = "full") -> list[torch.Tensor]:
@@ -201,18 +199,19 @@ def test_sparse_mode_with_a_dense_grad_updates_its_nonzero_rows():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Triton kernels (interpreter) against the twins
+# Triton kernels (compiled on a GPU, interpreted on the CPU) against the twins
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("moments", ["full", "compact"])
 @pytest.mark.parametrize("num_rows,d,block_rows", [(37, 5, 4), (19, 130, 8)])
-def test_dense_kernel_matches_the_twin(num_rows, d, block_rows, moments):
+def test_dense_kernel_matches_the_twin(num_rows, d, block_rows, moments, kernel_device):
     generator = torch.Generator().manual_seed(4)
     beta1, beta2 = HYPER["betas"]
-    tensors = state_tensors(num_rows, d, generator, moments)
+    tensors = [t.to(kernel_device) for t in state_tensors(num_rows, d, generator, moments)]
     twin = [t.clone() for t in tensors]
     for step in range(1, 5):
         count = [7, 0, num_rows, 5][step - 1]  # some rows, none, all, some with padding
         grad = padded(random_row_grad(generator, num_rows, d, touchable=num_rows, count=count), 3 * (step // 4))
+        grad = moved(grad, kernel_device)
         kw = {"step": step, "lr": 1e-2, "beta1": beta1, "beta2": beta2, "eps": 1e-8, "weight_decay": 0.1}
         dense_step_triton(*tensors, grad.rows, grad.values, block_rows=block_rows, **kw)
         dense_step_torch(*twin, grad.rows, grad.values, **kw)
@@ -223,16 +222,18 @@ def test_dense_kernel_matches_the_twin(num_rows, d, block_rows, moments):
 
 
 @pytest.mark.parametrize("moments", ["full", "compact"])
-def test_sparse_kernel_matches_the_twin(moments):
+def test_sparse_kernel_matches_the_twin(moments, kernel_device):
     """Step counts and bias corrections are computed in the kernel (float64 exp(t log b)), the twin's with
     torch.pow: they agree to an fp32 ulp, so the tolerance stays tight."""
     generator = torch.Generator().manual_seed(5)
     num_rows, d = 41, 6
     beta1, beta2 = HYPER["betas"]
     tensors = state_tensors(num_rows, d, generator, moments) + [torch.zeros(num_rows, dtype=torch.int64)]
+    tensors = [t.to(kernel_device) for t in tensors]
     twin = [t.clone() for t in tensors]
     for step in range(6):
         grad = padded(random_row_grad(generator, num_rows, d, touchable=num_rows - 3, count=11), step % 3 * 4)
+        grad = moved(grad, kernel_device)
         kw = {"lr": 1e-2 * (1 - step / 10), "beta1": beta1, "beta2": beta2, "eps": 1e-8, "weight_decay": 0.1}
         sparse_step_triton(*tensors, grad.rows, grad.values, block_touched=4, **kw)
         sparse_step_torch(*twin, grad.rows, grad.values, **kw)
@@ -243,13 +244,15 @@ def test_sparse_kernel_matches_the_twin(moments):
     assert tensors[3][num_rows - 3:].sum() == 0  # never touched: padding never counts as a row
 
 
-def test_sparse_kernel_bias_corrections_at_large_step_counts():
+def test_sparse_kernel_bias_corrections_at_large_step_counts(kernel_device):
     """Rows with step counts in the thousands (b2^t far from 1) and in the first steps (1 - b^t tiny)."""
     generator = torch.Generator().manual_seed(15)
     num_rows, d = 16, 4
     tensors = state_tensors(num_rows, d, generator) + [torch.tensor([0, 1, 2, 9, 99, 999, 4999, 99999] * 2)]
+    tensors = [t.to(kernel_device) for t in tensors]
     twin = [t.clone() for t in tensors]
     grad = padded(random_row_grad(generator, num_rows, d, touchable=num_rows, count=num_rows), 5)
+    grad = moved(grad, kernel_device)
     kw = {"lr": 3e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
     sparse_step_triton(*tensors, grad.rows, grad.values, **kw)
     sparse_step_torch(*twin, grad.rows, grad.values, **kw)
@@ -259,16 +262,16 @@ def test_sparse_kernel_bias_corrections_at_large_step_counts():
 
 @pytest.mark.parametrize("moments", ["full", "compact"])
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
-def test_optimizer_on_the_triton_backend_matches_the_torch_backend(mode, moments):
+def test_optimizer_on_the_triton_backend_matches_the_torch_backend(mode, moments, kernel_device):
     generator = torch.Generator().manual_seed(6)
-    init = torch.randn(30, 5, generator=generator)
+    init = torch.randn(30, 5, generator=generator).to(kernel_device)
     a, b = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
     opt_a = TableAdamW([a], mode=mode, backend="triton", moments=moments, **HYPER)
     opt_b = TableAdamW([b], mode=mode, backend="torch", moments=moments, **HYPER)
     for step in range(6):
-        # Merged beforehand with the PyTorch twin: this compares the update kernels, not kernels.ngram's merge
-        # (whose interpreted kernel needs TRITON_INTERPRET set before anything imports triton).
-        grads = [merge_row_grads(step_grads(generator, 30, 5, step), use_triton=False)]
+        # Merged beforehand with the PyTorch twin (on the CPU): this compares the update kernels, not
+        # kernels.ngram's merge (tests/test_kernels_ngram.py compares that).
+        grads = [moved(merge_row_grads(step_grads(generator, 30, 5, step), use_triton=False), kernel_device)]
         a.sparse_grads, b.sparse_grads = list(grads), list(grads)
         opt_a.step()
         opt_b.step()
@@ -287,7 +290,7 @@ def test_pad_row_is_the_producers():
 @pytest.mark.parametrize("moments", ["full", "compact"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
-def test_padding_slots_change_nothing(mode, backend, moments):
+def test_padding_slots_change_nothing(mode, backend, moments, kernel_device):
     """The same steps with and without padding give bit-identical tables and state, including a step with
     no slots at all (P = 0) and one with padding only."""
     generator = torch.Generator().manual_seed(9)
@@ -296,12 +299,13 @@ def test_padding_slots_change_nothing(mode, backend, moments):
     steps.insert(1, RowGrad(torch.zeros(0, dtype=torch.int64), torch.zeros(0, d)))
     steps.append(steps[1])
     extras = [4, 3, 1, 7, 2]  # padding per step: the second step is all padding, the last one too
-    init = torch.randn(num_rows, d, generator=generator)
+    init = torch.randn(num_rows, d, generator=generator).to(kernel_device)
     plain, pad = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
     opt_plain = TableAdamW([plain], mode=mode, backend=backend, moments=moments, **HYPER)
     opt_pad = TableAdamW([pad], mode=mode, backend=backend, moments=moments, **HYPER)
     for grad, extra in zip(steps, extras, strict=True):
-        plain.sparse_grads, pad.sparse_grads = [grad], [padded(grad, extra)]
+        plain.sparse_grads = [moved(grad, kernel_device)]
+        pad.sparse_grads = [moved(padded(grad, extra), kernel_device)]
         opt_plain.step()
         opt_pad.step()
         opt_plain.zero_grad()
@@ -313,11 +317,12 @@ def test_padding_slots_change_nothing(mode, backend, moments):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_a_padding_only_gradient_in_sparse_mode_moves_nothing(backend):
-    init = torch.randn(9, 3)
+def test_a_padding_only_gradient_in_sparse_mode_moves_nothing(backend, kernel_device):
+    init = torch.randn(9, 3).to(kernel_device)
     table = torch.nn.Parameter(init.clone())
     optimizer = TableAdamW([table], mode="sparse", backend=backend, **HYPER)
-    table.sparse_grads = [padded(RowGrad(torch.zeros(0, dtype=torch.int64), torch.zeros(0, 3)), 6)]
+    table.sparse_grads = [moved(padded(RowGrad(torch.zeros(0, dtype=torch.int64), torch.zeros(0, 3)), 6),
+                                kernel_device)]
     optimizer.step()
     state = optimizer.state[table]
     assert torch.equal(table.data, init) and state["row_step"].sum() == 0 and state["exp_avg"].abs().sum() == 0
@@ -418,17 +423,19 @@ def test_compact_moments_equal_a_row_wise_reference_over_20_steps(mode):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # g^2 of the huge entries
-def test_compact_first_moment_rounds_to_nearest_even_in_the_kernel():
+def test_compact_first_moment_rounds_to_nearest_even_in_the_kernel(kernel_device):
     """beta1 = 0 from zero moments stores bf16(g): halfway cases, signs, tiny and huge values, inf and NaN
     must round like torch's .to(torch.bfloat16) (the interpreter's own cast would truncate)."""
     ulp = 2.0**-7  # bf16 spacing in [1, 2)
     special = [1 + ulp / 2, 1 + 3 * ulp / 2, -(1 + ulp / 2), 1 + ulp / 2 + 2**-20, 1 + ulp / 2 - 2**-20,
                3.3895314e38, -1e-40, 1e-30, float("inf"), float("-inf"), float("nan"), 0.0]
     values = torch.cat([torch.tensor(special), torch.randn(52, generator=torch.Generator().manual_seed(12))])
-    values = values.reshape(8, 8)
-    table, exp_avg, exp_avg_sq = torch.zeros(8, 8), torch.zeros(8, 8, dtype=torch.bfloat16), torch.zeros(8)
-    dense_step_triton(table, exp_avg, exp_avg_sq, torch.arange(8), values, step=1, lr=1e-3, beta1=0.0,
-                      beta2=0.5, eps=1e-8, weight_decay=0.0)
+    values = values.reshape(8, 8).to(kernel_device)
+    table = torch.zeros(8, 8, device=kernel_device)
+    exp_avg = torch.zeros(8, 8, dtype=torch.bfloat16, device=kernel_device)
+    exp_avg_sq = torch.zeros(8, device=kernel_device)
+    dense_step_triton(table, exp_avg, exp_avg_sq, torch.arange(8, device=kernel_device), values, step=1, lr=1e-3,
+                      beta1=0.0, beta2=0.5, eps=1e-8, weight_decay=0.0)
     nan = values.isnan()  # any NaN will do (torch's CPU cast writes 0xFFFF, the kernel the canonical 0x7FC0)
     assert torch.equal(exp_avg.isnan(), nan)
     assert torch.equal(exp_avg[~nan].view(torch.int16), values[~nan].to(torch.bfloat16).view(torch.int16))
@@ -527,7 +534,7 @@ def test_bad_arguments_are_refused():
 # Trainer wiring
 # ----------------------------------------------------------------------------------------------------------
 def test_clipping_includes_the_sparse_gradients(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")  # merge with the PyTorch twin (as the trainer does on CPU)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # merge with the PyTorch twin, as the trainer on CPU
     generator = torch.Generator().manual_seed(8)
     weight = torch.nn.Parameter(torch.randn(3, 3, generator=generator))
     table = torch.nn.Parameter(torch.randn(10, 2, generator=generator))
@@ -557,7 +564,7 @@ def corpus(tmp_path_factory):
 def trainer_env(corpus, monkeypatch):
     monkeypatch.setenv("EMBSCALE_CACHE", str(corpus / "cache"))
     monkeypatch.setenv("EMBSCALE_PROGRESS", "off")
-    monkeypatch.delenv("TRITON_INTERPRET")  # the trainer on CPU runs the PyTorch twins
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the trainer on CPU runs the PyTorch twins
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield corpus

@@ -234,12 +234,13 @@ def _reap(pid: int) -> None:
 
 
 class LocalExecutor(Executor):
-    """Jobs on this machine through :class:`PinnedLocalExecutor`, never more than the slots allow."""
+    """Jobs on this machine through :class:`PinnedLocalExecutor`, never more than the slots allow. A job is
+    stopped after ``timeout_min`` minutes (default: :data:`DEFAULT_LOCAL_TIMEOUT_MIN`)."""
 
     name = "local"
 
     def __init__(self, folder: Path, pool: SlotPool, *, log: Callable[[str], None],
-                 timeout_min: float = DEFAULT_LOCAL_TIMEOUT_MIN, extra_env: dict[str, str] | None = None,
+                 timeout_min: float | None = None, extra_env: dict[str, str] | None = None,
                  cwd: Path | None = None):
         super().__init__(folder, log)
         self.pool = pool
@@ -281,7 +282,10 @@ class LocalExecutor(Executor):
 
     def _start(self, job: Job, gpus: list[str]) -> Record:
         executor = PinnedLocalExecutor(self.folder)
-        executor.update_parameters(timeout_min=self.timeout_min, tasks_per_node=max(1, len(gpus)),
+        if self.timeout_min and hasattr(job.fn, "timeout_min"):  # a RunJob restarts itself near the limit
+            job.fn.timeout_min = self.timeout_min
+        executor.update_parameters(timeout_min=self.timeout_min or DEFAULT_LOCAL_TIMEOUT_MIN,
+                                   tasks_per_node=max(1, len(gpus)),
                                    gpus_per_node=len(gpus))
         executor.devices = ",".join(gpus)
         executor.cwd = self.cwd
