@@ -266,3 +266,16 @@ def test_bad_input_exits_2_and_writes_nothing(corpus, tmp_path, capsys, case, ex
     assert not (tmp_path / "results").exists()
     assert [p for p in sorted((corpus / "cache").rglob("*")) if p.suffix != ".lock"] == \
         [p for p in cache_before if p.suffix != ".lock"]
+
+
+def test_tf32_is_put_back_after_a_cuda_run():
+    """A run on CUDA trains with TF32 float32 products, and leaves the process's switches as it found them (a
+    test or notebook that trains in-process must not find its own float32 products changed)."""
+    from embscale.training.trainer import tf32_matmuls
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    with tf32_matmuls(torch.device("cuda")):
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    with tf32_matmuls(torch.device("cpu")):
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before

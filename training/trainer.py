@@ -9,7 +9,8 @@ whose steps a reader can hold in mind one at a time:
    position, step and every RNG, with the metrics cut back to the checkpoint's step. On CPU a resumed run
    reproduces the uninterrupted loss curve bit for bit.
 3. :meth:`Trainer.begin` writes ``run.json`` (resolved config, accounting, corpus fingerprint, tokenizer, and the
-   planned keys the sweep engine gave) for a new run, and status ``running``.
+   planned keys the sweep engine gave) for a new run, and status ``running``. On CUDA, float32 matrix products
+   use TF32 while the run trains (:func:`tf32_matmuls`), and the process's setting is put back afterwards.
 4. :meth:`Trainer.step` is one optimizer step: gradient accumulation over the micro-batches (bf16 autocast on GPU,
    fp32 on CPU), the MoE auxiliary loss added, row-sparse table gradients averaged over the ranks, gradients
    clipped (one global norm over dense and sparse ones), the optimizers stepped, and the router biases updated on
@@ -115,6 +116,22 @@ class StopFlag:
         self._previous.clear()
 
 
+@contextlib.contextmanager
+def tf32_matmuls(device: torch.device):
+    """TF32 for the float32 matrix products of a run on CUDA (the model's compute is bf16 under autocast), put
+    back as it was afterwards: the switch is global to the process, and a caller that trains a run in-process
+    must not find its own float32 products changed."""
+    if device.type != "cuda":
+        yield
+        return
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def run_dir_for(run_cfg: RunConfig) -> Path:
     """``<output.root>/<output.sweep>/<run_id>``."""
     return Path(run_cfg.output.root) / run_cfg.output.sweep / run_cfg.run_id
@@ -137,9 +154,10 @@ def train_run(run_cfg: RunConfig, run_dir: str | Path | None = None, resume: boo
         if trainer.stored_summary is not None:
             summary = trainer.stored_summary
         else:
-            trainer.restore()
-            trainer.begin()
-            summary = trainer.run()
+            with tf32_matmuls(trainer.device):
+                trainer.restore()
+                trainer.begin()
+                summary = trainer.run()
         # every rank leaves together before the group is destroyed: a gloo rank destroying its group while
         # another still writes its last files can abort ("terminate called without an active exception")
         dist.barrier()
@@ -241,7 +259,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- begin
     def begin(self) -> None:
-        """Write run.json (a new run) and status ``running``; wrap the model for data parallelism and compile."""
+        """Write run.json (a new run) and status ``running``; wrap the model for data parallelism and compile it."""
         cfg, dist = self.cfg, self.dist
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -252,9 +270,6 @@ class Trainer:
         self.forward_model = wrap_data_parallel(self.model, dist, self.device, self.tables)
         if cfg.compile:
             self.forward_model = torch.compile(self.forward_model)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
 
     def _run_record(self) -> dict[str, Any]:
         shards, tokenizer = self.shards, self.tokenizer
