@@ -189,7 +189,7 @@ class _Driver:
             self.wait(jobs)
 
     def wait(self, jobs: list[Job]) -> None:
-        total = len(jobs) + len(self.report.adopted)
+        total = len(jobs) + len(self.executor.running())  # to start, and started (adopted or submitted)
         interval = self.options.log_interval_s
         last_line = [time.monotonic()]
         if progress_mode() == "bar" and total:
