@@ -70,7 +70,11 @@ def _sci(n: float, _pos: object = None) -> str:
 
 
 def split_title(split: str) -> str:
-    return "training loss" if split == "train" else f"validation loss ({split[len('val_'):]})"
+    """``train`` -> "training loss", ``val`` (a single held-out split) -> "validation loss", ``val_code`` ->
+    "validation loss (code)"."""
+    if split == "train":
+        return "training loss"
+    return "validation loss" if split == "val" else f"validation loss ({split[len('val_'):]})"
 
 
 def series_label(family: str, base_ratio: object = None) -> str:

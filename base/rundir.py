@@ -12,7 +12,8 @@ writes go through :mod:`embscale.base.files` (temporary file, then rename)::
                       sweep engine's ``job_id``; what the trainer leaves at the end of an attempt: ``summary``,
                       ``diverged_at``, ``signal``, ``traceback``.
     metrics.parquet   one row per optimizer step (``step``, ``tokens``, ``lr``, ``train_loss``, ...,
-                      ``val_<split>_loss`` and ``norm_<name>`` at evaluation steps, NaN elsewhere).
+                      ``val_<split>_loss`` (:func:`val_loss_column`: ``val_loss`` for a single held-out split)
+                      and ``norm_<name>`` at evaluation steps, NaN elsewhere).
     checkpoints/      ``step_00001200.pt`` (a plain dict of tensors, numbers, strings, lists and dicts: loaded with
                       ``weights_only=True``, nothing unpickled) and ``step_00001200.pt.sha256``.
 
@@ -150,6 +151,15 @@ def write_status(run_dir: Path, state: str, **fields: Any) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------- metrics
+HELD_OUT_SPLIT = "val"  # the validation split of a corpus without named ones
+
+
+def val_loss_column(split: str) -> str:
+    """The metrics column of a validation split's loss: ``val_<split>_loss``, and ``val_loss`` for the single
+    held-out split (``val``) of a corpus without named validation sets."""
+    return "val_loss" if split == HELD_OUT_SPLIT else f"val_{split}_loss"
+
+
 def metrics_path(run_dir: Path) -> Path:
     return Path(run_dir) / METRICS_FILE
 
@@ -274,10 +284,12 @@ def remove_partial_writes(run_dir: Path) -> None:
 
 
 __all__ = [
-    "CHECKPOINT_DIR", "DONE_STATES", "FAILED_STATES", "FAILED_TO_START", "IN_FLIGHT_STATES", "LOST", "METRICS_FILE",
+    "CHECKPOINT_DIR", "DONE_STATES", "FAILED_STATES", "FAILED_TO_START", "HELD_OUT_SPLIT", "IN_FLIGHT_STATES", "LOST",
+    "METRICS_FILE",
     "PLANNED_BY", "RUN_FILE", "SHOWN_STATES", "STATES", "STATUS_FILE", "TERMINAL_STATES", "checkpoint_dir",
     "checkpoint_path", "is_run_dir", "list_checkpoints", "load_latest_checkpoint", "metrics_path",
     "read_json_checked", "read_metrics", "read_metrics_checked", "read_run_record", "read_status",
-    "remove_partial_writes", "run_state", "save_checkpoint", "utc_now", "verify_checkpoint", "with_planned",
+    "remove_partial_writes", "run_state", "save_checkpoint", "utc_now", "val_loss_column", "verify_checkpoint",
+    "with_planned",
     "write_metrics", "write_planned_record", "write_run_record", "write_status", "written_by_trainer",
 ]

@@ -156,7 +156,7 @@ class TuneSpec:
     log: bool = False
     trials: int = 8
     per: str | None = None
-    metric: str = "val_loss"
+    metric: str | None = None  # None: the first validation loss the runs write
     direction: str = "minimize"
     where: dict[str, Any] = field(default_factory=dict)
     pruner: str = "median"
@@ -236,8 +236,8 @@ def _check_tune(section: Any, axes: tuple[str, ...], partial: bool) -> TuneSpec 
     where = section.get("where") or {}
     if not isinstance(where, dict):
         raise ConfigError("tune.where", f"must be a mapping of point values, e.g. {{family: moe}}, got {where!r}")
-    metric = section.get("metric", "val_loss")
-    if not isinstance(metric, str) or not metric:
+    metric = section.get("metric")
+    if metric is not None and (not isinstance(metric, str) or not metric):
         raise ConfigError("tune.metric", f"must be a metrics column name such as val_code_loss, got {metric!r}")
     parallel = section.get("parallel")
     trials = _count(section.get("trials", 8), "tune.trials", 1)

@@ -9,7 +9,7 @@ The search is described by the sweep file's ``tune:`` section (command-line flag
       log: true              # sample on a log scale
       trials: 8              # trials per study
       per: width             # optional: one study per value of this sweep axis
-      metric: val_code_loss  # a metrics.parquet column; its last value is the trial's result
+      metric: val_code_loss  # a metrics column (default: the first validation loss); its last value is the result
       direction: minimize    # or maximize
       where: {family: moe}   # optional: which run of each group is tuned (default: the first)
       pruner: median         # median (prune on intermediate validation losses) or none
@@ -30,6 +30,7 @@ with ``per``), ready for ``embscale submit``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import signal
 import time
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from embscale.base import rundir
-from embscale.base.errors import UserError
+from embscale.base.errors import ConfigError, UserError
 from embscale.base.files import atomic_write_text
 from embscale.sweeps.executors.base import Job
 from embscale.sweeps.executors.jobmap import JobMap
@@ -128,12 +129,39 @@ def _trial_job(plan: SweepPlan, group: Group, spec: TuneSpec, value: float,
     return Job(key="", fn=job, gpus=gpus), run_dir
 
 
+def metric_columns(plan: SweepPlan, spec: TuneSpec) -> list[str]:
+    """The metrics columns the tuned runs will write, validation losses first (what ``tune.metric`` may name)."""
+    from embscale.training.config import DataConfig
+    from embscale.training.data.corpus import val_split_names
+    from embscale.training.metrics import BASE_COLUMNS
+
+    columns: list[str] = []
+    for group in _groups(plan, spec):
+        data = DataConfig(**dict(group.run.config).get("data", {}))
+        columns += [rundir.val_loss_column(split) for split in val_split_names(data)]
+    others = [c for c in BASE_COLUMNS if c not in ("step", "tokens", "lr")] + ["aux_loss"]
+    return list(dict.fromkeys(columns + others))
+
+
+def resolve_metric(plan: SweepPlan, spec: TuneSpec) -> TuneSpec:
+    """``spec`` with its metric checked against the columns the runs will write (a ConfigError naming
+    ``tune.metric`` and the valid names otherwise), or, when none was given, the first validation loss."""
+    columns = metric_columns(plan, spec)
+    if spec.metric is None:
+        return dataclasses.replace(spec, metric=columns[0])
+    if spec.metric not in columns:
+        raise ConfigError("tune.metric", f"{spec.metric!r} is not a column the tuned runs write; one of "
+                                         f"{', '.join(columns)}")
+    return spec
+
+
 def tune(plan: SweepPlan, spec: TuneSpec, options: SubmitOptions,
          log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the studies; returns ``{group label: {"value": best param, "metric": best metric, ...}}``.
 
-    One driver per sweep: ``submit`` and ``tune`` of the same sweep do not run at once; ``embscale cancel``
-    stops the tuner and its trials."""
+    The metric is checked before anything is written (:func:`resolve_metric`). One driver per sweep: ``submit``
+    and ``tune`` of the same sweep do not run at once; ``embscale cancel`` stops the tuner and its trials."""
+    spec = resolve_metric(plan, spec)
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     with driver_lock(plan, f"tune-{options.executor}"):
         return _tune(plan, spec, options, log)
@@ -345,4 +373,4 @@ def write_tuned(plan: SweepPlan, spec: TuneSpec, best: dict[str, dict[str, Any]]
     return path
 
 
-__all__ = ["final_value", "metric_values", "tune", "tuned_mapping", "write_tuned"]
+__all__ = ["final_value", "metric_columns", "metric_values", "resolve_metric", "tune", "tuned_mapping", "write_tuned"]

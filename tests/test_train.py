@@ -118,6 +118,24 @@ def test_moe_run_reports_load_statistics(corpus, tmp_path):
     assert frame["zero_expert_fraction"].between(0, 1).all() and (frame["aux_loss"] > 0).all()
 
 
+def test_one_held_out_split_reads_as_val_loss(corpus, tmp_path):
+    """A corpus without named validation sets holds 2% out as split ``val``: its column is ``val_loss`` (not
+    ``val_val_loss``), the collected column ``final_val_loss``, and its panels say "validation loss"."""
+    from embscale.analysis.store import collect, splits
+    from embscale.analysis.style import split_title
+
+    write_text_corpus(tmp_path / "docs", 300, seed=3, sentences=8)  # enough documents for a 2% hold-out
+    cfg = config(corpus, tmp_path, steps=4, eval_every=2)
+    cfg["data"] = {"corpus": str(tmp_path / "docs"), "vocab_size": 300}
+    summary = train_run(RunConfig.from_dict(cfg))
+    frame = metrics_of(summary)
+    assert "val_loss" in frame.columns and not any(c.startswith("val_val") for c in frame.columns)
+    assert summary["val_loss"] == pytest.approx(frame["val_loss"].dropna().iloc[-1])
+    runs, _ = collect(Path(summary["run_dir"]).parent, write=False)
+    assert splits(runs) == ["train", "val"] and runs["final_val_loss"].notna().all()
+    assert split_title("val") == "validation loss" and split_title("val_code") == "validation loss (code)"
+
+
 def test_divergence_is_detected_and_recorded(corpus, tmp_path):
     cfg = RunConfig.from_dict(config(corpus, tmp_path, lr=1e3, grad_clip=0.0, warmup_fraction=0.0, steps=40,
                                      eval_every=0))

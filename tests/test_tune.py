@@ -3,6 +3,7 @@ tuner, and a resolved ``tuned.yaml``."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import optuna
@@ -19,6 +20,7 @@ from embscale.cli import main
 from embscale.sweeps.executors.jobmap import process_alive
 from embscale.sweeps.plan import load_plan
 from embscale.sweeps.sections import parse_tune
+from embscale.sweeps.tune import resolve_metric
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +113,36 @@ def test_tune_per_width_in_process(workspace, capsys):
     assert len(tuned_plan.runs) == 4
     for run in tuned_plan.runs:
         assert run.config["training"]["lr"] == best[run.point["width"]]
+
+
+def test_tune_metric_is_checked_before_any_trial(workspace, capsys):
+    """A metric the runs will not write (a typo of val_code_loss) fails at once, listing the valid names, with
+    nothing trained or written; without a metric, the first validation loss is tuned."""
+    tune = {"param": "lr", "low": 1.0e-3, "high": 2.0e-2, "trials": 1, "metric": "val_code"}
+    sweep = T.write_sweep(workspace["root"] / "tiny_typo.yaml",
+                          T.sweep_mapping("tiny_typo", workspace["data"], steps=2, seeds=1, widths=(16,),
+                                          extra={"tune": tune}))
+    assert main(["tune", str(sweep), "--executor", "debug"]) == 2
+    err = capsys.readouterr().err
+    assert "tiny_typo.yaml: tune.metric: 'val_code' is not a column" in err and "val_code_loss" in err
+    assert not (workspace["results"] / "tiny_typo").exists()
+    plan = load_plan(sweep)
+    spec = parse_tune({"param": "lr", "low": 1e-3, "high": 2e-2}, plan.sweep.axes)
+    assert spec.metric is None and resolve_metric(plan, spec).metric == "val_code_loss"
+    assert resolve_metric(plan, dataclasses.replace(spec, metric="train_loss")).metric == "train_loss"
+
+
+def test_no_tuned_sweep_without_a_completed_trial(workspace, capsys):
+    """Every trial fails (its corpus is gone): exit 1, and no tuned.yaml with null values."""
+    data = T.write_corpus(workspace["root"] / "doomed")
+    tune = {"param": "lr", "low": 1.0e-3, "high": 2.0e-2, "trials": 1, "pruner": "none"}
+    sweep = T.write_sweep(workspace["root"] / "tiny_doomed.yaml",
+                          T.sweep_mapping("tiny_doomed", data, steps=2, seeds=1, widths=(16,),
+                                          extra={"tune": tune}))
+    (workspace["root"] / "doomed" / "train.jsonl").unlink()
+    assert main(["tune", str(sweep), "--executor", "debug"]) == 1
+    assert "no tuned sweep written" in capsys.readouterr().err
+    assert not (workspace["results"] / "tiny_doomed" / "tuned.yaml").exists()
 
 
 def test_tune_section_errors():

@@ -2,7 +2,8 @@
 ``metrics.parquet`` at each flush (atomically, by :func:`embscale.base.rundir.write_metrics`).
 
 Columns: ``step``, ``tokens``, ``lr``, ``train_loss``, ``grad_norm``, ``tokens_per_s``, ``mfu``, ``moe_imbalance``,
-``zero_expert_fraction``, ``val_<split>_loss`` (at evaluation steps, NaN elsewhere), then others (``aux_loss``,
+``zero_expert_fraction``, ``val_<split>_loss`` (at evaluation steps, NaN elsewhere; ``val_loss`` for a single
+held-out split), then others (``aux_loss``,
 ``epoch``) and ``norm_<name>`` (sub-layer output norms at evaluation steps).
 """
 
@@ -28,7 +29,8 @@ class Metrics:
 
     def __init__(self, run_dir: Path, val_splits: list[str], enabled: bool):
         self.run_dir = Path(run_dir)
-        self.val_columns = [f"val_{split}_loss" for split in val_splits]
+        self.val_splits = {rundir.val_loss_column(split): split for split in val_splits}
+        self.val_columns = list(self.val_splits)
         self.enabled = enabled
         self.rows: list[dict[str, Any]] = []
         self.last_flush = time.monotonic()
@@ -54,7 +56,7 @@ class Metrics:
     def last_validation(self) -> dict[str, float]:
         """``{split: loss}`` of the newest row that has validation losses (empty when none has)."""
         for row in reversed(self.rows):
-            found = {c[4:-5]: row[c] for c in self.val_columns if not is_missing(row.get(c, float("nan")))}
+            found = {self.val_splits[c]: row[c] for c in self.val_columns if not is_missing(row.get(c, float("nan")))}
             if found:
                 return found
         return {}

@@ -421,11 +421,12 @@ class Trainer:
                 if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
                     values, norms = self.evaluate()
                     self.last_val = values
-                    self.metrics.update_last({f"val_{k}_loss": v for k, v in values.items()})
+                    self.metrics.update_last({rundir.val_loss_column(k): v for k, v in values.items()})
                     self.metrics.update_last({f"norm_{k}": v for k, v in norms.items()})
                     if progress:
                         progress.write(f"[{self.run_id}] step {step}: train {result.train_loss:.4f} | "
-                                       + " | ".join(f"val_{k} {v:.4f}" for k, v in values.items()))
+                                       + " | ".join(f"{rundir.val_loss_column(k)[:-5]} {v:.4f}"
+                                                    for k, v in values.items()))
                     self.metrics.flush()
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
                     self.checkpoint()
@@ -482,7 +483,7 @@ class Trainer:
             "train_loss": float(np.mean([r["train_loss"] for r in rows[-10:]] or [float("nan")])),
             "wall_s": self.wall_s(),
             "tokens_per_s": float(np.nanmean([r["tokens_per_s"] for r in rows[-50:]])) if rows else float("nan"),
-            **{f"val_{k}_loss": v for k, v in last_val.items()},
+            **{rundir.val_loss_column(k): v for k, v in last_val.items()},
         }
         if diverged_at is not None:
             summary["diverged_at"] = diverged_at

@@ -7,12 +7,13 @@ the same executors as ``embscale submit``; the best values are written as ``resu
 from __future__ import annotations
 
 import argparse
+import sys
 
 from embscale.base.errors import ConfigError
 from embscale.sweeps.plan import SweepPlan, load_plan
 from embscale.sweeps.sections import EXECUTORS, TUNE_KEYS, TuneSpec, parse_tune
 from embscale.sweeps.submit import SubmitOptions
-from embscale.sweeps.tune import tune, write_tuned
+from embscale.sweeps.tune import resolve_metric, tune, write_tuned
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,14 +55,20 @@ def run(args: argparse.Namespace) -> int:
     options = SubmitOptions(executor=executor, cpu_jobs=args.cpu_jobs, gpus_per_run=args.gpus_per_run,
                                      poll_s=args.poll_s or (5.0 if executor == "slurm" else 0.5),
                                      snapshot=not args.no_snapshot)
+    try:
+        spec = resolve_metric(plan, spec)  # before anything is written or trained
+    except ConfigError as exc:
+        raise exc.in_file(str(plan.sweep_path)) from None
     best = tune(plan, spec, options)
-    path = write_tuned(plan, spec, best)
     for label, entry in best.items():
         value = "-" if entry["value"] is None else f"{entry['value']:.6g}"
         metric = "-" if entry["metric"] is None else f"{entry['metric']:.4f}"
         counts = ", ".join(f"{n} {state}" for state, n in entry["trials"].items() if n)
         print(f"{label}: {spec.param}={value} {spec.metric}={metric} ({counts or 'no trials'})")
-    print(f"wrote {path}")
-    if any(entry["value"] is None for entry in best.values()):
+    untuned = [label for label, entry in best.items() if entry["value"] is None]
+    if untuned:  # a tuned.yaml with null values would not be a valid sweep file
+        print(f"no trial completed for {', '.join(untuned)}: no tuned sweep written; `embscale tune` again "
+              "continues the studies", file=sys.stderr)
         return 1
+    print(f"wrote {write_tuned(plan, spec, best)}")
     return 0

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from embscale.base.errors import ConfigError, UserError
+from embscale.base.rundir import HELD_OUT_SPLIT
 from embscale.training.data.tokenizer import hash_fraction
 
 BUILTIN_VAL_FRACTION = 0.02
@@ -334,7 +335,7 @@ class UserCorpus(Corpus):
             if overlap:
                 raise ConfigError(field, f"{overlap[0]} is also part of the training corpus {path}")
             self.val_sources[name] = source
-        self.val_splits = tuple(self.val_sources) if self.val_sources else ("val",)
+        self.val_splits = tuple(self.val_sources) if self.val_sources else (HELD_OUT_SPLIT,)
         for source in (self.train_source, *self.val_sources.values()):
             source.check_columns()
         self.fingerprint = {
@@ -350,10 +351,10 @@ class UserCorpus(Corpus):
             source = self.train_source if split == "train" else self.val_sources[split]
             yield from source.documents()
             return
-        if split not in ("train", "val"):
+        if split not in ("train", HELD_OUT_SPLIT):
             raise KeyError(split)
         for key, text in self.train_source.documents():
-            if (hash_fraction("split:" + key) < USER_VAL_FRACTION) == (split == "val"):
+            if (hash_fraction("split:" + key) < USER_VAL_FRACTION) == (split == HELD_OUT_SPLIT):
                 yield key, text
 
     def split_bytes(self, split: str) -> int:
@@ -372,6 +373,14 @@ class UserCorpus(Corpus):
                 f"{self.location} (give your own with data.val_paths)")
 
 
+def val_split_names(data_cfg: Any) -> tuple[str, ...]:
+    """The validation splits a :class:`~embscale.training.config.DataConfig` gives its runs, without opening the
+    corpus: the built-in corpus's, the names of ``val_paths``, or the one held-out split."""
+    if data_cfg.corpus == "builtin":
+        return BuiltinCorpus.val_splits
+    return tuple(data_cfg.val_paths) if data_cfg.val_paths else (HELD_OUT_SPLIT,)
+
+
 def open_corpus(data_cfg: Any) -> Corpus:
     """The corpus a :class:`~embscale.training.config.DataConfig` names; errors name the field or file."""
     if data_cfg.corpus == "builtin":
@@ -381,4 +390,4 @@ def open_corpus(data_cfg: Any) -> Corpus:
 
 
 
-__all__ = ["BuiltinCorpus", "Corpus", "UserCorpus", "digest", "open_corpus"]
+__all__ = ["BuiltinCorpus", "Corpus", "UserCorpus", "digest", "open_corpus", "val_split_names"]
