@@ -54,7 +54,9 @@ def test_tune_prunes_resumes_and_writes_tuned_sweep(workspace, capsys):
     validation losses; a second ``tune`` continues the same study; tuned.yaml carries the best lr."""
     tune = {"param": "lr", "low": 1.0e-6, "high": 3.0e-2, "log": True, "trials": 2, "per": "width",
             "metric": "val_code_loss", "startup_trials": 1, "parallel": 1}
-    mapping = T.sweep_mapping("tiny_tune", workspace["data"], steps=30, seeds=1, widths=(16,),
+    # steps: long enough that the tuner, polling every 0.1 s, sees the hopeless trial's first validation losses
+    # while it still trains (at 30 steps, on a loaded 2-core machine, it once finished between two looks)
+    mapping = T.sweep_mapping("tiny_tune", workspace["data"], steps=150, seeds=1, widths=(16,),
                               extra={"tune": tune})
     mapping["training"]["checkpoint_every"] = 0
     sweep = T.write_sweep(workspace["root"] / "tiny_tune.yaml", mapping)
@@ -73,8 +75,8 @@ def test_tune_prunes_resumes_and_writes_tuned_sweep(workspace, capsys):
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED], out.err
     good, hopeless = trials
     assert good.params["lr"] == 1.0e-2 and hopeless.params["lr"] == 1.0e-6
-    assert good.intermediate_values and max(good.intermediate_values) == 30
-    assert max(hopeless.intermediate_values) < 30  # stopped early ...
+    assert good.intermediate_values and max(good.intermediate_values) == 150
+    assert max(hopeless.intermediate_values) < 150  # stopped early ...
     assert min(hopeless.intermediate_values.values()) > good.intermediate_values[
         max(hopeless.intermediate_values)]  # ... because it was worse than the completed trial
     pruned_dir = hopeless.user_attrs["run_dir"]
