@@ -48,6 +48,7 @@ from embscale.analysis.style import (  # noqa: E402
     count_axis,
     human,
     is_nan,
+    legend,
     ratio_axis,
     save_figure,
     series_color,
@@ -198,7 +199,7 @@ def fig_loss_vs_ratio(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
                     ax.set_ylabel("final loss")
                 if row == 0:
                     ax.set_title(split_title(split))
-        axes[0, 0].legend(loc="upper right")
+        legend(axes[0, 0], loc="upper right")
         width, depth = size_of.get("width"), size_of.get("depth")
         title = f"Loss against sparsity ratio ({size_label(width, depth, activated)})"
         name = f"fig2_loss_vs_ratio_{slug(width, depth)}"
@@ -262,7 +263,7 @@ def fig_collisions(sweep_dir: Path | None, runs: pd.DataFrame, out_dir: Path, lo
     axes[0, 1].set_ylabel("collision rate")
     axes[0, 0].set_title("n-gram hit rate")
     axes[0, 1].set_title("collision rate (dotted: integer multiples of V0)" if vocab else "collision rate")
-    axes[0, 1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    legend(axes[0, 1], loc="upper left", bbox_to_anchor=(1.02, 1.0))
     set_title(fig, "N-gram embedding table size")
     return save_figure(fig, out_dir, "fig3_collisions")
 
@@ -367,7 +368,9 @@ def fig_norms(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
     ax.set_ylabel("RMS norm of output, last evaluation")
     ax.set_title("embedding output against sub-layer outputs")
     ax.grid(axis="x", visible=False)
-    ax.legend(loc="upper left")
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high * 3)  # headroom on the log axis: the legend sits above the bars, not on them
+    legend(ax, loc="upper left", ncol=len(variants))
     ax = axes[0, 1]
     split_names = [s for s in result.split_names if loss_column(s) in group.columns]
     if len(variants) > 1:
@@ -384,7 +387,7 @@ def fig_norms(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
         ax.set_ylabel(f"final loss minus loss with '{reference}'")
         ax.set_title("loss change from amplification")
         ax.grid(axis="x", visible=False)
-        ax.legend(loc="best")
+        legend(ax, loc="upper center", bbox_to_anchor=(0.5, -0.12))  # below the panel: the bars fill it
     else:
         for split in split_names:
             ax.bar([split_title(split)], [group[loss_column(split)].mean()])
@@ -446,7 +449,7 @@ def fig_reduction(result: Analysis, out_dir: Path, log: Log, by: str) -> list[Pa
     for ax in axes[0]:
         ratio_axis(ax, lo, hi, True)
     axes[0, 0].set_ylabel("loss(NE) - loss(matched MoE)")
-    axes[0, 0].legend(loc="best")
+    legend(axes[0, 0], loc="best")
     set_title(fig, f"NE against parameter-matched MoE across {by} ({other} {float(fixed_other):g}); "
                 "below zero: NE better")
     return save_figure(fig, out_dir, f"{number}_{by}_loss_reduction")
@@ -500,7 +503,7 @@ def fig_per_layer(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
         ax.set_title(split_title(split))
         ax.grid(axis="x", visible=False)
     axes[0, 0].set_ylabel("final loss")
-    axes[0, 0].legend(loc="best")
+    legend(axes[0, 0], loc="best")
     set_title(fig, "NE against Per-Layer Embedding (PLE) and Per-Layer NE (PLNE); labels: total parameters")
     return save_figure(fig, out_dir, "fig9_per_layer")
 
@@ -541,7 +544,7 @@ def fig_pareto(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
                 count_axis(ax, "x", "flops" if axis == "flops" else "params")
             ax.set_xlabel(AXIS_LABELS[axis])
         axes[0, 0].set_ylabel(f"final {split_title(split)}")
-        axes[0, -1].legend(loc="upper right")
+        legend(axes[0, -1], loc="upper right")
         set_title(fig, f"Pareto frontiers, {split_title(split)} (points: runs; lines: frontier per family)")
         paths += save_figure(fig, out_dir, f"pareto_{split}")
     return paths
@@ -579,7 +582,7 @@ def fig_param_law(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
         ax.plot([lo, hi], [lo, hi], color="#444444", lw=0.8)
         ax.set_xlabel("predicted final loss")
         ax.set_title(split_title(split))
-        ax.legend(loc="upper left")
+        legend(ax, loc="upper left")
     axes[0, 0].set_ylabel("observed final loss")
     set_title(fig, "Parameter law L = E + A/N_act^a_act + B/N_tot^a_tot (Huber in log space, L-BFGS-B)")
     return save_figure(fig, out_dir, "param_law")
@@ -670,8 +673,8 @@ def fig_loss_curves(result: Analysis, curves: pd.DataFrame, out_dir: Path, log: 
                             xycoords="axes fraction", ha="right", va="top", fontsize=6.5)
         count_axis(ax, "x", "params")
         ax.set_xlabel("training tokens")
-        ax.set_title(f"{label} ({len(ids)} runs)")
-        ax.legend(loc="lower left", fontsize=6)
+        ax.set_title(f"{label} ({len(ids)} run{'' if len(ids) == 1 else 's'})")
+        legend(ax, loc="lower left", fontsize=6)
     for index in range(len(series), nrows * ncols):
         axes[index // ncols, index % ncols].set_visible(False)
     for row in range(nrows):

@@ -50,23 +50,69 @@ def is_nan(value: object) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def human(n: float) -> str:
-    """6.4e9 -> '6.4B', 2.8e8 -> '280M'."""
+def human(n: float, digits: int = 3) -> str:
+    """6.4e9 -> '6.4B', 2.8e8 -> '280M' (``digits`` significant digits)."""
     if is_nan(n) or not np.isfinite(n):
         return "?"
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.3g}"
+            return f"{n / scale:.{digits}g}{unit}"
+    return f"{n:.{digits}g}"
 
 
-def _sci(n: float, _pos: object = None) -> str:
-    """Compact tick label: 3e19, 1.5e20; parameter counts go through :func:`human`."""
+def _sci(n: float, digits: int = 2) -> str:
+    """Compact tick label: 3e19, 1.5e20 (``digits`` significant digits); parameter counts go through
+    :func:`human`."""
     if n <= 0:
         return ""
     exponent = int(math.floor(math.log10(n)))
     mantissa = n / 10**exponent
-    return f"{mantissa:.2g}e{exponent}" if abs(mantissa - 1) > 1e-9 else f"1e{exponent}"
+    return f"{mantissa:.{digits}g}e{exponent}" if abs(mantissa - 1) > 1e-9 else f"1e{exponent}"
+
+
+class _CountLocator(ticker.Locator):
+    """Ticks of a log axis of counts: 1, 2 and 5 per decade; over a range narrower than a factor of 3 (a panel of
+    runs of nearly one size), three or so evenly spaced ticks instead."""
+
+    def __init__(self) -> None:
+        self.log = ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12)
+        self.linear = ticker.MaxNLocator(nbins=3, min_n_ticks=2)
+
+    def set_axis(self, axis) -> None:
+        super().set_axis(axis)
+        self.log.set_axis(axis)
+        self.linear.set_axis(axis)
+
+    def __call__(self):
+        return self.tick_values(*self.axis.get_view_interval())
+
+    def tick_values(self, vmin: float, vmax: float):
+        lo, hi = sorted((vmin, vmax))
+        if lo > 0 and hi / lo < 3:
+            return [t for t in self.linear.tick_values(lo, hi) if lo <= t <= hi]
+        return self.log.tick_values(vmin, vmax)
+
+
+class _CountFormatter(ticker.Formatter):
+    """Labels of counts (280M, 6.4B) or FLOPs (3e19) with as many significant digits as it takes for neighbouring
+    ticks to read differently (1.305M, 1.31M, 1.315M rather than 1.31M three times)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def _label(self, value: float, digits: int) -> str:
+        return human(value, digits) if self.kind == "params" else _sci(value, digits - 1)
+
+    def __call__(self, value: float, pos: int | None = None) -> str:
+        return self._label(value, 3)
+
+    def format_ticks(self, values) -> list[str]:
+        labels = [self._label(v, 3) for v in values]
+        for digits in range(4, 8):
+            if len(set(labels)) == len(labels):
+                break
+            labels = [self._label(v, digits) for v in values]
+        return labels
 
 
 def split_title(split: str) -> str:
@@ -124,7 +170,12 @@ def subplots(nrows: int, ncols: int, panel: tuple[float, float] = (3.2, 2.5), *,
 
 
 def set_title(fig: plt.Figure, text: str) -> None:
-    fig.suptitle(text, y=1 - 0.12 / fig.get_figheight(), va="top")
+    """The figure's title, its font shrunk (down to 7 pt) so that a long title fits the figure's width."""
+    size = plt.rcParams["figure.titlesize"]
+    size = size if isinstance(size, (int, float)) else 10.5
+    fits = fig.get_figwidth() * 72 / (0.6 * size)  # characters that fit, at about 0.6 em a character
+    fontsize = max(7.0, min(size, size * fits / len(text)))
+    fig.suptitle(text, y=1 - 0.12 / fig.get_figheight(), va="top", fontsize=fontsize)
 
 
 def ratio_axis(ax: plt.Axes, lo: float, hi: float, log: bool) -> None:
@@ -145,10 +196,18 @@ def count_axis(ax: plt.Axes, which: str = "x", kind: str = "params") -> None:
     """Log axis of parameter counts (280M, 6.4B) or FLOPs (3e19)."""
     axis = ax.xaxis if which == "x" else ax.yaxis
     (ax.set_xscale if which == "x" else ax.set_yscale)("log")
-    # ticks at 1, 2 and 5 per decade, so that a range narrower than a decade still gets labels
-    axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
-    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _p: human(v) if kind == "params" else _sci(v)))
+    axis.set_major_locator(_CountLocator())
+    axis.set_major_formatter(_CountFormatter(kind))
     axis.set_minor_locator(ticker.NullLocator())
+
+
+def legend(ax: plt.Axes, **kwargs) -> None:
+    """The axes' legend with one entry per label: series that share a label (variants of one family drawn
+    separately) are listed once."""
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    if unique:
+        ax.legend(list(unique.values()), list(unique), **kwargs)
 
 
 def save_figure(fig: plt.Figure, out_dir: Path, name: str, formats: Sequence[str] = FORMATS) -> list[Path]:

@@ -53,3 +53,33 @@ def test_plots_skip_figures_without_data(results: Path) -> None:
     for figure in ("fig2 skipped", "fig3 skipped", "fig4 skipped", "fig6 skipped", "fig7 skipped", "fig9 skipped"):
         assert figure in skipped
     assert all(p.exists() for p in result.figures)
+
+
+def test_figures_a_reader_can_read():
+    """Neighbouring count ticks never read alike on a narrow axis; series that share a label are listed once in a
+    legend; a long title shrinks to fit the figure."""
+    import matplotlib.pyplot as plt
+
+    from embscale.analysis.style import count_axis, legend, set_title
+
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.plot([1.306e6, 1.312e6, 1.327e6], [1, 2, 3], label="NE")
+    ax.plot([1.308e6], [2], label="NE")
+    ax.plot([1.31e6], [1], label="MoE")
+    count_axis(ax)
+    legend(ax)
+    wide = plt.figure(figsize=(6.8, 3.4))  # the demo's loss-curve figure, whose title was cut at both ends
+    set_title(wide, "Loss curves, one size and seed per series (validation loss (code)); dashed: L(D) fit, 95% band")
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert len(labels) >= 2 and len(set(labels)) == len(labels), labels
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["NE", "MoE"]
+    wide.canvas.draw()
+    extent = wide._suptitle.get_window_extent()
+    assert 0 <= extent.x0 and extent.x1 <= wide.bbox.width and wide._suptitle.get_fontsize() < 10.5
+    fig2, ax2 = plt.subplots()
+    ax2.plot([2e8, 3e9], [1, 2])
+    count_axis(ax2)
+    fig2.canvas.draw()
+    assert {"200M", "500M", "1B", "2B"} <= {t.get_text() for t in ax2.get_xticklabels()}  # 1, 2, 5 a decade
+    plt.close("all")
