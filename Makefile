@@ -34,8 +34,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
+# One worker per core; a test file stays on one worker (its module fixtures, such as the Slurm cluster, start once).
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 demo: install
 	$(VENV)/bin/embscale demo
