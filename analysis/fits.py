@@ -28,10 +28,59 @@ class Analysis:
     param_laws: laws.ParamLaws
     crossovers: pd.DataFrame
     notes: list[str] = field(default_factory=list)
+    caveats: list[str] = field(default_factory=list)  # about the runs' data; every figure carries them
 
 
-def analyse(runs: pd.DataFrame, *, n_boot: int = 400, n_boot_param: int = 100, seed: int = 0) -> Analysis:
-    """Fit every ratio law and parameter law of a runs table and find the crossovers."""
+REPEATED_DATA = ("exclude", "include")
+
+
+def data_caveats(runs: pd.DataFrame, repeated_data: str = "exclude") -> list[str]:
+    """Lines about the runs' data that every figure of the sweep carries: runs that repeated their training data
+    (and what the fits did with them) and validation splits smaller than the runs' ``eval_tokens``."""
+    lines = []
+    if "repeated_data" in runs.columns:
+        repeated = runs[runs["repeated_data"].fillna(False).astype(bool)]
+        if len(repeated):
+            epochs = pd.to_numeric(repeated.get("epochs_seen"), errors="coerce").fillna(
+                pd.to_numeric(repeated.get("epochs"), errors="coerce"))
+            what = "excluded from fits and figures" if repeated_data == "exclude" else "included in fits"
+            lines.append(f"{len(repeated)} of {len(runs)} runs repeated their training data (up to "
+                         f"{epochs.max():.2f} epochs): {what}")
+    if "small_val_splits" in runs.columns:
+        names = sorted({name for value in runs["small_val_splits"].dropna().astype(str)
+                        for name in value.split(",") if name})
+        if names:
+            lines.append(f"validation split(s) {', '.join(names)} smaller than eval_tokens: losses on the whole split")
+    return lines
+
+
+def apply_data_policy(runs: pd.DataFrame, repeated_data: str = "exclude") -> pd.DataFrame:
+    """``runs`` with the runs that repeated their training data taken out of fits (``fit_ok`` False and an
+    ``excluded_reason``) when ``repeated_data`` is ``exclude``: a loss on repeated text measures how much the
+    model memorised, which grows with its parameters (most of all an N-gram table's), not how it scales on
+    new data, and a law fitted through such runs reports crossovers that are artefacts of the corpus's size."""
+    if repeated_data not in REPEATED_DATA:
+        raise ValueError(f"repeated_data must be one of {', '.join(REPEATED_DATA)}, got {repeated_data!r}")
+    if repeated_data == "include" or runs.empty or "repeated_data" not in runs.columns:
+        return runs
+    hit = runs["repeated_data"].fillna(False).astype(bool) & runs["fit_ok"].astype(bool)
+    if not hit.any():
+        return runs
+    runs = runs.copy()
+    epochs = pd.to_numeric(runs.get("epochs_seen"), errors="coerce").fillna(
+        pd.to_numeric(runs.get("epochs"), errors="coerce"))
+    runs.loc[hit, "fit_ok"] = False
+    runs.loc[hit, "excluded_reason"] = [f"repeated its training data ({e:.2f} epochs; embscale plots "
+                                        "--repeated-data include keeps it)" for e in epochs[hit]]
+    return runs
+
+
+def analyse(runs: pd.DataFrame, *, n_boot: int = 400, n_boot_param: int = 100, seed: int = 0,
+            repeated_data: str = "exclude") -> Analysis:
+    """Fit every ratio law and parameter law of a runs table and find the crossovers. Runs that repeated their
+    training data are left out unless ``repeated_data`` is ``include`` (:func:`apply_data_policy`)."""
+    caveats = data_caveats(runs, repeated_data)
+    runs = apply_data_policy(runs, repeated_data)
     split_names = splits(runs)
     ratio_laws = laws.fit_ratio_laws(runs, split_names=split_names, n_boot=n_boot, seed=seed)
     param_laws = laws.fit_param_laws(runs, split_names=split_names, n_boot=n_boot_param, seed=seed)
@@ -42,9 +91,10 @@ def analyse(runs: pd.DataFrame, *, n_boot: int = 400, n_boot_param: int = 100, s
                      f"enough, e.g. {param_laws.skipped[0]}")
     excluded = int((~runs["fit_ok"]).sum()) if len(runs) else 0
     if excluded:
-        notes.append(f"{excluded} run(s) excluded from fits (failed, diverged, running, ...): see "
+        notes.append(f"{excluded} run(s) excluded from fits (failed, diverged, running, repeated data, ...): see "
                      "excluded_reason in runs.parquet")
-    return Analysis(runs, split_names, ratio_laws, param_laws, crossings, notes)
+    notes += caveats
+    return Analysis(runs, split_names, ratio_laws, param_laws, crossings, notes, caveats)
 
 
 SUMMARY_COLUMNS = ["law", "group", "split", "parameter", "estimate", "ci_lo", "ci_hi", "n_runs", "heldout_mae",
@@ -75,6 +125,12 @@ def summary_table(result: Analysis) -> pd.DataFrame:
                      "estimate": row["crossover"], "ci_lo": row["ci_lo"], "ci_hi": row["ci_hi"],
                      "n_runs": math.nan, "heldout_mae": math.nan, "heldout_mre": math.nan,
                      "note": "; ".join(p for p in (side, row["note"]) if p)})
+    for caveat in result.caveats:
+        count = caveat.split(" ", 1)[0]
+        rows.append({"law": "data", "group": "", "split": "", "parameter": "caveat",
+                     "estimate": float(count) if count.isdigit() else math.nan, "ci_lo": math.nan,
+                     "ci_hi": math.nan, "n_runs": math.nan, "heldout_mae": math.nan, "heldout_mre": math.nan,
+                     "note": caveat})
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 

@@ -17,7 +17,12 @@
 - final losses: ``final_<split>_loss`` and ``final_<split>_loss_spread`` for ``split`` in ``train`` and every
   ``val_<name>``: the mean and standard deviation of the last ``last_k`` evaluations (the train loss is first
   smoothed over the window since the previous evaluation), ``n_evals``;
-- ``norm_<name>``: sub-layer output norms at the last evaluation that recorded them.
+- ``norm_<name>``: sub-layer output norms at the last evaluation that recorded them;
+- data: ``epochs`` (planned passes over the training split), ``epochs_seen`` (reached, from the metrics'
+  ``epoch``), ``repeated_data`` (the run saw some training tokens more than once: ``epochs_seen``, else
+  ``epochs``, above 1), ``train_split_tokens`` and ``val_<name>_split_tokens`` (the shards' sizes), and
+  ``small_val_splits`` (the validation splits with fewer tokens than the run's ``eval_tokens``, comma-separated).
+  Fits exclude runs with ``repeated_data`` unless told otherwise (:func:`embscale.analysis.fits.analyse`).
 
 ``results/<sweep>/curves.parquet``: one row per run and evaluation step: ``run_id``, ``step``, ``tokens``,
 ``lr``, ``train_loss`` (mean over the window that ends at that step), every ``val_<name>_loss`` and
@@ -295,6 +300,12 @@ def _run_record(run_dir: Path, run: dict[str, Any] | None, status: dict[str, Any
     row["tokens"] = run.get("tokens")
     row["flops"] = run.get("flops")
     row["corpus_fingerprint"] = corpus_fingerprint(run)
+    row["epochs"] = run.get("epochs") if isinstance(run.get("epochs"), (int, float)) else None
+    shards = run.get("shards") if isinstance(run.get("shards"), dict) else {}
+    for split, shard in shards.items():
+        if isinstance(shard, dict) and isinstance(shard.get("n_tokens"), int):
+            row["train_split_tokens" if split == "train" else f"{rundir.val_loss_column(split)[:-5]}_split_tokens"] \
+                = shard["n_tokens"]
     if not run and not problems:
         problems.append("missing run.json")
     return row
@@ -376,8 +387,26 @@ def _summarise_metrics(columns: dict[str, np.ndarray], last_k: int) -> tuple[dic
     if "tokens" in columns:
         seen = columns["tokens"][np.isfinite(columns["tokens"])]
         summary["tokens_seen"] = float(seen[-1]) if len(seen) else np.nan
+    if "epoch" in columns:
+        seen_epochs = columns["epoch"][np.isfinite(columns["epoch"])]
+        summary["epochs_seen"] = float(seen_epochs[-1]) if len(seen_epochs) else np.nan
     summary["last_step"] = float(step[-1])
     return summary, curve
+
+
+def _data_marks(row: dict[str, Any]) -> None:
+    """``repeated_data`` and ``small_val_splits`` of a run's row (see the module docstring)."""
+    seen, planned = row.get("epochs_seen"), row.get("epochs")
+    epochs = seen if isinstance(seen, float) and math.isfinite(seen) else planned
+    row["repeated_data"] = bool(isinstance(epochs, (int, float)) and epochs > 1.0)
+    eval_tokens = row.get("training_eval_tokens")
+    small = []
+    if isinstance(eval_tokens, (int, float)):
+        for key, value in row.items():
+            if key.startswith("val_") and key.endswith("_split_tokens") and isinstance(value, (int, float)) \
+                    and value < eval_tokens:
+                small.append(key[len("val_"):-len("_split_tokens")] or rundir.HELD_OUT_SPLIT)
+    row["small_val_splits"] = ",".join(sorted(small))
 
 
 def _final(split: str, values: np.ndarray, last_k: int) -> dict[str, float]:
@@ -450,6 +479,7 @@ def collect(sweep_dir: str | os.PathLike, *, last_k: int = DEFAULT_LAST_K, write
             except Exception as exc:  # a malformed file must not stop the collection
                 metrics_problem = f"unreadable {rundir.METRICS_FILE}: {exc}"
         row.update(summary)
+        _data_marks(row)
         reason = _exclusion(row, metrics_problem, problems)
         row.pop("diverged_loss", None)
         row["fit_ok"] = reason == ""
@@ -490,8 +520,8 @@ def _concat_curves(parts: list[dict[str, Any]]) -> pd.DataFrame:
 
 _LEADING = ["run_id", "sweep", "family", "state", "fit_ok", "excluded_reason", "target_ratio", "base_ratio",
             "ratio", "width", "depth", "n_experts", "top_k", "ngram_n", "ngram_k", "table_ratio", "sizing",
-            "amplification", "seed", "lr", "total", "activated", "ne_share", "tokens", "flops",
-            "corpus_fingerprint"]
+            "amplification", "seed", "lr", "total", "activated", "ne_share", "tokens", "flops", "epochs",
+            "epochs_seen", "repeated_data", "small_val_splits", "corpus_fingerprint"]
 
 
 def _order_columns(runs: pd.DataFrame) -> pd.DataFrame:

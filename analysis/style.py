@@ -3,8 +3,10 @@ as PNG and PDF (atomically)."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -210,14 +212,35 @@ def legend(ax: plt.Axes, **kwargs) -> None:
         ax.legend(list(unique.values()), list(unique), **kwargs)
 
 
+_CAVEATS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("figure_caveats", default=())
+
+
+@contextlib.contextmanager
+def figure_caveats(lines: Sequence[str]) -> Iterator[None]:
+    """Every figure saved inside the block carries ``lines`` as a footnote (what a reader must know about the
+    runs behind it, such as repeated training data)."""
+    token = _CAVEATS.set(tuple(lines))
+    try:
+        yield
+    finally:
+        _CAVEATS.reset(token)
+
+
 def save_figure(fig: plt.Figure, out_dir: Path, name: str, formats: Sequence[str] = FORMATS) -> list[Path]:
-    """Save ``fig`` as ``out_dir/name.<fmt>`` for each format, each atomically (temp file, rename); close it."""
+    """Save ``fig`` as ``out_dir/name.<fmt>`` for each format, each atomically (temp file, rename); close it.
+    Inside :func:`figure_caveats` the figure gets their footnote below its axes."""
     paths = []
+    caveats = _CAVEATS.get()
+    extra: dict = {}
+    if caveats:
+        fig.text(0.01, -0.01, "\n".join(f"Note: {line}" for line in caveats), ha="left", va="top",
+                 fontsize=7, color="0.3", wrap=True)
+        extra = {"bbox_inches": "tight", "pad_inches": 0.08}
     try:
         for fmt in formats:
             path = out_dir / f"{name}.{fmt}"
             with atomic_file(path) as tmp:
-                fig.savefig(tmp, format=fmt, dpi=PNG_DPI if fmt == "png" else None)
+                fig.savefig(tmp, format=fmt, dpi=PNG_DPI if fmt == "png" else None, **extra)
             paths.append(path)
     finally:
         plt.close(fig)

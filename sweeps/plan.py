@@ -8,6 +8,7 @@ included) before anything is written. Each planned run has a folder ``<results>/
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from embscale.base.rundir import PLANNED_BY
 from embscale.sweeps.executors.jobmap import JOBS_FILE
 from embscale.sweeps.expand import Plan, PlannedRun, expand
 from embscale.sweeps.sweepfile import Sweep, load_sweep
+from embscale.training.config import DataConfig, TrainingConfig
+from embscale.training.data.sizes import SplitTokens, split_tokens
 
 RESULTS_ENV = "EMBSCALE_RESULTS"
 
@@ -49,6 +52,64 @@ class SweepPlan:
 
     def run_dir(self, run: PlannedRun) -> Path:
         return self.sweep_dir / str(run.run_id)
+
+
+@dataclass(frozen=True)
+class DataCheck:
+    """What a planned run does with its corpus: its epochs over the training split and the validation splits
+    smaller than its ``eval_tokens`` (their loss is measured on fewer tokens than asked)."""
+
+    epochs: float
+    exact: bool  # the split sizes come from built shards, not an estimate from bytes
+    train: SplitTokens
+    small_val: tuple[str, ...]
+
+    @property
+    def repeats_data(self) -> bool:
+        return self.epochs > 1.0
+
+    def epochs_text(self) -> str:
+        return f"{self.epochs:.2f}" if self.exact else f"~{self.epochs:.1f}"
+
+
+def data_checks(plan: Plan, cache: Path | None = None) -> dict[str, DataCheck]:
+    """:class:`DataCheck` of every planned run, by run id; each distinct data section's corpus is sized once
+    (:func:`~embscale.training.data.sizes.split_tokens`: no corpus is opened or tokenised)."""
+    default_eval = TrainingConfig.__dataclass_fields__["eval_tokens"].default
+    sizes: dict[str, dict[str, SplitTokens]] = {}
+    checks: dict[str, DataCheck] = {}
+    for run in plan.runs:
+        data = dict(run.config.get("data") or {})
+        key = json.dumps(data, sort_keys=True, default=str)
+        if key not in sizes:
+            sizes[key] = split_tokens(DataConfig(**data), cache)
+        splits = sizes[key]
+        train = splits["train"]
+        eval_tokens = int((run.config.get("training") or {}).get("eval_tokens", default_eval))
+        small = tuple(name for name, size in splits.items() if name != "train" and size.tokens < eval_tokens)
+        epochs = run.tokens / train.tokens if train.tokens > 0 else float("inf")
+        checks[str(run.run_id)] = DataCheck(epochs, all(s.exact for s in splits.values()), train, small)
+    return checks
+
+
+def data_warnings(plan: Plan, checks: dict[str, DataCheck]) -> list[str]:
+    """One line for the runs that repeat their training data and one per validation split smaller than the
+    runs' ``eval_tokens``."""
+    lines = []
+    repeating = [run for run in plan.runs if checks[str(run.run_id)].repeats_data]
+    if repeating:
+        worst = max((checks[str(run.run_id)] for run in repeating), key=lambda check: check.epochs)
+        lines.append(
+            f"{len(repeating)} of {len(plan.runs)} runs repeat their training data (up to "
+            f"{worst.epochs_text()} epochs over {worst.train.describe()} of the training split): their losses "
+            "measure memorisation of repeated text as much as scaling; fits exclude them unless told otherwise "
+            "(embscale plots --repeated-data include). Train on a larger corpus or for fewer tokens.")
+    small = sorted({name for check in checks.values() for name in check.small_val})
+    for name in small:
+        count = sum(name in check.small_val for check in checks.values())
+        lines.append(f"validation split {name} is smaller than training.eval_tokens for {count} run(s): its "
+                     "loss is measured on the whole split, fewer tokens than asked")
+    return lines
 
 
 def results_root(given: str | Path | None = None) -> Path:
@@ -86,4 +147,5 @@ def run_config_dict(run: PlannedRun, plan: SweepPlan) -> dict[str, Any]:
     return config
 
 
-__all__ = ["RESULTS_ENV", "SweepPlan", "load_plan", "planned_record", "results_root", "run_config_dict"]
+__all__ = ["RESULTS_ENV", "DataCheck", "SweepPlan", "data_checks", "data_warnings", "load_plan", "planned_record",
+           "results_root", "run_config_dict"]

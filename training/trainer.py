@@ -229,6 +229,10 @@ class Trainer:
         self.batches = TrainBatches(self.shards.train.tokens(), cfg.seq_len, cfg.sequences_per_step,
                                     cfg.micro_batch_size, cfg.seed, dist.rank, dist.world_size)
         self.metrics = Metrics(run_dir, list(self.shards.val), enabled=dist.is_main)
+        # one epoch is one pass over the training split's windows; a step takes sequences_per_step of them
+        self.planned_epochs = cfg.total_steps * cfg.sequences_per_step / self.batches.n_windows
+        if dist.is_main:
+            _warn_about_data(self.run_id, self.shards, self.planned_epochs, cfg.eval_tokens)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else contextlib.nullcontext())
         return self
@@ -280,6 +284,7 @@ class Trainer:
             "tokenizer": {k: v for k, v in tokenizer.to_dict().items() if k != "cache_hit"},
             "shards": {s.split: {"n_tokens": s.n_tokens, "n_documents": s.n_documents, "path": s.path}
                        for s in (shards.train, *shards.val.values())},
+            "epochs": round(self.planned_epochs, 6),
             "total_steps": self.cfg.total_steps, "accumulation_steps": self.accumulation,
             "world_size": self.dist.world_size, "device": str(self.device),
             "parameter_groups": self.group_counts, "torch": torch.__version__,
@@ -479,7 +484,7 @@ class Trainer:
         last_val = self.last_val or self.metrics.last_validation()  # resumed after the last evaluation
         summary: dict[str, Any] = {
             "run_id": self.run_id, "run_dir": str(self.run_dir), "state": state, "step": step,
-            "total_steps": total, "tokens": step * self.cfg.batch_tokens,
+            "total_steps": total, "tokens": step * self.cfg.batch_tokens, "epochs": self.batches.epochs_done,
             "train_loss": float(np.mean([r["train_loss"] for r in rows[-10:]] or [float("nan")])),
             "wall_s": self.wall_s(),
             "tokens_per_s": float(np.nanmean([r["tokens_per_s"] for r in rows[-50:]])) if rows else float("nan"),
@@ -499,6 +504,17 @@ class Trainer:
                                 error=f"diverged at step {diverged_at}" if diverged_at is not None else None, **extra)
             log(f"[{self.run_id}] {state} at step {step}/{total} in {summary['wall_s']:.1f}s ({self.run_dir})")
         return summary
+
+
+def _warn_about_data(run_id: str, shards: CorpusShards, epochs: float, eval_tokens: int) -> None:
+    """Log lines for a run that repeats its training data or evaluates on fewer tokens than it asks for."""
+    if epochs > 1:
+        log(f"[{run_id}] warning: this run repeats its training data: {epochs:.2f} epochs over the "
+            f"{shards.train.n_tokens:,} tokens of the training split")
+    for split, shard in shards.val.items():
+        if shard.n_tokens < eval_tokens:
+            log(f"[{run_id}] warning: validation split {split} has {shard.n_tokens:,} tokens, fewer than "
+                f"training.eval_tokens = {eval_tokens:,}; its loss is measured on all of them")
 
 
 def _check_splits(shards: CorpusShards, seq_len: int, eval_tokens: int) -> None:

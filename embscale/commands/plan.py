@@ -1,10 +1,12 @@
 """``embscale plan SWEEP.yaml``: expand a sweep file into parameter-matched runs, with compute estimates.
 
 Prints a table of the runs (id, family, width, depth, experts, top-k, N, K, table rows, total, activated,
-NE share, target and achieved ratio, match error, tokens, training FLOPs, GPU-hours at the stated MFU), the
-skipped points with their reasons, and the sweep's total compute; ``--json`` prints the whole plan as JSON
-instead. The whole sweep file is validated, ``executor``, ``slurm`` and ``tune`` sections included. Writes
-nothing.
+NE share, target and achieved ratio, match error, tokens, epochs over the training split, training FLOPs,
+GPU-hours at the stated MFU), the skipped points with their reasons, warnings about runs that repeat their
+training data or evaluate on a validation split smaller than ``eval_tokens``, and the sweep's total compute;
+``--json`` prints the whole plan as JSON instead. Epochs are exact once a run has built the corpus's shards
+and estimated from its bytes before (marked ``~``). The whole sweep file is validated, ``executor``,
+``slurm`` and ``tune`` sections included. Writes nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from embscale.base.errors import ConfigError
 from embscale.sweeps.expand import DEFAULT_MFU, DEFAULT_PEAK_FLOPS, Plan, PlannedRun
-from embscale.sweeps.plan import load_plan
+from embscale.sweeps.plan import DataCheck, data_checks, data_warnings, load_plan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +44,7 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def _row(run: PlannedRun, mfu: float, peak: float) -> list[str]:
+def _row(run: PlannedRun, mfu: float, peak: float, check: DataCheck) -> list[str]:
     model = run.config["model"]
     ngram = model.get("ngram") or (model.get("per_layer") or {}).get("ngram")
     return [
@@ -62,13 +64,14 @@ def _row(run: PlannedRun, mfu: float, peak: float) -> list[str]:
         _ratio(run.achieved_ratio),
         "-" if run.match_error is None else f"{run.match_error:+.3%}" + ("" if run.matched else " !"),
         human(run.tokens),
+        check.epochs_text() + (" !" if check.repeats_data else ""),
         f"{run.flops:.3g}",
         f"{run.gpu_hours(mfu, peak):.3g}",
     ]
 
 
 HEADER = ["id", "family", "width", "depth", "experts", "top-k", "N", "K", "rows", "total", "activated", "NE",
-          "target", "achieved", "match", "tokens", "FLOPs", "GPU-h"]
+          "target", "achieved", "match", "tokens", "epochs", "FLOPs", "GPU-h"]
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -79,17 +82,23 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def format_plan(plan: Plan, mfu: float, peak: float) -> str:
+def format_plan(plan: Plan, mfu: float, peak: float, checks: dict[str, DataCheck]) -> str:
     out = [f"sweep {plan.name}: {len(plan.runs)} runs, {len(plan.skipped)} skipped"
            + (f", {plan.duplicates} duplicate points collapsed" if plan.duplicates else "")]
     if plan.runs:
         out.append("")
-        out.append(_table([_row(run, mfu, peak) for run in plan.runs], HEADER))
+        out.append(_table([_row(run, mfu, peak, checks[str(run.run_id)]) for run in plan.runs], HEADER))
     unmatched = [run for run in plan.runs if run.matched is False]
     if unmatched:
         out.append("")
         out.append(f"! {len(unmatched)} run(s) not within the match tolerance of their parameter-equivalent "
                    "MoE (no size knob, e.g. PLE): " + ", ".join(run.run_id for run in unmatched))
+    warnings = data_warnings(plan, checks)
+    if warnings:
+        out.append("")
+        out.extend(f"warning: {line}" for line in warnings)
+        if not all(check.exact for check in checks.values()):
+            out.append("  (~: split sizes estimated from the corpus's bytes; exact once a run has built its shards)")
     if plan.skipped:
         out.append("")
         out.append("skipped:")
@@ -119,8 +128,18 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--peak-tflops", f"must be positive, got {args.peak_tflops}")
     peak = args.peak_tflops * 1e12
     plan = load_plan(args.sweep).plan
-    text = (json.dumps(_json_safe(plan.to_dict(args.mfu, peak)), indent=1) if args.json
-            else format_plan(plan, args.mfu, peak))
+    checks = data_checks(plan)
+    if args.json:
+        document = plan.to_dict(args.mfu, peak)
+        for entry in document.get("runs", []):
+            check = checks[str(entry["run_id"])]
+            entry["epochs"] = check.epochs
+            entry["epochs_exact"] = check.exact
+            entry["small_val_splits"] = list(check.small_val)
+        document["warnings"] = data_warnings(plan, checks)
+        text = json.dumps(_json_safe(document), indent=1)
+    else:
+        text = format_plan(plan, args.mfu, peak, checks)
     try:
         print(text)
         sys.stdout.flush()

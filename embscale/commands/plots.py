@@ -23,6 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bootstrap replicates of the ratio laws and crossovers (default 400)")
     parser.add_argument("--bootstrap-param", type=int, default=100,
                         help="bootstrap replicates of the parameter laws, each an L-BFGS-B fit (default 100)")
+    parser.add_argument("--repeated-data", choices=("exclude", "include"), default="exclude",
+                        help="runs that repeated their training data (more than one epoch): left out of fits "
+                             "and figures (default; their losses measure memorisation) or included; every "
+                             "figure and summary.csv say how many there were")
     parser.add_argument("--quiet", action="store_true", help="print only the figure count and the fits table")
 
 
@@ -46,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 result = plot_sweep(sweep_dir, results=args.results, n_boot=args.bootstrap,
-                                    n_boot_param=args.bootstrap_param, log=log)
+                                    n_boot_param=args.bootstrap_param, repeated_data=args.repeated_data,
+                                    log=log)
             for warning in caught:
                 print(f"  warning: {warning.message}", file=sys.stderr)
             all_paths += result.figures

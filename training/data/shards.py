@@ -19,6 +19,7 @@ from embscale.base.errors import UserError
 from embscale.base.files import atomic_file, atomic_write_json
 from embscale.base.progress import Progress, log
 from embscale.training.data.corpus import Corpus, digest, open_corpus
+from embscale.training.data.sizes import remember_split_tokens
 from embscale.training.data.tokenizer import (
     TokenizerInfo,
     build_tokenizer,
@@ -148,7 +149,9 @@ def prepare_data(data_cfg: Any, cache: Path | None = None,
         tokenizer = build_tokenizer(lambda: corpus.documents("train"), corpus.id, corpus.split_bytes("train"),
                                     data_cfg.vocab_size, data_cfg.tokenizer_sample_bytes, cache=cache,
                                     log=report)
-    return PreparedData(tokenizer, build_shards(corpus, tokenizer, cache))
+    shards = build_shards(corpus, tokenizer, cache)
+    remember_split_tokens(data_cfg, {s.split: s.n_tokens for s in (shards.train, *shards.val.values())}, cache)
+    return PreparedData(tokenizer, shards)
 
 
 def _require_documents(corpus: Corpus) -> None:
