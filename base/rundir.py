@@ -16,6 +16,12 @@ writes go through :mod:`embscale.base.files` (temporary file, then rename)::
                       and ``norm_<name>`` at evaluation steps, NaN elsewhere).
     checkpoints/      ``step_00001200.pt`` (a plain dict of tensors, numbers, strings, lists and dicts: loaded with
                       ``weights_only=True``, nothing unpickled) and ``step_00001200.pt.sha256``.
+    tensorboard/      with ``output.tracking: [tensorboard]``: one TensorBoard event file
+                      (:mod:`embscale.base.tfevents`) holding the metrics rows as scalars, appended as the run trains
+                      (an append-only log a live reader follows, so not written atomically). An attempt that
+                      resumes writes a new file, replays the rows kept from the checkpoint into it, then removes the
+                      earlier files (:func:`open_event_log`, :func:`remove_event_files`).
+    wandb/            with ``output.tracking: [wandb]``: Weights & Biases' offline runs (``wandb`` writes them).
 
 Checkpoints are written and flushed to disk, then their checksum file; one without its checksum file is
 incomplete and never loaded. Loading tries the newest first; one whose checksum does not match, or that does not
@@ -35,11 +41,14 @@ from typing import Any
 
 from embscale.base.files import atomic_file, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from embscale.base.progress import log
+from embscale.base.tfevents import EventFileWriter, event_files
 
 RUN_FILE = "run.json"
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.parquet"
 CHECKPOINT_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
+WANDB_DIR = "wandb"
 
 # ----------------------------------------------------------------------------------------------------- states
 # Every state status.json can hold. The trainer writes running, completed, failed, diverged and interrupted; the
@@ -190,6 +199,36 @@ def write_metrics(run_dir: Path, frame: Any) -> None:
         frame.to_parquet(tmp, index=False)
 
 
+# ----------------------------------------------------------------------------------------------------- tracking
+def tensorboard_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / TENSORBOARD_DIR
+
+
+def wandb_dir(run_dir: Path) -> Path:
+    """The folder Weights & Biases writes its offline runs into (``wandb.init(dir=run_dir)`` makes it)."""
+    return Path(run_dir) / WANDB_DIR
+
+
+def event_log_files(run_dir: Path) -> list[Path]:
+    """The run's TensorBoard event files, in the order TensorBoard reads them."""
+    return event_files(tensorboard_dir(run_dir))
+
+
+def open_event_log(run_dir: Path) -> EventFileWriter:
+    """A new TensorBoard event file in the run's ``tensorboard/`` folder, named to be read after any there, that
+    voids every point of those (a session start at step 1: the new file is given every row from step 1 on)."""
+    return EventFileWriter(tensorboard_dir(run_dir), session_step=1)
+
+
+def remove_event_files(run_dir: Path, keep: Path) -> list[Path]:
+    """Delete the run's event files other than ``keep`` (earlier attempts' logs, once ``keep`` holds their kept
+    rows); returns those deleted."""
+    removed = [path for path in event_log_files(run_dir) if path != Path(keep)]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
 # ----------------------------------------------------------------------------------------------------- checkpoints
 CHECKPOINT_NAME = re.compile(r"^step_(\d{8})\.pt$")
 
@@ -286,10 +325,11 @@ def remove_partial_writes(run_dir: Path) -> None:
 __all__ = [
     "CHECKPOINT_DIR", "DONE_STATES", "FAILED_STATES", "FAILED_TO_START", "HELD_OUT_SPLIT", "IN_FLIGHT_STATES", "LOST",
     "METRICS_FILE",
-    "PLANNED_BY", "RUN_FILE", "SHOWN_STATES", "STATES", "STATUS_FILE", "TERMINAL_STATES", "checkpoint_dir",
-    "checkpoint_path", "is_run_dir", "list_checkpoints", "load_latest_checkpoint", "metrics_path",
-    "read_json_checked", "read_metrics", "read_metrics_checked", "read_run_record", "read_status",
-    "remove_partial_writes", "run_state", "save_checkpoint", "utc_now", "val_loss_column", "verify_checkpoint",
-    "with_planned",
+    "PLANNED_BY", "RUN_FILE", "SHOWN_STATES", "STATES", "STATUS_FILE", "TENSORBOARD_DIR", "TERMINAL_STATES",
+    "WANDB_DIR", "checkpoint_dir", "checkpoint_path", "event_log_files", "is_run_dir", "list_checkpoints",
+    "load_latest_checkpoint", "metrics_path", "open_event_log", "read_json_checked", "read_metrics",
+    "read_metrics_checked", "read_run_record", "read_status", "remove_event_files", "remove_partial_writes",
+    "run_state", "save_checkpoint", "tensorboard_dir", "utc_now", "val_loss_column", "verify_checkpoint",
+    "wandb_dir", "with_planned",
     "write_metrics", "write_planned_record", "write_run_record", "write_status", "written_by_trainer",
 ]

@@ -139,9 +139,10 @@ def planned_record(run: PlannedRun, sweep_name: str, planned_by: str = "embscale
 
 
 def run_config_dict(run: PlannedRun, plan: SweepPlan) -> dict[str, Any]:
-    """The RunConfig mapping a job trains: the planned sections, plus where results go."""
+    """The RunConfig mapping a job trains: the planned sections, plus the output: the sweep file's ``output``
+    section (tracking, log interval) and where results go."""
     config = {key: value for key, value in dict(run.config).items() if key != "output"}
-    output = dict(dict(run.config).get("output") or {})
+    output = {**plan.sweep.output, **dict(dict(run.config).get("output") or {})}
     output.update(root=str(plan.results_root), sweep=plan.name)
     config["output"] = output
     return config

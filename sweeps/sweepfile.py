@@ -30,6 +30,8 @@ Sections (unknown keys are rejected, naming them)::
       lr: {rule: inverse_width, base: 3.0e-3, base_width: 256}   # or a number; the lr axis overrides it
       ...                     #   everything else (schedule, seq_len, eval cadence) passes through
     data: {...}               # RunConfig.data unchanged (corpus, tokenizer)
+    output: {tracking: [tensorboard]}   # RunConfig.output's tracking and log_interval_s for every run (root and
+                              #   sweep are the plan's: <results>/<name>/); not part of the run id
     grid: {family: [moe, ne], ratio: [8, 16, 24], base_ratio: [8]}   # crossed
     zip: {width: [256, 512], depth: [4, 8]}    # zipped (equal lengths); a list of such groups is allowed
     limits: {max_ne_share: 0.6, match_tolerance: 0.005, ratio_tolerance: 0.05, max_points: 1000000}
@@ -65,6 +67,7 @@ Numbers: the file is read with :class:`SweepLoader`, a ``yaml.SafeLoader`` that 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import re
@@ -76,13 +79,14 @@ from embscale.base.datafile import build_dataclass, read_yaml
 from embscale.base.errors import ConfigError
 from embscale.models.config import AMPLIFICATIONS, PER_LAYER_TARGETS, SIZING_POLICIES, ModelConfig
 from embscale.sweeps.sections import check_tune_section, executor_options, slurm_parameters
-from embscale.training.config import DataConfig, TrainingConfig
+from embscale.training.config import DataConfig, OutputConfig, TrainingConfig
 
 FAMILIES = ("moe", "ne", "ple", "plne", "dense")
 SWEEP_DIR = Path(__file__).resolve().parent  # the sweep files that ship with embscale (demo.yaml, ...)
 
-TOP_LEVEL_KEYS = ("name", "description", "extends", "model", "ngram", "per_layer", "training", "data", "grid",
-                  "zip", "limits", "slurm", "executor", "tune")
+TOP_LEVEL_KEYS = ("name", "description", "extends", "model", "ngram", "per_layer", "training", "data", "output",
+                  "grid", "zip", "limits", "slurm", "executor", "tune")
+OUTPUT_KEYS = ("tracking", "log_interval_s")  # RunConfig.output fields a sweep sets; root and sweep are the plan's
 
 # model shorthand -> ModelConfig field
 MODEL_ALIASES = {
@@ -217,13 +221,15 @@ class Sweep:
     """A validated sweep file (after ``extends``). ``model`` holds ModelConfig fields (shorthands resolved);
     ``model_rules`` the width-relative rules (``head_dim``, ``dense_mult``, ``expert_mult``,
     ``zero_expert_ratio``); ``grid`` the crossed axes; ``zips`` the zipped groups (each a dict of equal-length
-    lists); ``model_aliases`` maps ModelConfig fields back to the shorthand the file used (error paths)."""
+    lists); ``model_aliases`` maps ModelConfig fields back to the shorthand the file used (error paths); ``output``
+    the RunConfig.output fields every run gets (``tracking``, ``log_interval_s``)."""
 
     name: str
     model: dict[str, Any]
     model_rules: dict[str, float]
     training: dict[str, Any]
     data: dict[str, Any]
+    output: dict[str, Any] = field(default_factory=dict)
     ngram: dict[str, Any] = field(default_factory=dict)
     per_layer: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list] = field(default_factory=dict)
@@ -378,6 +384,7 @@ def parse_sweep(data: Any, path: str | None = None) -> Sweep:
     training = _parse_training(data.get("training"))
     data_section = data.get("data", {}) or {}
     _mapping(data_section, "data")
+    output = _parse_output(data.get("output", {}) or {})
     limits = _parse_limits(data.get("limits", {}) or {})
     executor = executor_options(_mapping(data.get("executor", {}) or {}, "executor"))
     slurm = dict(_mapping(data.get("slurm", {}) or {}, "slurm"))
@@ -385,7 +392,7 @@ def parse_sweep(data: Any, path: str | None = None) -> Sweep:
     tune = None if data.get("tune") is None else dict(_mapping(data["tune"], "tune"))
 
     sweep = Sweep(name=name, model=model, model_rules=rules, training=training, data=dict(data_section),
-                  ngram=ngram, per_layer=per_layer, grid=grid, zips=zips, limits=limits,
+                  output=output, ngram=ngram, per_layer=per_layer, grid=grid, zips=zips, limits=limits,
                   executor=dict(executor), slurm=dict(slurm), description=description, path=path,
                   model_aliases=aliases, tune=tune)
     if tune is not None:
@@ -607,6 +614,23 @@ def _parse_limits(raw: Any) -> Limits:
     if raw.get("max_points") is not None:
         values["max_points"] = _integer(raw["max_points"], "limits.max_points", low=1)
     return Limits(**values)
+
+
+def _parse_output(raw: Any) -> dict[str, Any]:
+    """The output section: the RunConfig.output fields every run of the sweep gets, validated as RunConfig will
+    read them (``output.tracking`` names a known tracker, and ``wandb`` is installed)."""
+    raw = dict(_mapping(raw, "output"))
+    for key in ("root", "sweep"):
+        if key in raw:
+            _fail(f"output.{key}", "is set by the plan: results go to <results>/<name>/ (the sweep's name; the "
+                                   "results folder is --results or $EMBSCALE_RESULTS, default ./results)")
+    _no_unknown(raw, OUTPUT_KEYS, "output")
+    try:
+        checked = build_dataclass(OutputConfig, raw)
+    except ConfigError as exc:
+        raise exc.under("output") from None
+    return {key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(checked).items() if key in raw}
 
 
 def sweep_vocab_size(sweep: Sweep) -> int:

@@ -5,7 +5,7 @@ A run file is YAML with four sections::
     model:     # a ModelConfig (models/config.py); vocab_size and eos_token_id may be omitted
     training:  # TrainingConfig: steps or tokens, batch, optimizer, schedule, evaluation, checkpoints
     data:      # DataConfig: corpus (builtin or a path), validation splits, tokenizer
-    output:    # OutputConfig: results root and sweep name (does not enter the run id)
+    output:    # OutputConfig: results root, sweep name, live-curve trackers (does not enter the run id)
 
 Vocabulary: ``model.vocab_size`` omitted (the usual case) is filled with the tokenizer's size;
 given, it must be at least the tokenizer's size (a larger value pads the embedding, e.g. to a multiple of 64).
@@ -41,6 +41,7 @@ NGRAM_BACKENDS = ("torch", "triton")
 _OPT_IN_TRAINING_DEFAULTS = {"table_optimizer": "adamw", "table_optimizer_moments": "full", "ngram_backend": "torch"}
 DEVICES = ("auto", "cpu", "cuda")
 FORMATS = ("auto", "dir", "jsonl", "parquet")
+TRACKERS = ("tensorboard", "wandb")  # output.tracking: live curves besides metrics.parquet (training/tracking.py)
 SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # Placeholder sizes for validating a model section before the tokenizer is known.
 _PROVISIONAL_VOCAB = 1 << 20
@@ -227,17 +228,45 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    """Where results go: ``<root>/<sweep>/<run_id>/``. ``log_interval_s``: seconds between plain log lines."""
+    """Where results go: ``<root>/<sweep>/<run_id>/``. ``log_interval_s``: seconds between plain log lines.
+
+    ``tracking``: live curves besides ``metrics.parquet``, fed the same rows (nothing is required to train
+    without them). ``tensorboard`` writes TensorBoard event files to ``<run_dir>/tensorboard/`` (embscale writes
+    them itself: TensorBoard is needed only to view them, e.g. ``tensorboard --logdir results/<sweep>``);
+    ``wandb`` logs to a Weights & Biases offline run in ``<run_dir>/wandb/`` (project = sweep, name = run id;
+    needs ``pip install wandb``; ``wandb sync`` uploads it). Scalars are tagged ``train/<column>``,
+    ``val/<column>`` and ``norm/<column>`` after the metrics columns, at each step.
+    """
 
     root: str = "results"
     sweep: str = "default"
     log_interval_s: float = 10.0
+    tracking: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.root != "", "root", "must be a folder path")
         _require(re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", self.sweep) is not None, "sweep",
                  f"must be a plain folder name (letters, digits, '.', '_', '-'), got {self.sweep!r}")
         _require(self.log_interval_s > 0, "log_interval_s", f"must be positive, got {self.log_interval_s}")
+        object.__setattr__(self, "tracking", check_tracking(self.tracking))
+
+
+def check_tracking(value: Any, field_name: str = "tracking") -> tuple[str, ...]:
+    """``output.tracking`` as a tuple of known tracker names (a single name is a list of one, null is none, repeats
+    are dropped). ConfigError naming the field for an unknown name, or for ``wandb`` when the ``wandb`` package is
+    not installed."""
+    names = [value] if isinstance(value, str) else [] if value is None else value
+    _require(isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names), field_name,
+             f"must be a list of tracker names ({', '.join(TRACKERS)}), got {value!r}")
+    for name in names:
+        _require(name in TRACKERS, field_name, f"unknown tracker {name!r}; expected any of {', '.join(TRACKERS)}")
+    if "wandb" in names:
+        import importlib.util
+
+        _require(importlib.util.find_spec("wandb") is not None, field_name,
+                 "wandb is not installed: `pip install wandb` (embscale logs to an offline run in the run "
+                 "folder; `wandb sync` uploads it), or leave wandb out of output.tracking")
+    return tuple(dict.fromkeys(names))
 
 
 @dataclass(frozen=True)
@@ -329,4 +358,4 @@ class RunConfig:
 
 
 __all__ = ["DataConfig", "OutputConfig", "RunConfig", "TrainingConfig", "DEVICES", "FORMATS", "NGRAM_BACKENDS",
-           "SCHEDULES", "TABLE_OPTIMIZERS", "training_identity"]
+           "SCHEDULES", "TABLE_OPTIMIZERS", "TRACKERS", "check_tracking", "training_identity"]

@@ -19,6 +19,9 @@ whose steps a reader can hold in mind one at a time:
    the loop that calls them on their cadence and watches for divergence and signals.
 5. :meth:`Trainer.finish` writes the final checkpoint, metrics and status with the run's summary.
 
+With ``output.tracking``, rank 0 also sends the metrics rows to live-curve trackers (:mod:`.tracking`: TensorBoard
+event files, a W&B offline run) from :class:`~.metrics.Metrics`, the one place rows are recorded.
+
 Run states: ``completed``; ``failed`` (an exception: status ``failed`` with the error and traceback, re-raised);
 ``diverged`` (loss NaN/inf, or above ``spike_factor`` times its running mean); ``interrupted`` (SIGTERM, SIGINT,
 SIGUSR1 or SIGUSR2: the step in progress finishes, then a checkpoint, metrics and status are written; train again
@@ -56,6 +59,7 @@ from embscale.training.data.shards import CorpusShards, prepare_data
 from embscale.training.distributed import Distributed, resolve_device, wants_cuda, wrap_data_parallel
 from embscale.training.metrics import Metrics
 from embscale.training.optim import build_optimizers, clip_gradients, learning_rate
+from embscale.training.tracking import Tracker, open_trackers
 
 EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 3, "interrupted": 75}
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
@@ -406,6 +410,8 @@ class Trainer:
         state, diverged_at, last_status = "running", None, 0.0
         self.started = time.monotonic()
         try:
+            if is_main and self.run_cfg.output.tracking:
+                self.metrics.attach(self._open_trackers())
             self.model.train()
             while self.step_count < total:
                 lr = learning_rate(self.step_count, cfg)
@@ -459,11 +465,17 @@ class Trainer:
                     error = "interrupted by the user (KeyboardInterrupt)"
                 rundir.write_status(self.run_dir, "failed", step=self.step_count, total_steps=total, error=error,
                                     traceback=traceback.format_exc()[-4000:])
+                self.metrics.close(ok=False)  # after the status: a tracker that fails to close loses nothing
             raise
         stop.restore()
         if progress:
             progress.close()
         return self.finish(state, diverged_at, stop.signal)
+
+    def _open_trackers(self) -> list[Tracker]:
+        """This attempt's live-curve trackers (``output.tracking``), fed the metrics rows."""
+        output = self.run_cfg.output
+        return open_trackers(output.tracking, self.run_dir, self.run_id, output.sweep, self.run_cfg.to_dict())
 
     def _diverged(self, loss: float) -> bool:
         if not math.isfinite(loss):
@@ -480,6 +492,7 @@ class Trainer:
             self.checkpoint()
         else:
             self.metrics.flush()
+        self.metrics.close()
         rows = self.metrics.rows
         last_val = self.last_val or self.metrics.last_validation()  # resumed after the last evaluation
         summary: dict[str, Any] = {
