@@ -34,6 +34,16 @@ class Analysis:
 REPEATED_DATA = ("exclude", "include")
 
 
+def _epochs(runs: pd.DataFrame) -> pd.Series:
+    """Each run's epochs: reached (``epochs_seen``), else planned (``epochs``)."""
+    def column(name: str) -> pd.Series:
+        if name not in runs.columns:
+            return pd.Series(float("nan"), index=runs.index)
+        return pd.to_numeric(runs[name], errors="coerce")
+
+    return column("epochs_seen").fillna(column("epochs"))
+
+
 def data_caveats(runs: pd.DataFrame, repeated_data: str = "exclude") -> list[str]:
     """Lines about the runs' data that every figure of the sweep carries: runs that repeated their training data
     (and what the fits did with them) and validation splits smaller than the runs' ``eval_tokens``."""
@@ -41,8 +51,7 @@ def data_caveats(runs: pd.DataFrame, repeated_data: str = "exclude") -> list[str
     if "repeated_data" in runs.columns:
         repeated = runs[runs["repeated_data"].fillna(False).astype(bool)]
         if len(repeated):
-            epochs = pd.to_numeric(repeated.get("epochs_seen"), errors="coerce").fillna(
-                pd.to_numeric(repeated.get("epochs"), errors="coerce"))
+            epochs = _epochs(repeated)
             what = "excluded from fits and figures" if repeated_data == "exclude" else "included in fits"
             lines.append(f"{len(repeated)} of {len(runs)} runs repeated their training data (up to "
                          f"{epochs.max():.2f} epochs): {what}")
@@ -67,8 +76,7 @@ def apply_data_policy(runs: pd.DataFrame, repeated_data: str = "exclude") -> pd.
     if not hit.any():
         return runs
     runs = runs.copy()
-    epochs = pd.to_numeric(runs.get("epochs_seen"), errors="coerce").fillna(
-        pd.to_numeric(runs.get("epochs"), errors="coerce"))
+    epochs = _epochs(runs)
     runs.loc[hit, "fit_ok"] = False
     runs.loc[hit, "excluded_reason"] = [f"repeated its training data ({e:.2f} epochs; embscale plots "
                                         "--repeated-data include keeps it)" for e in epochs[hit]]
