@@ -9,7 +9,9 @@
 - :func:`grouped_linear`: ``torch.nn.functional.grouped_mm`` (bf16, CUDA) for all experts at once; elsewhere (CPU,
   or CUDA in float32) a loop over the contiguous segments, which reads the offsets on the host. Traced by
   ``torch.compile`` off CUDA it takes forms with no host read, so the layer stays one graph: bf16 the same
-  ``grouped_mm``, other dtypes a masked per-expert product (``E`` times the FLOPs).
+  ``grouped_mm``, other dtypes a masked per-expert product (``E`` times the FLOPs, a block of experts per step).
+  One ``grouped_mm`` call takes at most :data:`MAX_GROUPS_PER_CALL` groups (PyTorch's CUDA kernel refuses 1024 or
+  more); more experts go through :func:`chunked_grouped_mm`, still with no host read.
 - :class:`SwiGLUWeighted`: ``silu(g) * u * w`` as one fused Triton kernel each way on CUDA
   (:mod:`embscale.kernels.swiglu`), and the expert choice as one more (:func:`use_triton_routing`,
   :mod:`embscale.kernels.routing`); ``EMBSCALE_MOE_TRITON=0`` or torch.compile tracing keep the torch functions.
@@ -150,7 +152,9 @@ class SwiGLUWeighted(torch.autograd.Function):
 def grouped_linear(a: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows ``offsets[e-1] .. offsets[e]`` of ``a`` (M, K) times ``weight[e].T`` (``weight`` is (E, N, K)).
 
-    Rows past ``offsets[-1]`` are not computed (their values are unspecified). ``offsets`` is int32, (E,).
+    Rows past ``offsets[-1]`` are not computed (their values are unspecified). ``offsets`` is int32, (E,). Any
+    number of experts ``E``: past :data:`MAX_GROUPS_PER_CALL` the ``grouped_mm`` forms go through
+    :func:`chunked_grouped_mm`.
     """
     weight = weight.to(a.dtype)
     m, k = a.shape
@@ -161,6 +165,8 @@ def grouped_linear(a: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     # grouped_mm; its meta function only takes bf16) and other dtypes take the static-shape masked form below,
     # so neither breaks the graph. Eager CPU keeps the segment loop (the numerics tests compare).
     if _GROUPED_MM is not None and bf16 and ((a.is_cuda and k % 8 == 0 and n % 8 == 0) or compiling_off_cuda):
+        if weight.shape[0] > MAX_GROUPS_PER_CALL:
+            return chunked_grouped_mm(a, weight, offsets)
         return _GROUPED_MM(a, weight.transpose(-2, -1), offs=offsets)
     if compiling_off_cuda:
         return _grouped_linear_masked(a, weight, offsets)
@@ -175,16 +181,128 @@ def grouped_linear(a: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     return torch.cat(pieces, dim=0)
 
 
+# PyTorch's CUDA grouped GEMM checks ``group_count < 1024`` (its message says "more than 1024 groups"), so one call
+# takes at most 1023 groups.
+MAX_GROUPS_PER_CALL = 1023
+
+
+def grouped_mm_chunks(n_groups: int, max_groups: int = MAX_GROUPS_PER_CALL) -> list[tuple[int, int]]:
+    """The expert ranges ``(first, end)`` of :func:`chunked_grouped_mm`'s calls, each call at most ``max_groups``
+    groups.
+
+    ``grouped_mm`` starts its first group at row 0, and the rows of a chunk start at a data-dependent offset, so
+    every chunk after the first carries one extra leading group: the rows before it, under the weight of expert
+    ``first - 1`` (a view, no copy), computed and then discarded. Those wasted rows are smallest when the first
+    chunk is the short one: ``n_groups = 1032`` gives ``[(0, 10), (10, 1032)]``, about 1% of the rows computed
+    twice.
+    """
+    if max_groups < 2:
+        raise ValueError(f"max_groups must be at least 2, got {max_groups}")
+    if n_groups <= max_groups:
+        return [(0, n_groups)]
+    per_later = max_groups - 1  # experts per later chunk, beside its leading group
+    n_later = -(-(n_groups - max_groups) // per_later)
+    first_end = n_groups - n_later * per_later
+    return [(0, first_end)] + [(first_end + i * per_later, first_end + (i + 1) * per_later) for i in range(n_later)]
+
+
+def _chunked_rows(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, chunks: list[tuple[int, int]]
+                  ) -> torch.Tensor:
+    """``grouped_mm(a, b, offs=offsets)`` for ``b`` (E, K, N) with any ``E``, one call per chunk: rows of chunk
+    ``(first, end)`` are kept where ``row >= offsets[first - 1]``. Rows past ``offsets[-1]`` are unspecified."""
+    out = None
+    row = None
+    for first, end in chunks:
+        if first == 0:
+            out = _GROUPED_MM(a, b[:end], offs=offsets[:end])
+            continue
+        # Leading group: rows 0 .. offsets[first-1] under expert first-1's weight, discarded below.
+        part = _GROUPED_MM(a, b[first - 1:end], offs=offsets[first - 1:end])
+        if row is None:
+            row = torch.arange(a.shape[0], device=a.device).unsqueeze(1)
+        out = torch.where(row >= offsets[first - 1], part, out)
+    return out
+
+
+def _chunked_weight_grad(grad: torch.Tensor, a: torch.Tensor, offsets: torch.Tensor,
+                         chunks: list[tuple[int, int]]) -> torch.Tensor:
+    """``grad_weight[e] = grad[rows of e].T @ a[rows of e]`` (E, N, K), one 2-D x 2-D ``grouped_mm`` per chunk
+    (each chunk's leading group dropped)."""
+    grad_t = grad.transpose(0, 1)
+    pieces = []
+    for first, end in chunks:
+        lo = max(first - 1, 0)
+        part = _GROUPED_MM(grad_t, a, offs=offsets[lo:end])  # (groups, N, K)
+        pieces.append(part if first == 0 else part[1:])
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
+
+class _ChunkedGroupedMM(torch.autograd.Function):
+    """:func:`chunked_grouped_mm` with its own backward: ``grouped_mm`` leaves the rows outside a call's groups
+    unwritten (uninitialised memory; on the CPU its backward's input gradient held values like 1e-38 there), so
+    the chunks' input gradients from PyTorch's backward could not simply be added up. Here the input gradient is
+    put together chunk by chunk like the output, and the weight gradient is one 2-D x 2-D ``grouped_mm`` per chunk
+    (its ragged dimension the rows, as PyTorch's own backward), each chunk's leading group dropped."""
+
+    @staticmethod
+    def forward(ctx, a, weight, offsets, max_groups):
+        chunks = grouped_mm_chunks(weight.shape[0], max_groups)
+        ctx.chunks = chunks
+        ctx.save_for_backward(a, weight, offsets)
+        return _chunked_rows(a, weight.transpose(-2, -1), offsets, chunks)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, weight, offsets = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_a = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_a = _chunked_rows(grad, weight, offsets, ctx.chunks)  # rows @ weight[e]: (M, N) -> (M, K)
+        if ctx.needs_input_grad[1]:
+            grad_weight = _chunked_weight_grad(grad, a, offsets, ctx.chunks)
+        return grad_a, grad_weight, None, None
+
+
+def chunked_grouped_mm(a: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
+                       max_groups: int = MAX_GROUPS_PER_CALL) -> torch.Tensor:
+    """``grouped_mm(a, weight.transpose(-2, -1), offs=offsets)`` for any number of groups ``E``, with gradients:
+    one call per chunk of at most ``max_groups`` groups (:func:`grouped_mm_chunks`), the chunks' rows put
+    together with ``torch.where`` on the device (no host read of ``offsets``, so no graph break and no sync). The
+    token matrix is passed whole to every call (no copies); each chunk after the first also computes the rows
+    before it once more (about 1% extra for 1032 experts), and the weight gradient's chunks are concatenated (one
+    copy of it). ``a`` (M, K) row-major, ``weight`` (E, N, K) in ``a``'s dtype, ``offsets`` int32 (E,) group
+    ends on ``a``'s device. Rows past ``offsets[-1]`` are unspecified."""
+    if _GROUPED_MM is None:
+        raise RuntimeError("this PyTorch has no grouped_mm")
+    if weight.shape[0] <= max_groups:
+        return _GROUPED_MM(a, weight.transpose(-2, -1), offs=offsets)
+    return _ChunkedGroupedMM.apply(a, weight, offsets, max_groups)
+
+
+# Elements of the (M, experts, N) block the masked form computes per step: bounds its memory whatever E is, and
+# takes many experts per step when the rows are few, so tracing a layer of a thousand experts stays quick.
+_MASKED_BLOCK_ELEMENTS = 2**22
+
+
 def _grouped_linear_masked(a: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """:func:`grouped_linear` with static shapes only (no host read of ``offsets``): every expert's product
-    over all ``M`` rows, kept on its own segment. ``E`` times the FLOPs; for tracing off CUDA, not for speed.
-    Rows past ``offsets[-1]`` are zero, as in the segment loop."""
-    row = torch.arange(a.shape[0], device=a.device)
-    starts = torch.cat((offsets.new_zeros(1), offsets[:-1]))
-    out = a.new_zeros(a.shape[0], weight.shape[1])
-    for e, w in enumerate(weight.unbind(0)):
-        inside = ((row >= starts[e]) & (row < offsets[e])).unsqueeze(-1)  # (M, 1)
-        out = out + torch.where(inside, a @ w.T, 0.0)  # each row is in one segment: exact sums
+    over all ``M`` rows, each row keeping its own expert's. ``E`` times the FLOPs; for tracing off CUDA, not for
+    speed. A block of experts per step (one matmul, a gather of each row's expert), so the traced graph has
+    ``E / block`` steps rather than ``E``. Rows past ``offsets[-1]`` are zero, as in the segment loop."""
+    m, k = a.shape
+    n_experts, n = weight.shape[0], weight.shape[1]
+    rows_hint = m if isinstance(m, int) else 4096  # a symbolic M (dynamic shapes) must not pick the block size
+    block = max(1, min(n_experts, _MASKED_BLOCK_ELEMENTS // max(1, rows_hint * n)))
+    row = torch.arange(m, device=a.device, dtype=offsets.dtype)
+    expert_of_row = torch.searchsorted(offsets, row, right=True)  # segment e holds offsets[e-1] <= row < offsets[e]
+    out = a.new_zeros(m, n)
+    for first in range(0, n_experts, block):
+        w = weight[first:first + block]  # (B, N, K)
+        products = (a @ w.reshape(-1, k).T).view(m, w.shape[0], n)  # (M, B, N)
+        local = expert_of_row - first
+        inside = ((local >= 0) & (local < w.shape[0])).unsqueeze(-1)  # (M, 1)
+        picked = products.gather(1, local.clamp(0, w.shape[0] - 1).view(m, 1, 1).expand(m, 1, n)).squeeze(1)
+        out = out + torch.where(inside, picked, 0.0)  # each row is in one segment: exact sums
     return out
 
 
@@ -194,5 +312,6 @@ def use_triton_routing(x: torch.Tensor) -> bool:
     return _USE_TRITON and x.is_cuda and not torch.compiler.is_compiling()
 
 
-__all__ = ["Combine", "Dispatch", "SwiGLUWeighted", "accumulation_dtype", "grouped_linear", "sort_key_dtype",
-           "use_triton_routing", "use_triton_swiglu"]
+__all__ = ["MAX_GROUPS_PER_CALL", "Combine", "Dispatch", "SwiGLUWeighted", "accumulation_dtype",
+           "chunked_grouped_mm", "grouped_linear", "grouped_mm_chunks", "sort_key_dtype", "use_triton_routing",
+           "use_triton_swiglu"]

@@ -179,14 +179,17 @@ class MoE(nn.Module):
         counts = count_ids(chosen.reshape(-1), E + self.n_zero_experts)
         acc = accumulation_dtype(x.dtype)
         y = torch.zeros_like(x, dtype=acc)
+        # unbind, not w_gate_up[e]: indexing's backward would zero-fill a full-size gradient for every expert
+        # (quadratic in E; seconds for a thousand experts), unbind's stacks them once.
+        w_gate_up, w_down = self.w_gate_up.unbind(0), self.w_down.unbind(0)
         for e in range(E + self.n_zero_experts):
             token, slot = torch.nonzero(chosen == e, as_tuple=True)
             if token.numel() == 0:
                 continue
             xe = x[token]
             if e < E:
-                g, u = (xe @ self.w_gate_up[e].T.to(x.dtype)).split(H, dim=-1)
-                out = (F.silu(g) * u) @ self.w_down[e].T.to(x.dtype)
+                g, u = (xe @ w_gate_up[e].T.to(x.dtype)).split(H, dim=-1)
+                out = (F.silu(g) * u) @ w_down[e].T.to(x.dtype)
             else:
                 out = xe
             y = y.index_add(0, token, out.to(acc) * weights[token, slot].unsqueeze(-1))
