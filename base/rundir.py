@@ -7,7 +7,8 @@ writes go through :mod:`embscale.base.files` (temporary file, then rename)::
                       ``point``, ``config``, ``accounting``, ``tokens``, ``flops``, ``sweep``, ``planned_by``); the
                       trainer writes its own when the run starts (``identity``, the resolved ``model``, ``corpus``,
                       ``tokenizer``, ``shards``, ...) and the planned keys it lacks are merged into it. A record with
-                      ``identity`` was written by the trainer (:func:`written_by_trainer`).
+                      ``identity`` was written by the trainer (:func:`written_by_trainer`). After each attempt's
+                      first step the trainer adds ``startup`` (:func:`record_startup`).
     status.json       ``state`` (one of :data:`STATES`), ``step``, ``total_steps``, ``error``, ``updated_at``; the
                       sweep engine's ``job_id``; what the trainer leaves at the end of an attempt: ``summary``,
                       ``diverged_at``, ``signal``, ``traceback``.
@@ -114,6 +115,15 @@ def with_planned(trainer_record: dict[str, Any], planned: dict[str, Any] | None)
     """The trainer's run.json: its own record, plus the planned keys it lacks (family, point, pair, ...)."""
     extra = {k: v for k, v in (planned or {}).items() if k not in trainer_record and k != PLANNED_BY}
     return {**trainer_record, **extra}
+
+
+def record_startup(run_dir: Path, startup: dict[str, Any]) -> None:
+    """Put the start-up phases of the run's latest attempt into its run.json as ``startup``: ``since`` (``process
+    start`` or ``train_run call``), ``origin`` (seconds since the epoch), ``imports_s``, ``data_s``, ``model_s``,
+    ``first_step_s`` and ``total_s`` (seconds). Nothing is written for a run without a trainer's run.json."""
+    record = read_run_record(run_dir)
+    if written_by_trainer(record):
+        write_run_record(run_dir, {**record, "startup": startup})
 
 
 def read_json_checked(path: Path) -> tuple[dict[str, Any] | None, str]:
@@ -328,7 +338,8 @@ __all__ = [
     "PLANNED_BY", "RUN_FILE", "SHOWN_STATES", "STATES", "STATUS_FILE", "TENSORBOARD_DIR", "TERMINAL_STATES",
     "WANDB_DIR", "checkpoint_dir", "checkpoint_path", "event_log_files", "is_run_dir", "list_checkpoints",
     "load_latest_checkpoint", "metrics_path", "open_event_log", "read_json_checked", "read_metrics",
-    "read_metrics_checked", "read_run_record", "read_status", "remove_event_files", "remove_partial_writes",
+    "read_metrics_checked", "read_run_record", "read_status", "record_startup", "remove_event_files",
+    "remove_partial_writes",
     "run_state", "save_checkpoint", "tensorboard_dir", "utc_now", "val_loss_column", "verify_checkpoint",
     "wandb_dir", "with_planned",
     "write_metrics", "write_planned_record", "write_run_record", "write_status", "written_by_trainer",

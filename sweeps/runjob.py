@@ -6,6 +6,9 @@ limit a job requeues itself: a Slurm job with ``scontrol requeue`` (at most ``ma
 exiting with the code that makes submitit's local controller restart it. A preempted or requeued job is requeued by
 Slurm, and a cancelled one must not come back, so nothing is done for those.
 
+Jobs share one folder of compiled kernels (:func:`share_compile_caches`), and the trainer times each job's start-up
+from its process's start (run.json ``startup``).
+
 Multi-task jobs (several GPUs, or nodes) get the ``torch.distributed`` environment from submitit (``MASTER_ADDR``,
 ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``); ``CUDA_VISIBLE_DEVICES`` keeps all
 of the job's GPUs and rank ``r`` uses ``cuda:LOCAL_RANK``.
@@ -45,17 +48,21 @@ class RunJob(submitit.helpers.Checkpointable):
         self.max_requeues = max_requeues
 
     def __call__(self) -> dict[str, Any]:
+        share_compile_caches()
         import embscale
         from embscale.training.config import RunConfig
-        from embscale.training.trainer import train_run
+        from embscale.training.trainer import process_started_at, train_run
 
         started = time.time()
         rank = self._setup_distributed()
         run_dir = Path(self.run_dir)
         print(f"embscale: run {self.run_id} in {run_dir}; code from {Path(embscale.__file__).parent.parent}; "
               f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}; rank {rank}", flush=True)
+        # A job of its own (local, Slurm) times start-up from its process's start; a debug job shares the driver's.
+        process_start = process_started_at() if self.executor != "debug" else None
         try:
-            summary = train_run(RunConfig.from_dict(self.config), run_dir, resume=True, planned=self.planned)
+            summary = train_run(RunConfig.from_dict(self.config), run_dir, resume=True, planned=self.planned,
+                                started_at=process_start)
         except SystemExit as exc:  # a trainer that exits on a signal after checkpointing
             self._after_interruption(rank, started)
             raise SystemExit(exc.code) from None
@@ -105,6 +112,24 @@ class RunJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
+COMPILE_CACHE_ENV = {"TRITON_CACHE_DIR": "triton", "TORCHINDUCTOR_CACHE_DIR": "inductor"}
+
+
+def share_compile_caches() -> dict[str, str]:
+    """Point Triton's kernel cache and TorchInductor's cache (``torch.compile``) at ``<embscale cache>/compile/``
+    unless the environment already names them, so every run of a sweep, on this machine or (with a shared cache
+    folder) on any node, reuses the kernels and graphs the first runs compiled instead of compiling them again.
+    Both are keyed by everything that makes a compilation differ (source, shapes, device, versions). Returns the
+    variables set."""
+    from embscale.training.data.tokenizer import cache_root
+
+    chosen = {}
+    for variable, folder in COMPILE_CACHE_ENV.items():
+        if not os.environ.get(variable):
+            chosen[variable] = os.environ[variable] = str(cache_root() / "compile" / folder)
+    return chosen
+
+
 def _mark_failed(run_dir: Path, exc: BaseException) -> None:
     """Status ``failed`` for a run whose trainer raised before it could say so itself (bad input, say)."""
     if rundir.run_state(run_dir) in rundir.TERMINAL_STATES:
@@ -113,4 +138,4 @@ def _mark_failed(run_dir: Path, exc: BaseException) -> None:
         rundir.write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}".strip())
 
 
-__all__ = ["LOCAL_REQUEUE_EXIT_CODE", "RunJob"]
+__all__ = ["COMPILE_CACHE_ENV", "LOCAL_REQUEUE_EXIT_CODE", "RunJob", "share_compile_caches"]

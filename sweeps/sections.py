@@ -21,6 +21,7 @@ EXECUTOR_KEYS = {
     "type": "default executor when --executor is not given (local, slurm, debug)",
     "cpu_jobs": "local: concurrent CPU jobs on a machine without GPU",
     "gpus_per_run": "local: GPUs each run gets (default 1 on a GPU machine)",
+    "runs_per_gpu": "local: one-GPU runs sharing each GPU at once (default 1; packs small runs)",
     "timeout_min": "local: time limit of one job in minutes",
     "poll_s": "seconds between looks at the jobs",
     "log_interval_s": "seconds between progress lines",
@@ -62,11 +63,22 @@ def executor_options(section: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"executor.{key}", f"must be a non-negative integer, got {out[key]!r}")
     if out.get("cpu_jobs") == 0:
         raise ConfigError("executor.cpu_jobs", "must be at least 1")
+    if "runs_per_gpu" in out:
+        check_runs_per_gpu(out["runs_per_gpu"], out.get("gpus_per_run"))
     for key in ("timeout_min", "poll_s", "log_interval_s"):
         if key in out and (not isinstance(out[key], (int, float)) or isinstance(out[key], bool) or out[key] <= 0):
             raise ConfigError(f"executor.{key}", f"must be a positive number, got {out[key]!r}")
     return out
 
+
+def check_runs_per_gpu(runs_per_gpu: Any, gpus_per_run: Any = None, where: str = "executor.runs_per_gpu") -> int:
+    """A valid ``runs_per_gpu``: a positive integer, and 1 unless runs get one GPU each (a run of several GPUs
+    holds them alone)."""
+    if not isinstance(runs_per_gpu, int) or isinstance(runs_per_gpu, bool) or runs_per_gpu < 1:
+        raise ConfigError(where, f"must be a positive integer, got {runs_per_gpu!r}")
+    if runs_per_gpu > 1 and isinstance(gpus_per_run, int) and gpus_per_run > 1:
+        raise ConfigError(where, f"packs runs of one GPU each; with gpus_per_run {gpus_per_run} it must be 1")
+    return runs_per_gpu
 
 
 def slurm_minutes(value: Any, where: str = "slurm.time") -> int:

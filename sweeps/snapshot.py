@@ -2,11 +2,12 @@
 
 ``embscale submit`` copies the package's source into ``results/<sweep>/code/<hash>/embscale/`` (once per content)
 and puts that folder first on the jobs' ``PYTHONPATH``, so editing the repository afterwards changes neither
-running nor requeued jobs.
+running nor requeued jobs. The copy comes compiled to bytecode, so jobs do not each compile it.
 """
 
 from __future__ import annotations
 
+import compileall
 import hashlib
 import importlib
 import os
@@ -42,6 +43,9 @@ def code_snapshot(dest_root: Path, packages: tuple[str, ...] = PACKAGES) -> Path
             out = staging / relative
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, out)
+        # Bytecode now, once, rather than in every job (all of a packed sweep's first jobs at once, or each job
+        # where PYTHONDONTWRITEBYTECODE is set); tracebacks name the snapshot's final path.
+        compileall.compile_dir(staging, ddir=str(target), quiet=2)
         os.replace(staging, target)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)

@@ -27,7 +27,7 @@ from typing import Any
 import submitit
 
 from embscale.base import rundir
-from embscale.base.errors import UserError
+from embscale.base.errors import ConfigError, UserError
 from embscale.base.files import atomic_write_json
 from embscale.base.progress import Progress, progress_mode
 from embscale.base.progress import log as progress_log
@@ -44,7 +44,7 @@ from embscale.sweeps.executors.local import (
 from embscale.sweeps.executors.slurm import SlurmExecutor, slurm_executor
 from embscale.sweeps.plan import SweepPlan, planned_record, run_config_dict
 from embscale.sweeps.runjob import RunJob
-from embscale.sweeps.sections import EXECUTORS
+from embscale.sweeps.sections import EXECUTORS, check_runs_per_gpu
 from embscale.sweeps.snapshot import code_snapshot, job_environment
 from embscale.sweeps.status import RunView, select_runs, view_runs
 
@@ -57,6 +57,7 @@ class SubmitOptions:
     retry_failed: bool = False
     cpu_jobs: int | None = None
     gpus_per_run: int | None = None
+    runs_per_gpu: int | None = None
     timeout_min: float | None = None
     slurm: dict[str, Any] = field(default_factory=dict)  # overrides of the sweep's slurm: section
     wait: bool = True
@@ -102,11 +103,36 @@ def make_executor(plan: SweepPlan, options: SubmitOptions, snapshot: Path | None
                         "EMBSCALE_FAKE_GPUS); use --gpus-per-run 0 for CPU runs")
     if gpus and gpus_per_run > len(gpus):
         raise UserError(f"runs need {gpus_per_run} GPUs each but only {len(gpus)} are visible")
+    runs_per_gpu = local_runs_per_gpu(options, section, gpus, gpus_per_run, log)
     timeout = options.timeout_min or section.get("timeout_min")
-    executor = LocalExecutor(folder, SlotPool(gpus, cpu_jobs), log=log, timeout_min=timeout,
+    executor = LocalExecutor(folder, SlotPool(gpus, cpu_jobs, runs_per_gpu), log=log, timeout_min=timeout,
                              extra_env=job_environment(snapshot),
                              cwd=snapshot if sys.version_info < (3, 11) else None)  # no PYTHONSAFEPATH before 3.11
     return executor, gpus_per_run
+
+
+def local_runs_per_gpu(options: SubmitOptions, section: dict[str, Any], gpus: list[str], gpus_per_run: int,
+                       log: Callable[[str], None]) -> int:
+    """How many runs share one GPU: ``--runs-per-gpu``, else the sweep's ``executor.runs_per_gpu``, else 1.
+
+    Packing applies to runs of one GPU each; the sweep file's value is set aside (with a log line) where runs get
+    no GPU (a CPU machine, ``--gpus-per-run 0``) or several, while a ``--runs-per-gpu`` that cannot apply is an
+    error."""
+    given = options.runs_per_gpu
+    value = given if given is not None else section.get("runs_per_gpu", 1)
+    where = "--runs-per-gpu" if given is not None else "executor.runs_per_gpu"
+    if given is not None:
+        try:
+            check_runs_per_gpu(given, gpus_per_run, where)
+        except ConfigError as exc:
+            raise UserError(str(exc)) from None
+    if value > 1 and (not gpus or gpus_per_run != 1):
+        why = "the runs get no GPU" if not gpus else f"each run gets {gpus_per_run} GPUs"
+        if given is not None:
+            raise UserError(f"{where} {value}: packing needs runs of one GPU each, and {why}")
+        log(f"{where} {value} set aside: {why}")
+        return 1
+    return int(value)
 
 
 def run_job(plan: SweepPlan, view: RunView, executor: str, gpus: int) -> Job:
@@ -170,6 +196,8 @@ class _Driver:
         if isinstance(executor, LocalExecutor):
             pool = executor.pool
             where = f"{len(pool.gpus)} GPUs" if pool.has_gpus else f"{pool.cpu_jobs} CPU jobs at a time"
+            if pool.has_gpus and pool.runs_per_gpu > 1:
+                where += f", {pool.runs_per_gpu} runs per GPU"
             self.log(f"local queue: {len(jobs)} runs, {where}")
         if isinstance(executor, SlurmExecutor):  # all at once, as one job array: Slurm queues them
             try:

@@ -27,6 +27,10 @@ Run states: ``completed``; ``failed`` (an exception: status ``failed`` with the 
 SIGUSR1 or SIGUSR2: the step in progress finishes, then a checkpoint, metrics and status are written; train again
 to resume). A completed or diverged run is not trained again: :func:`train_run` returns its stored summary.
 
+Start-up is timed (:class:`StartupClock`): seconds to imports done, data ready, model built and first step done, from
+the process's start (``train_run(..., started_at=process_started_at())``, as ``embscale train`` and sweep jobs
+call it) or from the call; rank 0 logs them in one line and adds them to run.json (``startup``).
+
 MFU uses the accounting's training FLOPs per token and a peak FLOP/s per device: ``EMBSCALE_PEAK_FLOPS`` if set,
 else a table of known GPUs (bf16 dense), else NaN (CPU).
 """
@@ -136,25 +140,78 @@ def tf32_matmuls(device: torch.device):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
+def process_started_at() -> float | None:
+    """When this process started, in seconds since the epoch (10 ms resolution), from its start time in
+    ``/proc/self/stat`` (clock ticks since boot); None where there is no /proc."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        ticks = int(stat[stat.rfind(")") + 2 :].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return time.time() - age if age >= 0 else None
+
+
+class StartupClock:
+    """How long one attempt of a run took to start, in phases: ``imports`` (process start to ``train_run``),
+    ``data`` (process group, corpus, tokenizer and shards), ``model`` (device, model, optimizers, batches) and
+    ``first_step`` (checkpoint restore, run.json, data-parallel wrap, and the first optimizer step with its
+    compilation and kernel builds). Started by ``train_run`` with the process's start time, or without one (a
+    run trained inside a longer-lived process), when the phases count from the call and ``imports`` is 0."""
+
+    PHASES = ("imports", "data", "model", "first_step")
+
+    def __init__(self, started_at: float | None = None):
+        now = time.time()
+        self.from_process = started_at is not None and started_at <= now
+        self.origin = started_at if self.from_process else now
+        self.marks: dict[str, float] = {"imports": now}
+
+    def mark(self, phase: str) -> None:
+        self.marks[phase] = time.time()
+
+    def record(self) -> dict[str, Any]:
+        """The phases marked so far in seconds, with ``total_s`` (origin to the last mark), ``since`` (``process
+        start`` or ``train_run call``) and ``origin`` (seconds since the epoch)."""
+        out: dict[str, Any] = {"since": "process start" if self.from_process else "train_run call",
+                               "origin": round(self.origin, 3)}
+        previous = self.origin
+        for phase in self.PHASES:
+            if phase in self.marks:
+                out[f"{phase}_s"] = round(self.marks[phase] - previous, 3)
+                previous = self.marks[phase]
+        out["total_s"] = round(previous - self.origin, 3)
+        return out
+
+    def describe(self) -> str:
+        record = self.record()
+        phases = ", ".join(f"{phase.replace('_', ' ')} {record[f'{phase}_s']:.2f}s" for phase in self.PHASES
+                           if f"{phase}_s" in record)
+        return f"start-up {record['total_s']:.2f}s since {record['since']}: {phases}"
+
+
 def run_dir_for(run_cfg: RunConfig) -> Path:
     """``<output.root>/<output.sweep>/<run_id>``."""
     return Path(run_cfg.output.root) / run_cfg.output.sweep / run_cfg.run_id
 
 
 def train_run(run_cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = True,
-              planned: dict[str, Any] | None = None) -> dict[str, Any]:
+              planned: dict[str, Any] | None = None, *, started_at: float | None = None) -> dict[str, Any]:
     """Train (or resume, or return the stored result of) one run; returns its summary.
 
     The summary has ``run_id``, ``run_dir``, ``state`` (completed, diverged, interrupted), ``step``,
     ``total_steps``, ``tokens``, ``train_loss`` (mean of the last 10 steps), ``val_<split>_loss`` (last
     evaluation), ``wall_s``, ``tokens_per_s`` and, where it applies, ``diverged_at`` and ``signal``. ``planned``:
-    the sweep engine's planned run.json record, whose keys the trainer's run.json keeps. Raises ConfigError /
-    UserError on bad input (nothing written), re-raises training errors after writing status ``failed``.
+    the sweep engine's planned run.json record, whose keys the trainer's run.json keeps. ``started_at``: when the
+    process that trains only this run started (:func:`process_started_at`), so start-up counts from there. Raises
+    ConfigError / UserError on bad input (nothing written), re-raises training errors after writing status
+    ``failed``.
     """
+    startup = StartupClock(started_at)
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(run_cfg)
     dist = Distributed("cuda" if wants_cuda(run_cfg.training.device) else "cpu")
     try:
-        trainer = Trainer.build(run_cfg, run_dir, resume, dist, planned)
+        trainer = Trainer.build(run_cfg, run_dir, resume, dist, planned, startup=startup)
         if trainer.stored_summary is not None:
             summary = trainer.stored_summary
         else:
@@ -192,6 +249,7 @@ class Trainer:
         self.dist = dist
         self.run_id = run_cfg.run_id
         self.stored_summary: dict[str, Any] | None = None
+        self.startup: StartupClock | None = None
         self.step_count = 0
         self.loss_ema: float | None = None
         self.wall_before = 0.0
@@ -201,7 +259,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- build
     @classmethod
     def build(cls, run_cfg: RunConfig, run_dir: Path, resume: bool, dist: Distributed,
-              planned: dict[str, Any] | None = None) -> Trainer:
+              planned: dict[str, Any] | None = None, startup: StartupClock | None = None) -> Trainer:
         """Validate everything, writing nothing; then build the model, optimizers and batches (seeded)."""
         from embscale.models.accounting import count_parameters
         from embscale.models.model import build_model
@@ -209,11 +267,14 @@ class Trainer:
         self = cls(run_cfg, run_dir, dist)
         cfg = self.cfg
         self.planned = planned
+        self.startup = startup
         self.device = resolve_device(cfg.device, dist.local_rank)
         self.accumulation = cfg.accumulation_steps(dist.world_size)
         self.tokenizer, self.shards = prepare_data(run_cfg.data, report=log if dist.is_main else None)
         self.model_cfg = run_cfg.resolve_model(self.tokenizer.vocab_size, self.tokenizer.eos_token_id)
         _check_splits(self.shards, cfg.seq_len, cfg.eval_tokens)
+        if startup is not None:
+            startup.mark("data")
         self.accounting = count_parameters(self.model_cfg)
         self.existing = _check_existing_run(run_dir, run_cfg, self.shards, self.tokenizer.fingerprint, resume)
         # every rank has looked at the folder before rank 0 writes to it, so they agree on whether the run is new
@@ -239,6 +300,8 @@ class Trainer:
             _warn_about_data(self.run_id, self.shards, self.planned_epochs, cfg.eval_tokens)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else contextlib.nullcontext())
+        if startup is not None:
+            startup.mark("model")
         return self
 
     # ------------------------------------------------------------------------------------------------- restore
@@ -416,6 +479,8 @@ class Trainer:
             while self.step_count < total:
                 lr = learning_rate(self.step_count, cfg)
                 result = self.step(stop)
+                if self.startup is not None and "first_step" not in self.startup.marks:
+                    self._record_startup()
                 step = self.step_count
                 row = self._metrics_row(result, lr)
                 self.metrics.add(row)
@@ -476,6 +541,14 @@ class Trainer:
         """This attempt's live-curve trackers (``output.tracking``), fed the metrics rows."""
         output = self.run_cfg.output
         return open_trackers(output.tracking, self.run_dir, self.run_id, output.sweep, self.run_cfg.to_dict())
+
+    def _record_startup(self) -> None:
+        """After this attempt's first step (its scalars were read back, so the device has finished it): the
+        start-up phases into the log and run.json."""
+        self.startup.mark("first_step")
+        if self.dist.is_main:
+            log(f"[{self.run_id}] {self.startup.describe()}")
+            rundir.record_startup(self.run_dir, self.startup.record())
 
     def _diverged(self, loss: float) -> bool:
         if not math.isfinite(loss):
@@ -580,4 +653,5 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-__all__ = ["EXIT_CODES", "StopFlag", "Trainer", "peak_flops", "run_dir_for", "train_run"]
+__all__ = ["EXIT_CODES", "StartupClock", "StopFlag", "Trainer", "peak_flops", "process_started_at", "run_dir_for",
+           "train_run"]

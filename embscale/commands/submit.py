@@ -2,9 +2,9 @@
 
 Completed runs are skipped (their status file is the truth), failed and diverged runs are rerun only with
 ``--retry-failed``, and runs whose job still runs are left to it. ``local`` queues the runs on this machine (one
-per free GPU, or ``--cpu-jobs`` at a time without GPU) and blocks until they are done; killing it is safe, and
-submitting again picks up where it stopped. ``slurm`` submits job arrays and returns (``--wait`` to block).
-``debug`` trains the runs one after the other in this process.
+per free GPU, ``--runs-per-gpu`` K to pack K small runs on each, or ``--cpu-jobs`` at a time without GPU) and
+blocks until they are done; killing it is safe, and submitting again picks up where it stopped. ``slurm`` submits
+job arrays and returns (``--wait`` to block). ``debug`` trains the runs one after the other in this process.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="concurrent CPU jobs without GPU (default: executor.cpu_jobs, else nproc/2)")
     local.add_argument("--gpus-per-run", type=int, default=None,
                        help="GPUs per run (default: executor.gpus_per_run, else 1 with GPUs, 0 without)")
+    local.add_argument("--runs-per-gpu", type=int, default=None,
+                       help="one-GPU runs sharing each GPU at once (default: executor.runs_per_gpu, else 1)")
     local.add_argument("--timeout-min", type=float, default=None, help="time limit of one local job (minutes)")
     slurm = parser.add_argument_group("slurm executor (override the sweep's slurm: section)")
     slurm.add_argument("--partition")
@@ -75,15 +77,17 @@ def slurm_overrides(args: argparse.Namespace) -> dict:
 def options_from_args(args: argparse.Namespace, plan: SweepPlan) -> SubmitOptions:
     section = plan.sweep.executor
     executor = args.executor or section.get("type") or "local"
-    for name in ("cpu_jobs", "gpus_per_run"):
+    for name in ("cpu_jobs", "gpus_per_run", "runs_per_gpu"):
         value = getattr(args, name, None)
-        if value is not None and value < (1 if name == "cpu_jobs" else 0):
-            raise UserError(f"--{name.replace('_', '-')} must be at least {1 if name == 'cpu_jobs' else 0}")
+        least = 0 if name == "gpus_per_run" else 1
+        if value is not None and value < least:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {least}")
     return SubmitOptions(
         executor=executor,
         retry_failed=args.retry_failed,
         cpu_jobs=args.cpu_jobs,
         gpus_per_run=args.gpus_per_run,
+        runs_per_gpu=args.runs_per_gpu,
         timeout_min=args.timeout_min,
         slurm=slurm_overrides(args),
         wait=executor != "slurm" or args.wait,

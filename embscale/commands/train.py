@@ -10,7 +10,7 @@ import argparse
 import os
 
 from embscale.training.config import RunConfig
-from embscale.training.trainer import EXIT_CODES, train_run
+from embscale.training.trainer import EXIT_CODES, process_started_at, train_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         output["sweep"] = args.sweep
     if output:
         run_cfg = run_cfg.replace(output=output)
-    summary = train_run(run_cfg, resume=not args.no_resume)
+    summary = train_run(run_cfg, resume=not args.no_resume, started_at=process_started_at())
     if int(os.environ.get("RANK", "0")) == 0:
         values = " ".join(f"{k}={v:.4f}" for k, v in summary.items() if k.endswith("_loss") and v is not None)
         print(f"{summary['state']}: run {summary['run_id']} step {summary['step']}/{summary['total_steps']} "

@@ -1,9 +1,12 @@
-"""The local executor: jobs on this machine, at most one per free GPU (or a fixed number of CPU jobs).
+"""The local executor: jobs on this machine, at most ``runs_per_gpu`` per GPU (or a fixed number of CPU jobs).
 
 submitit's own LocalExecutor starts every job at once; this one hands each job ``g`` free GPUs, pinned with
 ``CUDA_VISIBLE_DEVICES``, and a job that needs ``g`` GPUs waits for ``g`` free ones (it runs as ``g`` tasks, the
-DDP ranks). Without GPUs, ``cpu_jobs`` jobs run at once, each with ``OMP_NUM_THREADS`` set to its share of the
-cores. Each job is a submitit local job (``python -m submitit.local._local``) started in a session of its own, so
+DDP ranks). With ``runs_per_gpu`` K above 1, up to K one-GPU runs share each GPU (small runs that leave most of a
+GPU idle, and whose start-up then overlaps the others' training); each packed run gets its share of the cores as
+``OMP_NUM_THREADS``. Without GPUs, ``cpu_jobs`` jobs run at once, each with ``OMP_NUM_THREADS`` set to its share of
+the cores. Each job is a submitit local job (``python -m submitit.local._local``) started in a session of its
+own, so
 
 - killing the driver (even with SIGKILL) leaves running jobs running: the next driver finds them through the
   job map (pid, process start time) and waits for them instead of starting them twice;
@@ -75,31 +78,58 @@ def cpu_job_environment(cpu_jobs: int) -> dict[str, str]:
 
 
 class SlotPool:
-    """Who holds which GPU (or CPU slot). GPU runs get ids; CPU runs count against ``cpu_jobs`` slots."""
+    """Who holds which GPU (or CPU slot). GPU runs get ids; CPU runs count against ``cpu_jobs`` slots.
 
-    def __init__(self, gpus: list[str], cpu_jobs: int):
+    ``runs_per_gpu`` (K) packs small runs: a one-GPU job goes to the least-loaded GPU that holds fewer than K
+    runs (the lowest id on a tie), so K runs share each GPU and a GPU is filled only once every GPU has as many
+    runs. A job of several GPUs takes idle GPUs for itself alone (no packed run joins them while it runs).
+    """
+
+    def __init__(self, gpus: list[str], cpu_jobs: int, runs_per_gpu: int = 1):
+        if int(runs_per_gpu) < 1:
+            raise ValueError(f"runs_per_gpu must be at least 1, got {runs_per_gpu!r}")
         self.gpus = list(gpus)
         self.cpu_jobs = max(1, int(cpu_jobs))
-        self.free_gpus = list(self.gpus)
+        self.runs_per_gpu = int(runs_per_gpu)
+        self.load = {gpu: 0 for gpu in self.gpus}  # runs holding each GPU
+        self.exclusive: set[str] = set()  # GPUs held by a job of several GPUs
         self.busy_cpu = 0
 
     @property
     def has_gpus(self) -> bool:
         return bool(self.gpus)
 
+    @property
+    def free_gpus(self) -> list[str]:
+        """The GPUs no job holds, in id order."""
+        return [gpu for gpu in self.gpus if self.load[gpu] == 0]
+
     def capacity(self) -> int:
-        return len(self.gpus) if self.gpus else self.cpu_jobs
+        return len(self.gpus) * self.runs_per_gpu if self.gpus else self.cpu_jobs
 
     def fits_ever(self, n_gpus: int) -> bool:
         return n_gpus <= len(self.gpus) if self.gpus else n_gpus == 0
 
+    def _choose(self, n_gpus: int) -> list[str] | None:
+        need = max(1, n_gpus)  # on a GPU machine every job gets at least one GPU
+        if need == 1:
+            open_gpus = [g for g in self.gpus if g not in self.exclusive and self.load[g] < self.runs_per_gpu]
+            return [min(open_gpus, key=lambda g: self.load[g])] if open_gpus else None  # min keeps id order
+        idle = self.free_gpus
+        return idle[:need] if len(idle) >= need else None
+
+    def can_acquire(self, n_gpus: int) -> bool:
+        """Whether a job needing ``n_gpus`` could start now."""
+        if self.gpus:
+            return self._choose(n_gpus) is not None
+        return self.busy_cpu < self.cpu_jobs
+
     def acquire(self, n_gpus: int) -> list[str] | None:
         """The GPUs given to a job that needs ``n_gpus`` (``[]`` for a CPU job), or None when it must wait."""
         if self.gpus:
-            need = max(1, n_gpus)  # on a GPU machine every job gets at least one GPU
-            if len(self.free_gpus) < need:
-                return None
-            taken, self.free_gpus = self.free_gpus[:need], self.free_gpus[need:]
+            taken = self._choose(n_gpus)
+            if taken is not None:
+                self.take(taken)
             return taken
         if n_gpus > 0:
             raise ValueError(f"a run needs {n_gpus} GPUs but this machine has none")
@@ -109,20 +139,24 @@ class SlotPool:
         return []
 
     def take(self, gpus: list[str]) -> None:
-        """Mark ``gpus`` (or one CPU slot when empty) as held by a job this driver did not start."""
+        """Mark ``gpus`` (or one CPU slot when empty) as held by one more job (also one this driver did not
+        start: an adopted job holds its GPUs even beyond this pool's ``runs_per_gpu``)."""
         if self.gpus:
-            for gpu in gpus:
-                if gpu in self.free_gpus:
-                    self.free_gpus.remove(gpu)
+            held = [gpu for gpu in gpus if gpu in self.load]
+            for gpu in held:
+                self.load[gpu] += 1
+            if len(held) > 1:
+                self.exclusive.update(held)
         else:
             self.busy_cpu += 1
 
     def release(self, gpus: list[str]) -> None:
         if self.gpus:
             for gpu in gpus:
-                if gpu in self.gpus and gpu not in self.free_gpus:
-                    self.free_gpus.append(gpu)
-            self.free_gpus.sort(key=self.gpus.index)
+                if gpu in self.load and self.load[gpu] > 0:
+                    self.load[gpu] -= 1
+                    if self.load[gpu] == 0:
+                        self.exclusive.discard(gpu)
         else:
             self.busy_cpu = max(0, self.busy_cpu - 1)
 
@@ -253,9 +287,7 @@ class LocalExecutor(Executor):
         return self.pool.capacity()
 
     def has_slot(self, gpus: int = 0) -> bool:
-        if self.pool.has_gpus:
-            return len(self.pool.free_gpus) >= max(1, gpus)
-        return self.pool.busy_cpu < self.pool.cpu_jobs
+        return self.pool.can_acquire(gpus)
 
     def adopt(self, key: str, record: Record) -> bool:
         if not super().adopt(key, record):
@@ -292,6 +324,8 @@ class LocalExecutor(Executor):
         executor.extra_env = dict(self.extra_env)
         if not self.pool.has_gpus:
             executor.extra_env = {**cpu_job_environment(self.pool.cpu_jobs), **executor.extra_env}
+        elif self.pool.runs_per_gpu > 1:  # packed runs share the cores as CPU jobs do
+            executor.extra_env = {**cpu_job_environment(self.pool.capacity()), **executor.extra_env}
         submitted = executor.submit(job.fn)
         pid = int(submitted.job_id)
         record = {"job_id": submitted.job_id, "executor": self.name, "pid": pid, "pgid": pid,

@@ -13,7 +13,8 @@ User corpora: a folder of text files (each file one document), or JSONL / Parque
 configurable column, with the user's validation files (``data.val_paths``) or 2% held out by hash.
 
 Every corpus has a fingerprint (file list, sizes and a sha256 of the contents) whose hash, the corpus id, keys
-the tokenizer and shard caches (:mod:`embscale.training.data.shards`) and is stored with every run.
+the tokenizer and shard caches (:mod:`embscale.training.data.shards`) and is stored with every run. The contents
+are hashed once per state of the files (:mod:`embscale.training.data.fingerprint_cache`), not on every run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import ast
 import hashlib
 import io
 import json
+import os
 import sys
 import sysconfig
 import tokenize
@@ -31,6 +33,7 @@ from typing import Any
 
 from embscale.base.errors import ConfigError, UserError
 from embscale.base.rundir import HELD_OUT_SPLIT
+from embscale.training.data.fingerprint_cache import cached_file_hash
 from embscale.training.data.tokenizer import hash_fraction
 
 BUILTIN_VAL_FRACTION = 0.02
@@ -126,6 +129,22 @@ def _module_docstring(path: Path) -> str | None:
     return doc if doc and len(doc) >= MIN_DOCSTRING_CHARS else None
 
 
+def _python_sources(root: Path) -> list[tuple[str, Path]]:
+    """``(relative path, path)`` of the ``*.py`` files under ``root``, sorted, without descending into
+    ``site-packages``, ``dist-packages`` or ``__pycache__`` (nor into linked folders)."""
+    excluded = {"site-packages", "dist-packages", "__pycache__"}
+    found = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in excluded]
+        relative = os.path.relpath(folder, root)
+        prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
+        for name in names:
+            path = os.path.join(folder, name)
+            if name.endswith(".py") and os.path.isfile(path):
+                found.append((prefix + name, Path(path)))
+    return sorted(found)
+
+
 class BuiltinCorpus(Corpus):
     """The running Python's standard library: code (``*.py``) and prose (pydoc topics, module docstrings)."""
 
@@ -135,16 +154,13 @@ class BuiltinCorpus(Corpus):
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root or sysconfig.get_paths()["stdlib"])
         self.location = str(self.root)
-        excluded = {"site-packages", "dist-packages", "__pycache__"}
-        self.files = sorted(
-            (p.relative_to(self.root).as_posix(), p) for p in self.root.rglob("*.py")
-            if p.is_file() and not excluded.intersection(p.relative_to(self.root).parts))
+        self.files = _python_sources(self.root)
         if not self.files:
             raise UserError(f"no Python sources found under the standard library folder {self.root}")
         self.fingerprint = {
             "kind": self.kind, "location": self.location, "python": sys.version.split()[0],
             "extraction_version": EXTRACTION_VERSION, "val_fraction": BUILTIN_VAL_FRACTION,
-            "topic_val_fraction": BUILTIN_TOPIC_VAL_FRACTION, **_hash_files(self.files)}
+            "topic_val_fraction": BUILTIN_TOPIC_VAL_FRACTION, **cached_file_hash(self.files, _hash_files)}
         # Code documents: non-empty files, exact duplicates dropped (the first path in sorted order is kept),
         # so a held-out file cannot reappear in training under another name.
         seen: set[str] = set()
@@ -343,8 +359,8 @@ class UserCorpus(Corpus):
             "extraction_version": EXTRACTION_VERSION,
             "text_column": text_column if fmt in ("jsonl", "parquet") else None,
             "val_fraction": None if self.val_sources else USER_VAL_FRACTION,
-            **_hash_files(self.train_source.files),
-            "val": {name: _hash_files(s.files) for name, s in self.val_sources.items()}}
+            **cached_file_hash(self.train_source.files, _hash_files),
+            "val": {name: cached_file_hash(s.files, _hash_files) for name, s in self.val_sources.items()}}
 
     def documents(self, split: str) -> Iterator[tuple[str, str]]:
         if self.val_sources:
