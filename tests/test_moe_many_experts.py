@@ -57,7 +57,7 @@ def ragged_problem(n_groups: int, device, dtype, seed: int = 0, k: int = 16, n: 
 def loop_reference(a, weight, offsets, grad):
     """Output rows, input gradient and weight gradient of the grouped product, one matmul each per group, in
     float64: ``out_e = a_e @ W_e.T``, ``grad_a_e = grad_e @ W_e``, ``grad_W_e = grad_e.T @ a_e``."""
-    a, weight, grad = a.double(), weight.double(), grad.double()
+    a, weight, grad = a.double().cpu(), weight.double().cpu(), grad.double().cpu()
     ends = offsets.tolist()
     out, grad_a = torch.zeros(ends[-1], weight.shape[1], dtype=torch.float64), torch.zeros_like(a)
     grad_w = torch.zeros_like(weight)
@@ -78,9 +78,10 @@ def grads_of(fn, a, weight, offsets, grad, m_real):
 
 def assert_matches_loop(got, want, m_real, tolerance):
     (out, grad_a, grad_w), (out_ref, grad_a_ref, grad_w_ref) = got, want
-    torch.testing.assert_close(out[:m_real].double(), out_ref, **tolerance)
-    torch.testing.assert_close(grad_a[:m_real].double(), grad_a_ref[:m_real], **tolerance)
-    torch.testing.assert_close(grad_w.double(), grad_w_ref, **tolerance)
+    out, grad_a, grad_w = out.double().cpu(), grad_a.double().cpu(), grad_w.double().cpu()
+    torch.testing.assert_close(out[:m_real], out_ref, **tolerance)
+    torch.testing.assert_close(grad_a[:m_real], grad_a_ref[:m_real], **tolerance)
+    torch.testing.assert_close(grad_w, grad_w_ref, **tolerance)
     assert grad_w[0].abs().sum() == 0 and grad_w[-1].abs().sum() == 0  # empty groups get a zero gradient
 
 
