@@ -65,7 +65,9 @@ def test_interrupted_build_resumes_from_its_finished_parts(tmp_path, monkeypatch
     assert not (parts.parent / "train.bin").exists()  # no shard from a build that did not finish
     finished = {part_index(p): p.with_suffix(".bin").stat().st_mtime_ns for p in parts.glob("part-*.json")}
     assert 3 <= len(finished) < n_parts  # the parts in flight when it stopped finished too
-    (parts / ".part-999999.bin.abc.tmp").write_bytes(b"left by a killed build")
+    leftovers = [parts / ".part-000001.bin.abc.tmp", parts.parent / ".train.bin.abc.tmp"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"left by a killed build")
     damaged = max(finished)
     (parts / f"part-{damaged:06d}.bin").write_bytes(b"\0\0")  # a part whose size does not match its record
     del finished[damaged]
@@ -88,7 +90,7 @@ def test_interrupted_build_resumes_from_its_finished_parts(tmp_path, monkeypatch
     assert np.array_equal(np.asarray(shards.train.tokens()), reference)
     assert shards.train.n_documents == serial.train.n_documents == 80
     assert np.array_equal(np.asarray(shards.val["held"].tokens()), np.asarray(serial.val["held"].tokens()))
-    assert not parts.exists()  # the parts are gone once the shard is in place
+    assert not parts.exists() and not any(p.exists() for p in leftovers)  # gone once the shard is in place
 
 
 def test_parts_of_another_layout_are_not_reused(tmp_path, monkeypatch, corpus_and_tokenizer):

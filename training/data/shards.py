@@ -92,6 +92,13 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
 
 
+def _remove_leftovers(folder: Path) -> None:
+    """Temporary files a killed build left in a shard folder (the caller holds its lock: no build is running)."""
+    if folder.is_dir():
+        for stale in folder.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
 def _cached_shard(folder: Path, split: str) -> Shard | None:
     meta_path, bin_path = folder / f"{split}.json", folder / f"{split}.bin"
     if meta_path.is_file() and bin_path.is_file():
@@ -111,6 +118,7 @@ def build_shards(corpus: Corpus, tokenizer: TokenizerInfo, cache: Path | None = 
     dtype = token_dtype(tokenizer.vocab_size)
     shards: dict[str, Shard] = {}
     with file_lock(cache / "shards" / f".{key}.lock"):
+        _remove_leftovers(folder)
         for split in corpus.splits:
             parts = folder / f"{split}.parts"
             shard = _cached_shard(folder, split)
@@ -154,6 +162,7 @@ def token_shards(corpus: TokenCorpus, cache: Path | None = None) -> CorpusShards
         key = digest({"corpus": corpus.id, "dtype": dtype.name, "version": SHARD_VERSION})[:16]
         folder = cache / "shards" / key
         with file_lock(cache / "shards" / f".{key}.lock"):
+            _remove_leftovers(folder)
             for split in corpus.splits:
                 shard = _cached_shard(folder, split)
                 if shard is None:
