@@ -51,7 +51,7 @@ from embscale.base.errors import ConfigError
 from embscale.models.accounting import Accounting, count_parameters
 from embscale.models.config import ModelConfig, NgramConfig, PerLayerConfig
 from embscale.sweeps.sweepfile import Sweep, apply_model_rules, load_sweep, sweep_vocab_size, training_template
-from embscale.training.config import DataConfig, RunConfig, TrainingConfig, training_identity
+from embscale.training.config import DataConfig, RunConfig, TrainingConfig, data_identity, training_identity
 
 EMBEDDING_FAMILIES = ("ne", "ple", "plne")
 # Axes that describe each family's run (the others are left out of its point).
@@ -302,7 +302,7 @@ class _Expander:
                                    for key in self.training_keys]
         self.seq_len = self.training_template.seq_len
         data = build_dataclass(DataConfig, sweep.data)
-        self.data_json = _canonical(dataclasses.asdict(data))
+        self.data_json = _canonical(data_identity(data))
         self.data_section = dict(sweep.data)
         self.eos_given = "eos_token_id" in sweep.model
         self.backbones: dict[tuple[int, int], ModelConfig | ConfigError] = {}

@@ -4,17 +4,19 @@ A run file is YAML with four sections::
 
     model:     # a ModelConfig (models/config.py); vocab_size and eos_token_id may be omitted
     training:  # TrainingConfig: steps or tokens, batch, optimizer, schedule, evaluation, checkpoints
-    data:      # DataConfig: corpus (builtin or a path), validation splits, tokenizer
+    data:      # DataConfig: corpus (builtin, site, a path of text or token ids), validation splits, tokenizer
     output:    # OutputConfig: results root, sweep name, live-curve trackers (does not enter the run id)
 
 Vocabulary: ``model.vocab_size`` omitted (the usual case) is filled with the tokenizer's size;
 given, it must be at least the tokenizer's size (a larger value pads the embedding, e.g. to a multiple of 64).
 ``model.eos_token_id`` omitted is filled with the tokenizer's end-of-sequence id; given, it must equal it.
+Pre-tokenised data has no tokenizer: ``data.vocab_size`` and ``data.eos_token_id`` stand in for its size and id.
 
 ``run_id`` is a short hash (10 hex digits) of the model, training and data sections with every default filled
 in, so the same run written two ways gets the same id, and the output section (where results go) does not
-change it. Opt-in training fields added later (``table_optimizer``, ``table_optimizer_moments``,
-``ngram_backend``) enter the hash only when they differ from their defaults, so existing run ids are unchanged.
+change it. Opt-in fields added later (training's ``table_optimizer``, ``table_optimizer_moments``,
+``ngram_backend``; data's ``token_column``, ``eos_token_id``) enter the hash only when they differ from their
+defaults, so existing run ids are unchanged.
 """
 
 from __future__ import annotations
@@ -40,7 +42,12 @@ NGRAM_BACKENDS = ("torch", "triton")
 # earlier runs (and of runs that do not use them) stay what they were.
 _OPT_IN_TRAINING_DEFAULTS = {"table_optimizer": "adamw", "table_optimizer_moments": "full", "ngram_backend": "torch"}
 DEVICES = ("auto", "cpu", "cuda")
-FORMATS = ("auto", "dir", "jsonl", "parquet")
+TEXT_FORMATS = ("dir", "jsonl", "parquet")
+TOKEN_FORMATS = ("npy", "bin", "arrow", "parquet_tokens")  # embscale.training.data.tokens.TOKEN_FORMATS
+FORMATS = ("auto", *TEXT_FORMATS, *TOKEN_FORMATS)
+NAMED_CORPORA = ("builtin", "site")
+# Data fields added after runs were recorded: left out of the run id at their default (as the training ones).
+_OPT_IN_DATA_DEFAULTS = {"token_column": "input_ids", "eos_token_id": None}
 TRACKERS = ("tensorboard", "wandb")  # output.tracking: live curves besides metrics.parquet (training/tracking.py)
 SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # Placeholder sizes for validating a model section before the tokenizer is known.
@@ -180,15 +187,40 @@ def training_identity(training: TrainingConfig) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The corpus and tokenizer.
+    """The corpus, and the tokenizer or the vocabulary of pre-tokenised data.
 
-    ``corpus``: ``builtin`` (the Python standard library's sources as code plus its bundled documentation
-    as prose; validation splits ``code`` and ``prose``) or a path. ``format``: ``dir`` (every non-hidden file
-    under the folder is one document), ``jsonl`` or ``parquet`` (a file, or a folder of such files, with the
-    text in ``text_column``); ``auto`` infers it from the path. ``val_paths`` maps split names to validation
-    files or folders in the same format; without it, 2% of the documents (by a hash of their key) are held out
-    as split ``val``. Tokenizer: a BPE of ``vocab_size`` trained on ``tokenizer_sample_bytes`` of the training
+    ``corpus``, by name or path:
+
+    - ``builtin``: the Python standard library's sources as code plus its bundled documentation as prose
+      (validation splits ``code`` and ``prose``); about 31 MB, the demo's corpus.
+    - ``site``: the installed packages' sources (every ``*.py`` under the interpreter's site-packages, files over
+      1 MB left out) as code and their module docstrings as prose, split like ``builtin``: a larger corpus that
+      needs no download (100 to 200 MB of sources where torch is installed).
+    - a path (a file, a folder, or for token files a glob such as ``data/fineweb_train_*.bin``).
+
+    ``format`` of a path (``auto``, the default, tells them apart by file names, and Parquet by its columns):
+
+    - text, tokenised by the tokenizer: ``dir`` (every non-hidden file under the folder is one document),
+      ``jsonl`` or ``parquet`` (a file, or a folder of such files, with the text in ``text_column``);
+    - token ids already (no tokenizer is trained or loaded): ``npy`` (1-D integer ``.npy`` arrays, concatenated
+      in sorted path order), ``bin`` (llm.c / nanoGPT FineWeb shards: a 256-int32 header with magic 20240520,
+      version 1 and the token count, then uint16 tokens), ``arrow`` (a Hugging Face ``datasets`` folder written
+      by ``save_to_disk``) and ``parquet_tokens`` (Parquet); ``arrow`` and ``parquet_tokens`` rows are documents
+      whose ids are a list in ``token_column`` (default ``input_ids``). ``npy`` and ``bin`` are memory-mapped where
+      they lie; ``arrow`` and ``parquet_tokens`` are flattened once into the shard cache (read, not tokenised).
+
+    Validation: ``val_paths`` maps split names to validation files or folders in the same format. Without it,
+    text corpora and ``arrow`` / ``parquet_tokens`` hold out 2% of the documents (by a hash of their key) as
+    split ``val``; ``npy`` / ``bin`` streams hold out their last 1% of tokens, cut just after an end-of-document
+    id, as split ``val``. Validation tokens are never trained on.
+
+    Tokenizer (text): a byte-level BPE of ``vocab_size`` trained on ``tokenizer_sample_bytes`` of the training
     split, or the ``tokenizer.json`` at ``tokenizer_path`` (its EOS token named by ``eos_token`` or found).
+
+    Token ids: ``vocab_size`` is the model's vocabulary and must exceed every id in the files (checked when a file
+    is first read); ``eos_token_id`` (required) is the end-of-document id: the model's end-of-sequence id, and
+    appended after each ``arrow`` / ``parquet_tokens`` row that does not already end with it (``npy`` / ``bin``
+    streams are used as they are). ``tokenizer_path`` and ``eos_token`` do not apply.
     """
 
     corpus: str = "builtin"
@@ -199,31 +231,66 @@ class DataConfig:
     tokenizer_path: str | None = None
     eos_token: str | None = None
     tokenizer_sample_bytes: int = 8_000_000
+    token_column: str = "input_ids"
+    eos_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        _require(self.corpus != "", "corpus", "must be 'builtin' or a path")
+        _require(self.corpus != "", "corpus", "must be 'builtin', 'site' or a path")
         _require(self.format in FORMATS, "format",
                  f"unknown value {self.format!r}; expected one of {', '.join(FORMATS)}")
-        _require(self.corpus != "builtin" or self.format == "auto", "format",
-                 "the builtin corpus has no format; leave data.format out")
+        named = self.corpus in NAMED_CORPORA
+        _require(not named or self.format == "auto", "format",
+                 f"the {self.corpus} corpus has no format; leave data.format out")
         _require(self.text_column != "", "text_column", "must not be empty")
+        _require(self.token_column != "", "token_column", "must not be empty")
         if self.val_paths is not None:
             _require(isinstance(self.val_paths, dict) and len(self.val_paths) > 0, "val_paths",
                      "must be a mapping of split name to path, e.g. {web: data/val.jsonl}")
-            _require(self.corpus != "builtin", "val_paths",
-                     "the builtin corpus brings its own validation splits (code, prose)")
+            _require(not named, "val_paths", f"the {self.corpus} corpus brings its own validation splits (code, "
+                                             "prose)")
             for name, path in self.val_paths.items():
                 _require(isinstance(name, str) and SPLIT_NAME.match(name) is not None, f"val_paths.{name}",
                          "split names are lowercase identifiers (letters, digits, _), e.g. web or code")
                 _require(isinstance(path, str) and path != "", f"val_paths.{name}",
                          f"must be a path, got {path!r}")
             object.__setattr__(self, "val_paths", dict(sorted(self.val_paths.items())))
-        if self.tokenizer_path is None:
+        tokens = self.format in TOKEN_FORMATS
+        if tokens:
+            what = f"pre-tokenised data (format {self.format})"
+            _require(self.tokenizer_path is None, "tokenizer_path",
+                     f"{what} is read as token ids and no tokenizer is used; leave data.tokenizer_path out")
+            _require(self.eos_token is None, "eos_token",
+                     f"{what} has no tokenizer; name the end-of-document id with data.eos_token_id instead")
+            _require(self.eos_token_id is not None, "eos_token_id",
+                     f"is required for {what}: the id that ends (or, as in llm.c's FineWeb shards, starts) each "
+                     "document, e.g. 50256 for GPT-2 tokens")
+        elif self.format != "auto" or named:
+            _require(self.eos_token_id is None, "eos_token_id",
+                     "is for pre-tokenised data (a token format); a tokenizer's end-of-sequence token is named by "
+                     "data.eos_token")
+        if self.eos_token_id is not None:
+            _require(self.eos_token_id >= 0, "eos_token_id", f"must be a token id (>= 0), got {self.eos_token_id}")
+            _require(self.eos_token_id < self.vocab_size, "eos_token_id",
+                     f"{self.eos_token_id} is not below data.vocab_size = {self.vocab_size}")
+        if tokens or self.eos_token_id is not None:  # token ids: any vocabulary that holds them
+            _require(self.vocab_size >= 1, "vocab_size", f"must be positive, got {self.vocab_size}")
+        elif self.tokenizer_path is None:
             from embscale.training.data.tokenizer import check_vocab_size
 
             check_vocab_size(self.vocab_size, "vocab_size")
         _require(self.tokenizer_sample_bytes > 0, "tokenizer_sample_bytes",
                  f"must be positive, got {self.tokenizer_sample_bytes}")
+
+
+def data_identity(data: DataConfig) -> dict[str, Any]:
+    """The data section as it enters the run id: every field, except the opt-in ones at their defaults
+    (``token_column``, ``eos_token_id``), so runs recorded before they existed keep their ids
+    (``embscale.sweeps.expand`` hashes the same mapping)."""
+    identity = dataclasses.asdict(data)
+    for name, default in _OPT_IN_DATA_DEFAULTS.items():
+        if identity[name] == default:
+            del identity[name]
+    return identity
 
 
 @dataclass(frozen=True)
@@ -319,14 +386,13 @@ class RunConfig:
     # ----- identity -----
     def identity(self) -> dict[str, Any]:
         """Everything that determines the run's results, with defaults filled in (except the opt-in training
-        fields ``table_optimizer``, ``table_optimizer_moments`` and ``ngram_backend``, present only when not at
-        their defaults)."""
+        fields ``table_optimizer``, ``table_optimizer_moments`` and ``ngram_backend`` and the opt-in data fields
+        ``token_column`` and ``eos_token_id``, present only when not at their defaults)."""
         model = self.provisional_model().to_dict()
         for omitted in ("vocab_size", "eos_token_id"):
             if omitted not in self.model:
                 model[omitted] = None
-        return {"model": model, "training": training_identity(self.training),
-                "data": dataclasses.asdict(self.data)}
+        return {"model": model, "training": training_identity(self.training), "data": data_identity(self.data)}
 
     @property
     def run_id(self) -> str:
@@ -358,4 +424,5 @@ class RunConfig:
 
 
 __all__ = ["DataConfig", "OutputConfig", "RunConfig", "TrainingConfig", "DEVICES", "FORMATS", "NGRAM_BACKENDS",
-           "SCHEDULES", "TABLE_OPTIMIZERS", "TRACKERS", "check_tracking", "training_identity"]
+           "SCHEDULES", "TABLE_OPTIMIZERS", "TOKEN_FORMATS", "data_identity", "training_identity"]
+TRACKERS = ("tensorboard", "wandb")  # output.tracking: live curves besides metrics.parquet (training/tracking.py)

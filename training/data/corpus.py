@@ -9,8 +9,15 @@ the stdlib folder) falls in the lowest 2%: its code goes to validation split ``c
 document (it *is* the prose); 15% of its topics (by a hash of the topic name) are held out as ``prose``. About
 31 MB of code and 0.8 MB of prose with CPython 3.11.
 
+``site``: the installed packages' sources, no download either: every ``*.py`` under the running interpreter's
+site-packages folders (files over 1 MB left out) as code and their module docstrings as prose, held out by path
+hash like ``builtin`` (splits ``code`` and ``prose``). 215 MB of sources and 64M tokens with the default 8192
+BPE in a venv holding torch, pandas and scipy; about 100 MB on a bare CUDA image with torch.
+
 User corpora: a folder of text files (each file one document), or JSONL / Parquet files with the text in a
-configurable column, with the user's validation files (``data.val_paths``) or 2% held out by hash.
+configurable column, with the user's validation files (``data.val_paths``) or 2% held out by hash. Paths of
+pre-tokenised data (``.npy``, llm.c ``.bin``, ``save_to_disk`` folders, Parquet with a token column) open as a
+:class:`~embscale.training.data.tokens.TokenCorpus`; :func:`corpus_format` tells the formats apart.
 
 Every corpus has a fingerprint (file list, sizes and a sha256 of the contents) whose hash, the corpus id, keys
 the tokenizer and shard caches (:mod:`embscale.training.data.shards`) and is stored with every run. The contents
@@ -24,6 +31,7 @@ import hashlib
 import io
 import json
 import os
+import site
 import sys
 import sysconfig
 import tokenize
@@ -34,64 +42,24 @@ from typing import Any
 from embscale.base.errors import ConfigError, UserError
 from embscale.base.rundir import HELD_OUT_SPLIT
 from embscale.training.data.fingerprint_cache import cached_file_hash
+from embscale.training.data.interface import Corpus, digest, hash_files
 from embscale.training.data.tokenizer import hash_fraction
+from embscale.training.data.tokens import (
+    TOKEN_FORMATS,
+    TokenCorpus,
+    detect_token_format,
+    expand_path,
+    parquet_kind,
+)
 
 BUILTIN_VAL_FRACTION = 0.02
+SITE_VAL_FRACTION = 0.02
+SITE_MAX_FILE_BYTES = 1_000_000
 BUILTIN_TOPIC_VAL_FRACTION = 0.15
 USER_VAL_FRACTION = 0.02
 MIN_DOCSTRING_CHARS = 100
 EXTRACTION_VERSION = 3  # bump when the way documents are cut from files changes
 TOPICS_FILE = "pydoc_data/topics.py"
-
-
-def digest(data: Any) -> str:
-    """sha256 of ``data`` as canonical JSON (sorted keys, no spaces)."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
-
-
-def _hash_files(files: list[tuple[str, Path]]) -> dict[str, Any]:
-    """Fingerprint of ``(name, path)`` pairs: count, bytes, a hash of names and sizes, a hash of contents."""
-    listing = hashlib.sha256()
-    contents = hashlib.sha256()
-    total = 0
-    for name, path in files:
-        size = path.stat().st_size
-        total += size
-        listing.update(f"{name}\t{size}\n".encode())
-        with open(path, "rb") as handle:
-            for block in iter(lambda h=handle: h.read(1 << 20), b""):
-                contents.update(block)
-    return {"n_files": len(files), "total_bytes": total, "list_sha256": listing.hexdigest(),
-            "content_sha256": contents.hexdigest()}
-
-
-class Corpus:
-    """Documents by split (``train`` and the validation splits), as ``(key, text)`` pairs."""
-
-    kind: str
-    location: str
-    fingerprint: dict[str, Any]
-    val_splits: tuple[str, ...]
-
-    @property
-    def id(self) -> str:
-        """Short hash of the fingerprint; keys the caches."""
-        return digest({k: v for k, v in self.fingerprint.items() if k != "location"})[:16]
-
-    @property
-    def splits(self) -> tuple[str, ...]:
-        return ("train", *self.val_splits)
-
-    def documents(self, split: str) -> Iterator[tuple[str, str]]:
-        raise NotImplementedError
-
-    def split_bytes(self, split: str) -> int:
-        """An estimate of a split's size in bytes (the tokenizer's sampling rate and the progress total)."""
-        raise NotImplementedError
-
-    def describe(self, split: str) -> str:
-        """Where a split's documents come from, for error messages."""
-        return f"split {split} of {self.location}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -160,7 +128,7 @@ class BuiltinCorpus(Corpus):
         self.fingerprint = {
             "kind": self.kind, "location": self.location, "python": sys.version.split()[0],
             "extraction_version": EXTRACTION_VERSION, "val_fraction": BUILTIN_VAL_FRACTION,
-            "topic_val_fraction": BUILTIN_TOPIC_VAL_FRACTION, **cached_file_hash(self.files, _hash_files)}
+            "topic_val_fraction": BUILTIN_TOPIC_VAL_FRACTION, **cached_file_hash(self.files, hash_files)}
         # Code documents: non-empty files, exact duplicates dropped (the first path in sorted order is kept),
         # so a held-out file cannot reappear in training under another name.
         seen: set[str] = set()
@@ -218,6 +186,101 @@ class BuiltinCorpus(Corpus):
 
     def describe(self, split: str) -> str:
         return f"builtin corpus split {split} ({self.root})"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The site corpus: the installed packages' sources
+# ----------------------------------------------------------------------------------------------------------
+def site_package_folders() -> list[Path]:
+    """The running interpreter's package folders: the ``site-packages`` / ``dist-packages`` folders on
+    ``sys.path`` in import order, then ``site``'s and ``sysconfig``'s own; existing ones, each once."""
+    candidates = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+    candidates += [*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    seen: set[Path] = set()
+    roots = []
+    for candidate in candidates:
+        path = Path(candidate)
+        if path.is_dir() and path.resolve() not in seen:
+            seen.add(path.resolve())
+            roots.append(path)
+    return roots
+
+
+class SiteCorpus(Corpus):
+    """The installed packages' sources (every ``*.py`` under the interpreter's site-packages folders) as code,
+    and their module docstrings as prose: a larger corpus than ``builtin`` that needs no download.
+
+    A file is keyed by its path inside its site-packages folder; where two folders hold the same path, the one
+    earlier on ``sys.path`` (the one Python imports) is taken. Files over 1 MB (generated tables), empty files
+    and exact duplicates are dropped. A file is held out when the hash of its key falls in the lowest 2%: its code
+    goes to validation split ``code`` and its docstring to ``prose``, as in the builtin corpus. The corpus id
+    changes whenever a package is installed, upgraded or removed.
+    """
+
+    kind = "site"
+    val_splits = ("code", "prose")
+
+    def __init__(self, roots: list[str | Path] | None = None):
+        self.roots = [Path(r) for r in roots] if roots is not None else site_package_folders()
+        if not self.roots:
+            raise UserError(f"no site-packages folder found for this Python ({sys.executable})")
+        self.location = ":".join(str(r) for r in self.roots)
+        chosen: dict[str, Path] = {}
+        for root in self.roots:
+            for path in root.rglob("*.py"):
+                parts = path.relative_to(root).parts
+                if "__pycache__" in parts or any(part.startswith(".") for part in parts) or not path.is_file():
+                    continue
+                chosen.setdefault(path.relative_to(root).as_posix(), path)
+        if not chosen:
+            raise UserError(f"no Python sources found under {self.location}")
+        listing, contents, total = hashlib.sha256(), hashlib.sha256(), 0
+        seen: set[str] = set()
+        self.code_files: list[tuple[str, Path]] = []
+        self.code_bytes: dict[str, int] = {}
+        for rel, path in sorted(chosen.items()):
+            raw = path.read_bytes()
+            total += len(raw)
+            listing.update(f"{rel}\t{len(raw)}\n".encode())
+            contents.update(raw)
+            content_hash = hashlib.sha1(raw).hexdigest()
+            if len(raw) <= SITE_MAX_FILE_BYTES and raw.strip() and content_hash not in seen:
+                seen.add(content_hash)
+                self.code_files.append((rel, path))
+                self.code_bytes[rel] = len(raw)
+        self.fingerprint = {
+            "kind": self.kind, "location": self.location, "python": sys.version.split()[0],
+            "extraction_version": EXTRACTION_VERSION, "val_fraction": SITE_VAL_FRACTION,
+            "max_file_bytes": SITE_MAX_FILE_BYTES, "n_files": len(chosen), "total_bytes": total,
+            "list_sha256": listing.hexdigest(), "content_sha256": contents.hexdigest()}
+
+    def _code_files(self, held_out: bool) -> Iterator[tuple[str, Path]]:
+        for rel, path in self.code_files:
+            if (hash_fraction("split:site:" + rel) < SITE_VAL_FRACTION) == held_out:
+                yield rel, path
+
+    def _docstrings(self, held_out: bool) -> Iterator[tuple[str, str]]:
+        for rel, path in self._code_files(held_out):
+            doc = _module_docstring(path)
+            if doc:
+                yield f"doc:{rel}", doc
+
+    def documents(self, split: str) -> Iterator[tuple[str, str]]:
+        if split not in self.splits:
+            raise KeyError(split)
+        if split in ("train", "code"):
+            for rel, path in self._code_files(held_out=split == "code"):
+                yield rel, _read_text(path)
+        if split in ("train", "prose"):
+            yield from self._docstrings(held_out=split == "prose")
+
+    def split_bytes(self, split: str) -> int:
+        code = sum(self.code_bytes[rel] for rel, _ in self._code_files(held_out=split != "train"))
+        docstrings = code // 50  # docstrings are about 1/50 of the source, by size
+        return {"train": code + docstrings, "code": code, "prose": docstrings}[split]
+
+    def describe(self, split: str) -> str:
+        return f"site corpus split {split} ({self.location})"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -359,8 +422,8 @@ class UserCorpus(Corpus):
             "extraction_version": EXTRACTION_VERSION,
             "text_column": text_column if fmt in ("jsonl", "parquet") else None,
             "val_fraction": None if self.val_sources else USER_VAL_FRACTION,
-            **cached_file_hash(self.train_source.files, _hash_files),
-            "val": {name: cached_file_hash(s.files, _hash_files) for name, s in self.val_sources.items()}}
+            **cached_file_hash(self.train_source.files, hash_files),
+            "val": {name: cached_file_hash(s.files, hash_files) for name, s in self.val_sources.items()}}
 
     def documents(self, split: str) -> Iterator[tuple[str, str]]:
         if self.val_sources:
@@ -391,19 +454,69 @@ class UserCorpus(Corpus):
 
 def val_split_names(data_cfg: Any) -> tuple[str, ...]:
     """The validation splits a :class:`~embscale.training.config.DataConfig` gives its runs, without opening the
-    corpus: the built-in corpus's, the names of ``val_paths``, or the one held-out split."""
+    corpus: the built-in or site corpus's, the names of ``val_paths``, or the one held-out split."""
     if data_cfg.corpus == "builtin":
         return BuiltinCorpus.val_splits
+    if data_cfg.corpus == "site":
+        return SiteCorpus.val_splits
     return tuple(data_cfg.val_paths) if data_cfg.val_paths else (HELD_OUT_SPLIT,)
 
 
-def open_corpus(data_cfg: Any) -> Corpus:
-    """The corpus a :class:`~embscale.training.config.DataConfig` names; errors name the field or file."""
+def corpus_format(data_cfg: Any) -> str:
+    """``data.format``, or for ``auto`` what the corpus path holds: token files (``.npy``, ``.bin``, a
+    ``save_to_disk`` folder or ``.arrow`` files), Parquet with a token or a text column, JSONL, or text files."""
+    if data_cfg.format != "auto":
+        return data_cfg.format
+    path, matches = expand_path(data_cfg.corpus, "data.corpus")
+    token_format = detect_token_format(path, matches, "data.format")
+    if token_format:
+        return token_format
+    if matches is not None:
+        parquet = [p for p in matches if p.suffix.lower() == ".parquet"]
+        if parquet and len(parquet) == len(matches):
+            return parquet_kind(parquet, data_cfg.text_column, data_cfg.token_column)
+        raise ConfigError("data.corpus", f"{data_cfg.corpus}: glob patterns name token files (.npy, .bin, .arrow, "
+                                         ".parquet); give a text corpus as a folder or a file")
+    fmt = _infer_format(path, "data.corpus")
+    if fmt == "parquet":
+        files = [path] if path.is_file() else [p for p in _visible_files(path) if p.suffix.lower() == ".parquet"]
+        return parquet_kind(files, data_cfg.text_column, data_cfg.token_column)
+    return fmt
+
+
+def open_corpus(data_cfg: Any, cache: Path | None = None) -> Corpus:
+    """The corpus a :class:`~embscale.training.config.DataConfig` names; errors name the field or file.
+
+    ``cache`` is where a pre-tokenised corpus keeps its files' statistics (default: the cache root)."""
     if data_cfg.corpus == "builtin":
         return BuiltinCorpus()
-    return UserCorpus(data_cfg.corpus, data_cfg.format, data_cfg.text_column, data_cfg.val_paths)
+    if data_cfg.corpus == "site":
+        return SiteCorpus()
+    fmt = corpus_format(data_cfg)
+    if fmt in TOKEN_FORMATS:
+        check_token_fields(data_cfg, fmt)
+        return TokenCorpus(data_cfg.corpus, fmt, data_cfg.eos_token_id, data_cfg.vocab_size,
+                           data_cfg.token_column, data_cfg.val_paths, cache)
+    if data_cfg.eos_token_id is not None:
+        raise ConfigError("data.eos_token_id", f"is for pre-tokenised data, and {data_cfg.corpus} is text (format "
+                                               f"{fmt}); a given tokenizer's end-of-sequence token is named by "
+                                               "data.eos_token")
+    return UserCorpus(data_cfg.corpus, fmt, data_cfg.text_column, data_cfg.val_paths)
 
 
+def check_token_fields(data_cfg: Any, fmt: str) -> None:
+    """The fields of a pre-tokenised corpus: no tokenizer, an end-of-document id."""
+    what = f"pre-tokenised data (format {fmt})"
+    if data_cfg.tokenizer_path is not None:
+        raise ConfigError("data.tokenizer_path", f"{what} is read as token ids and no tokenizer is used; leave "
+                                                 "data.tokenizer_path out")
+    if data_cfg.eos_token is not None:
+        raise ConfigError("data.eos_token", f"{what} has no tokenizer; name the end-of-document id with "
+                                            "data.eos_token_id instead")
+    if data_cfg.eos_token_id is None:
+        raise ConfigError("data.eos_token_id", f"is required for {what}: the id that ends (or, as in llm.c's "
+                                               "FineWeb shards, starts) each document, e.g. 50256 for GPT-2 tokens")
 
 
-__all__ = ["BuiltinCorpus", "Corpus", "UserCorpus", "digest", "open_corpus", "val_split_names"]
+__all__ = ["BuiltinCorpus", "Corpus", "SiteCorpus", "TokenCorpus", "UserCorpus", "corpus_format", "digest",
+           "open_corpus", "site_package_folders", "val_split_names"]

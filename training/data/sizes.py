@@ -1,6 +1,9 @@
 """How many tokens each split of a corpus holds, for epoch accounting before a run starts.
 
-A split's size is **exact** once a run has built (or found) its shards: :func:`remember_split_tokens` stores the
+Pre-tokenised corpora (``.bin``, ``.npy``, Arrow, Parquet token ids) know their sizes exactly from their files
+(:meth:`~embscale.training.data.interface.Corpus.known_tokens`). For text corpora:
+
+a split's size is **exact** once a run has built (or found) its shards: :func:`remember_split_tokens` stores the
 shards' token counts under ``<cache>/sizes/``, keyed by the data config and checked against a cheap signature of
 the corpus files (their count, bytes and newest modification time), so a changed corpus is never reported
 with stale counts. Before that it is **estimated** from the bytes of the corpus files at
@@ -20,8 +23,17 @@ from typing import Any
 
 from embscale.base.files import atomic_write_json
 from embscale.base.rundir import HELD_OUT_SPLIT
-from embscale.training.data.corpus import USER_VAL_FRACTION, digest, val_split_names
+from embscale.training.data.corpus import (
+    SITE_VAL_FRACTION,
+    USER_VAL_FRACTION,
+    corpus_format,
+    digest,
+    open_corpus,
+    site_package_folders,
+    val_split_names,
+)
 from embscale.training.data.tokenizer import cache_root
+from embscale.training.data.tokens import TOKEN_FORMATS
 
 BYTES_PER_TOKEN = 3.5
 SIZES_VERSION = 1
@@ -48,14 +60,15 @@ def _short(count: float) -> str:
     return f"{count:.0f}"
 
 
-def _walk(path: Path, suffix: str | None = None) -> tuple[int, int, int]:
+def _walk(path: Path, suffix: str | None = None, skipped: frozenset[str] = frozenset(_SKIPPED_FOLDERS)
+          ) -> tuple[int, int, int]:
     """(files, bytes, newest mtime in ns) of a file or of the visible files under a folder."""
     if path.is_file():
         stat = path.stat()
         return 1, stat.st_size, stat.st_mtime_ns
     files = size = newest = 0
     for folder, subfolders, names in os.walk(path):
-        subfolders[:] = [d for d in subfolders if not d.startswith(".") and d not in _SKIPPED_FOLDERS]
+        subfolders[:] = [d for d in subfolders if not d.startswith(".") and d not in skipped]
         for name in names:
             if name.startswith(".") or (suffix and not name.endswith(suffix)):
                 continue
@@ -73,6 +86,9 @@ def _split_paths(data_cfg: Any) -> dict[str, tuple[Path, str | None]]:
     """The path each split's files live under (``train`` also for a held-out split), with a name suffix."""
     if data_cfg.corpus == "builtin":
         return {"train": (Path(sysconfig.get_paths()["stdlib"]), ".py")}
+    if data_cfg.corpus == "site":
+        return {f"train{i}" if i else "train": (Path(folder), ".py")
+                for i, folder in enumerate(site_package_folders())}
     paths = {"train": (Path(data_cfg.corpus).expanduser(), None)}
     for name, path in (data_cfg.val_paths or {}).items():
         paths[name] = (Path(path).expanduser(), None)
@@ -88,7 +104,8 @@ def _signature(data_cfg: Any) -> tuple[dict[str, Any], dict[str, int]]:
             signature[split] = None
             path_bytes[split] = 0
             continue
-        files, size, newest = _walk(path, suffix)
+        files, size, newest = _walk(path, suffix, frozenset({"__pycache__"}) if data_cfg.corpus == "site"
+                                    else frozenset(_SKIPPED_FOLDERS))
         signature[split] = [str(path.resolve()), files, size, newest]
         path_bytes[split] = size
     return signature, path_bytes
@@ -104,6 +121,10 @@ def _estimate(data_cfg: Any, path_bytes: dict[str, int]) -> dict[str, SplitToken
         # shares of the standard library's source bytes (CPython 3.11): held-out code 2.5%, held-out prose 0.28%
         total = float(path_bytes["train"])
         split_bytes = {"train": total * 0.97, "code": total * 0.025, "prose": total * 0.0028}
+    elif data_cfg.corpus == "site":
+        total = float(sum(path_bytes.values()))
+        split_bytes = {"train": total * (1 - SITE_VAL_FRACTION), "code": total * SITE_VAL_FRACTION,
+                       "prose": total * SITE_VAL_FRACTION / 50}  # docstrings are about 1/50 of the sources
     elif data_cfg.val_paths:
         split_bytes = {split: float(path_bytes[split]) for split in ("train", *splits)}
     else:
@@ -122,11 +143,15 @@ def split_tokens(data_cfg: Any, cache: Path | None = None) -> dict[str, SplitTok
         record = json.loads(record_path.read_text())
     except (OSError, ValueError):
         record = None
-    if isinstance(record, dict) and record.get("signature") == json.loads(json.dumps(signature)):
+    complete = all(value is not None for value in signature.values())  # a glob of token files has no one path
+    if complete and isinstance(record, dict) and record.get("signature") == json.loads(json.dumps(signature)):
         counts = record.get("tokens") or {}
         if all(isinstance(counts.get(s), int) for s in ("train", *val_split_names(data_cfg))):
             return {split: SplitTokens(split, counts[split], exact=True)
                     for split in ("train", *val_split_names(data_cfg))}
+    if data_cfg.corpus not in ("builtin", "site") and corpus_format(data_cfg) in TOKEN_FORMATS:
+        corpus = open_corpus(data_cfg, cache)  # headers and file sizes (.bin, .npy) or the rows' lengths
+        return {split: SplitTokens(split, int(corpus.known_tokens(split)), exact=True) for split in corpus.splits}
     return _estimate(data_cfg, path_bytes)
 
 

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from embscale.base.errors import ConfigError
+from embscale.base.errors import ConfigError, UserError
 from embscale.base.files import atomic_write_bytes, atomic_write_json
 
 EOS_TOKEN = "<|endoftext|>"
@@ -68,17 +68,19 @@ def hash_fraction(key: str) -> float:
 
 @dataclass(frozen=True)
 class TokenizerInfo:
-    """A tokenizer on disk and what the trainer needs from it."""
+    """A tokenizer on disk and what the trainer needs from it; for pre-tokenised data, only the vocabulary."""
 
-    path: str
+    path: str | None  # None for pre-tokenised data
     vocab_size: int
-    eos_token: str
+    eos_token: str | None
     eos_token_id: int
-    fingerprint: str  # sha256 of tokenizer.json
-    source: str  # "trained" or "file"
+    fingerprint: str  # sha256 of tokenizer.json (pre-tokenised: of the vocabulary size and EOS id)
+    source: str  # "trained", "file" or "pretokenized"
     cache_hit: bool = False
 
     def load(self) -> Any:
+        if self.path is None:
+            raise UserError("the data is pre-tokenised: there is no tokenizer to load")
         from tokenizers import Tokenizer
 
         return Tokenizer.from_file(self.path)
@@ -152,6 +154,15 @@ def build_tokenizer(documents: Callable[[], Iterable[tuple[str, str]]], corpus_i
         return info
 
 
+def pretokenized_vocabulary(vocab_size: int, eos_token_id: int) -> TokenizerInfo:
+    """What the trainer needs of a tokenizer when the data is token ids already: ``data.vocab_size`` and
+    ``data.eos_token_id``. Nothing is loaded or trained."""
+    fingerprint = hashlib.sha256(json.dumps({"pretokenized": True, "vocab_size": vocab_size,
+                                             "eos_token_id": eos_token_id}, sort_keys=True).encode()).hexdigest()
+    return TokenizerInfo(path=None, vocab_size=vocab_size, eos_token=None, eos_token_id=eos_token_id,
+                         fingerprint=fingerprint, source="pretokenized")
+
+
 def load_tokenizer_file(path: str | Path, eos_token: str | None = None,
                         field: str = "data.tokenizer_path") -> TokenizerInfo:
     """A ``tokenizer.json`` given by path; its EOS token is ``eos_token`` or the first known one found."""
@@ -189,6 +200,7 @@ __all__ = [
     "file_lock",
     "hash_fraction",
     "load_tokenizer_file",
+    "pretokenized_vocabulary",
     "sample_documents",
     "sha256_file",
     "train_bpe",
