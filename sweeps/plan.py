@@ -59,9 +59,9 @@ class DataCheck:
     """What a planned run does with its corpus: its epochs over the training split and the validation splits
     smaller than its ``eval_tokens`` (their loss is measured on fewer tokens than asked)."""
 
-    epochs: float
-    exact: bool  # the split sizes come from built shards, not an estimate from bytes
-    train: SplitTokens
+    epochs: float  # NaN when the corpus is not on this machine
+    exact: bool  # the split sizes come from built shards or token files, not an estimate from bytes
+    train: SplitTokens | None
     small_val: tuple[str, ...]
 
     @property
@@ -69,6 +69,8 @@ class DataCheck:
         return self.epochs > 1.0
 
     def epochs_text(self) -> str:
+        if self.train is None:
+            return "?"
         return f"{self.epochs:.2f}" if self.exact else f"~{self.epochs:.1f}"
 
 
@@ -84,6 +86,9 @@ def data_checks(plan: Plan, cache: Path | None = None) -> dict[str, DataCheck]:
         if key not in sizes:
             sizes[key] = split_tokens(DataConfig(**data), cache)
         splits = sizes[key]
+        if not splits:
+            checks[str(run.run_id)] = DataCheck(float("nan"), False, None, ())
+            continue
         train = splits["train"]
         eval_tokens = int((run.config.get("training") or {}).get("eval_tokens", default_eval))
         small = tuple(name for name, size in splits.items() if name != "train" and size.tokens < eval_tokens)
@@ -104,6 +109,10 @@ def data_warnings(plan: Plan, checks: dict[str, DataCheck]) -> list[str]:
             f"{worst.epochs_text()} epochs over {worst.train.describe()} of the training split): their losses "
             "measure memorisation of repeated text as much as scaling; fits exclude them unless told otherwise "
             "(embscale plots --repeated-data include). Train on a larger corpus or for fewer tokens.")
+    unknown = [run for run in plan.runs if checks[str(run.run_id)].train is None]
+    if unknown:
+        corpora = sorted({str((run.config.get("data") or {}).get("corpus")) for run in unknown})
+        lines.append(f"epochs unknown for {len(unknown)} run(s): corpus {', '.join(corpora)} is not on this machine")
     small = sorted({name for check in checks.values() for name in check.small_val})
     for name in small:
         count = sum(name in check.small_val for check in checks.values())

@@ -152,3 +152,26 @@ def test_every_saved_figure_carries_the_caveats(tmp_path):
     plain, ax = plt.subplots()
     save_figure(plain, tmp_path, "plain")
     assert plain.texts == []
+
+
+def test_token_files_know_their_sizes_and_a_missing_corpus_is_unknown(tmp_path, capsys):
+    from test_data_formats import documents, llmc_stream, write_bin
+
+    train = llmc_stream(documents(40, seed=1))
+    val = llmc_stream(documents(4, seed=2))
+    write_bin(tmp_path / "tokens" / "train_000.bin", train)
+    write_bin(tmp_path / "val" / "val_000.bin", val)
+    data = DataConfig(corpus=str(tmp_path / "tokens"), val_paths={"held": str(tmp_path / "val")},
+                      vocab_size=512, eos_token_id=int(train[0]))
+    sizes = split_tokens(data)
+    assert sizes["train"].exact and sizes["train"].tokens == len(train)
+    assert sizes["held"].exact and sizes["held"].tokens == len(val)
+
+    gone = DataConfig(corpus=str(tmp_path / "elsewhere"), vocab_size=300)
+    assert split_tokens(gone) == {}
+    sweep = yaml.safe_load(open(write_sweep(tmp_path, tokens=8 * 256)))
+    sweep["data"] = {"corpus": str(tmp_path / "elsewhere"), "vocab_size": 300}
+    (tmp_path / "gone.yaml").write_text(yaml.safe_dump(sweep))
+    assert main(["plan", str(tmp_path / "gone.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "epochs unknown for 3 run(s)" in out and "repeat their training data" not in out

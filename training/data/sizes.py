@@ -136,8 +136,12 @@ def _estimate(data_cfg: Any, path_bytes: dict[str, int]) -> dict[str, SplitToken
 
 def split_tokens(data_cfg: Any, cache: Path | None = None) -> dict[str, SplitTokens]:
     """Token counts of every split (``train`` first) of the corpus a
-    :class:`~embscale.training.config.DataConfig` names: exact when a run has built its shards, else estimated."""
+    :class:`~embscale.training.config.DataConfig` names: exact when a run has built its shards (or the corpus is
+    token ids), else estimated; empty when the corpus's files are not on this machine."""
     signature, path_bytes = _signature(data_cfg)
+    if data_cfg.corpus not in ("builtin", "site") and not any(ch in data_cfg.corpus for ch in "*?[") and (
+            None in signature.values()):
+        return {}  # the corpus is not on this machine (planned here, trained elsewhere): sizes unknown
     record_path = (cache or cache_root()) / "sizes" / f"{_key(data_cfg)}.json"
     try:
         record = json.loads(record_path.read_text())
