@@ -10,6 +10,10 @@ One round, for every sequence of the batch at once (``y`` = the last token emitt
     roll back both caches: the target drops d_{m+1}..d_k (KV cache and N-gram cache), the draft what it fed
              past d_m
 
+Sequences run ahead of each other (each round emits 1 to k+1 tokens per sequence); one that has its tokens
+rides along until the slowest is done, and everything it feeds is rolled back, so the caches never hold more than
+prompt + max_new_tokens + k + 2 tokens.
+
 The sampling rule (Leviathan et al. 2023; Chen et al. 2023) leaves the target distribution unchanged: every emitted
 token is distributed as the target's next-token distribution given the tokens before it. Greedy speculative
 decoding emits exactly the tokens of greedy decoding.
@@ -22,6 +26,7 @@ accepted tokens stay in its caches and are never recomputed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -78,12 +83,14 @@ def accept_sampling(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
 @torch.no_grad()
 def speculative_generate(target: nn.Module, prompts: list[torch.Tensor], max_new_tokens: int, *, k: int = 4,
                          draft: nn.Module | None = None, temperature: float = 0.0,
-                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, SpeculativeStats]:
+                         generator: torch.Generator | None = None,
+                         on_verify: Callable[[], None] | None = None) -> tuple[torch.Tensor, SpeculativeStats]:
     """``(B, max_new_tokens)`` tokens after each prompt and the round counts, ``k`` draft tokens per round.
 
     ``draft``: a model sharing the target's vocabulary, read with its plain token embedding; None: the target's
     own trunk with ``finish(E0(t))`` for its N-gram embeddings. ``temperature == 0``: greedy (the tokens of
-    :func:`embscale.inference.decode.generate`); otherwise sampling with the rejection rule.
+    :func:`embscale.inference.decode.generate`); otherwise sampling with the rejection rule. ``on_verify`` is
+    called right after each verification pass (a benchmark reads the MoE layers' loads of that pass then).
     """
     if k < 1:
         raise ValueError(f"k: need at least one draft token per round, got {k}")
@@ -101,6 +108,8 @@ def speculative_generate(target: nn.Module, prompts: list[torch.Tensor], max_new
     emitted: list[list[int]] = [[int(t)] for t in token]
 
     while min(len(e) for e in emitted) < max_new_tokens:
+        # a finished sequence rides along (the batch has one shape) but everything it feeds is rolled back
+        done = torch.tensor([len(e) >= max_new_tokens for e in emitted], device=device)
         # k draft steps: the first feeds the pending tokens, the next ones feed d_1 .. d_{k-1}
         q_logits = last_real(drafter.feed(pending, pending_n), pending_n)  # (B, V)
         drafts, q_steps = [], []
@@ -113,25 +122,30 @@ def speculative_generate(target: nn.Module, prompts: list[torch.Tensor], max_new
 
         # one verification pass over [y, d_1 .. d_k]
         p_logits = verifier.feed(torch.cat((token.unsqueeze(1), draft_ids), dim=1))  # (B, k+1, V)
+        if on_verify is not None:
+            on_verify()
         if temperature == 0:
-            accepted, token = accept_greedy(p_logits, draft_ids)
+            accepted, next_token = accept_greedy(p_logits, draft_ids)
         else:
             p = probabilities(p_logits, temperature)
             q = probabilities(torch.stack(q_steps, dim=1), temperature)
-            accepted, token = accept_sampling(p, q.to(p.dtype), draft_ids, generator)
+            accepted, next_token = accept_sampling(p, q.to(p.dtype), draft_ids, generator)
 
-        # roll back what was rejected: the target fed d_1..d_k, the draft d_1..d_{k-1}
-        verifier.rollback(k - accepted)
-        drafter.rollback((k - 1) - accepted.clamp(max=k - 1))
-        all_taken = accepted == k  # the draft never fed d_k: it goes first next round
+        # roll back what was rejected: the target fed y, d_1..d_k; the draft the pending tokens, d_1..d_{k-1}
+        verifier.rollback(torch.where(done, k + 1, k - accepted))
+        drafter.rollback(torch.where(done, pending_n + k - 1, (k - 1) - accepted.clamp(max=k - 1)))
+        all_taken = (accepted == k) & ~done  # the draft never fed d_k: it goes first next round
+        token = torch.where(done, token, next_token)
         pending = torch.stack((torch.where(all_taken, draft_ids[:, -1], token), token), dim=1)
-        pending_n = 1 + all_taken.long()
+        pending_n = torch.where(done, pending_n, 1 + all_taken.long())
 
+        active = int((~done).sum())
         stats.rounds += 1
-        stats.drafted += B * k
-        stats.accepted += int(accepted.sum())
+        stats.drafted += active * k
+        stats.accepted += int(accepted[~done].sum())
         for b, (n, row) in enumerate(zip(accepted.tolist(), draft_ids.tolist(), strict=True)):
-            emitted[b].extend(row[:n] + [int(token[b])])
+            if not done[b]:
+                emitted[b].extend(row[:n] + [int(token[b])])
 
     return torch.tensor([e[:max_new_tokens] for e in emitted], dtype=torch.int64, device=device), stats
 

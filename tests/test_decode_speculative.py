@@ -41,10 +41,11 @@ def test_greedy_speculative_decoding_returns_the_greedy_tokens(k, drafter):
     if drafter == "small-model":
         draft = build_model(config(61, n_layers=1, layer_type="standard", n_experts=0, n_zero_experts=0,
                                    top_k=0)).eval().double()
-    want = generate(target, PROMPTS, 12)
-    got, stats = speculative_generate(target, PROMPTS, 12, k=k, draft=draft)
+    want = generate(target, PROMPTS, 20)
+    got, stats = speculative_generate(target, PROMPTS, 20, k=k, draft=draft)
     assert torch.equal(got, want)
-    assert stats.rounds >= 1 and 0 <= stats.accepted <= stats.drafted == stats.rounds * len(PROMPTS) * k
+    # finished sequences stop drafting while the slower ones catch up
+    assert stats.rounds >= 1 and 0 <= stats.accepted <= stats.drafted <= stats.rounds * len(PROMPTS) * k
 
 
 def test_a_draft_equal_to_the_target_is_always_accepted():
