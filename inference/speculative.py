@@ -11,8 +11,10 @@ One round, for every sequence of the batch at once (``y`` = the last token emitt
              past d_m
 
 Sequences run ahead of each other (each round emits 1 to k+1 tokens per sequence); one that has its tokens
-rides along until the slowest is done, and everything it feeds is rolled back, so the caches never hold more than
-prompt + max_new_tokens + k + 2 tokens.
+rides along until the slowest is done, and everything it feeds is rolled back. A sequence ends with at most
+``max_new_tokens + k`` tokens emitted (all ``k`` drafts and the bonus token accepted in a round begun one short),
+of which the target holds all but the last and then feeds ``k + 1`` more in a round, so the caches need
+``prompt + max_new_tokens + 2k`` slots (the draft, holding all but its one or two pending tokens, no more).
 
 The sampling rule (Leviathan et al. 2023; Chen et al. 2023) leaves the target distribution unchanged: every emitted
 token is distributed as the target's next-token distribution given the tokens before it. Greedy speculative
@@ -95,7 +97,7 @@ def speculative_generate(target: nn.Module, prompts: list[torch.Tensor], max_new
     if k < 1:
         raise ValueError(f"k: need at least one draft token per round, got {k}")
     B = len(prompts)
-    capacity = max(p.numel() for p in prompts) + max_new_tokens + k + 2
+    capacity = max(p.numel() for p in prompts) + max_new_tokens + 2 * k  # see the module docstring
     verifier = Decoder(target, B, capacity)
     drafter = Decoder(draft if draft is not None else target, B, capacity, plain_embedding=True)
     stats = SpeculativeStats()

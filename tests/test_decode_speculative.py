@@ -48,6 +48,19 @@ def test_greedy_speculative_decoding_returns_the_greedy_tokens(k, drafter):
     assert stats.rounds >= 1 and 0 <= stats.accepted <= stats.drafted <= stats.rounds * len(PROMPTS) * k
 
 
+def test_sequences_that_run_ahead_keep_their_caches_bounded():
+    """High but uneven acceptance (an N-gram target drafting with its own trunk): sequences finish rounds apart,
+    one with all k drafts accepted in its last round; the finished ones ride along (everything they feed rolled
+    back) without outgrowing the caches (seed 0 overflowed a bound of prompt + max_new + k + 2)."""
+    torch.manual_seed(0)
+    target = build_model(config(61, layer_type="standard",
+                                ngram=NgramConfig(n=2, k=1, ratio=1.0, amplification="sqrt_count"))).eval().double()
+    prompts = [torch.randint(0, 61, (2,)) for _ in range(6)]
+    got, stats = speculative_generate(target, prompts, 20, k=4)
+    assert torch.equal(got, generate(target, prompts, 20))
+    assert stats.drafted < stats.rounds * len(prompts) * 4  # some sequences finished first
+
+
 def test_a_draft_equal_to_the_target_is_always_accepted():
     """A target without N-gram tables drafting for itself: every draft is accepted (the all-accepted path, where
     the draft feeds d_k and the next token in one step)."""
