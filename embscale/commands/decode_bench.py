@@ -87,6 +87,16 @@ def _build(cfg: ModelConfig, device: str, dtype: str, seed: int):
     return build_model(cfg, device=device).to(getattr(torch, dtype)).eval()
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _fmt(value: float, digits: int = 1) -> str:
     return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
@@ -111,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
     rows = run_decode_bench(model, batch_sizes=args.batch_sizes, prompt_len=args.prompt_len,
                             new_tokens=args.new_tokens, k=args.k, draft=draft, seed=args.seed)
     cache_bytes = model.new_cache(1, 1).bytes_per_token()
-    machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-               or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+               "threads": torch.get_num_threads(), "torch": torch.__version__}
     if args.json:
         print(json.dumps({"config": str(args.config), "draft": args.draft or "own trunk, plain embedding",
                           "dtype": args.dtype, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
