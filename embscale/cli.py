@@ -14,7 +14,7 @@ import sys
 
 from embscale.base.errors import USER_ERRORS
 
-# name -> one-line help; the module is embscale.commands.<name>
+# name -> one-line help; the module is embscale.commands.<name> (dashes as underscores)
 COMMANDS: dict[str, str] = {
     "params": "parameter and FLOP accounting of a model config",
     "train": "train one run from a run file",
@@ -28,11 +28,12 @@ COMMANDS: dict[str, str] = {
     "plots": "fit and regenerate a sweep's figures",
     "collisions": "n-gram hash hit and collision rates against table size",
     "bench": "GPU benchmarks into BENCHMARKS.md",
+    "decode-bench": "decoding speed over batch sizes: KV and N-gram caches, speculative decoding",
 }
 
 
 def command_module(name: str):
-    return importlib.import_module(f"embscale.commands.{name}")
+    return importlib.import_module(f"embscale.commands.{name.replace('-', '_')}")
 
 
 def build_parser() -> argparse.ArgumentParser:

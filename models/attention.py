@@ -2,6 +2,11 @@
 
 Both use ``F.scaled_dot_product_attention(is_causal=True)`` and take the rotary tables ``(cos, sin)`` of the
 current sequence from the model. No biases anywhere.
+
+Decoding passes ``kv``, the module's :class:`~embscale.models.kv_cache.AttentionCache`: the new tokens' keys (or
+MLA's latent and rotary key) are written into it and the queries attend to every cached slot through the step's
+mask instead of ``is_causal``; ``rope`` then holds per-sequence tables ``(B, 1, T, dim/2)``. Without ``kv`` the
+forward is the training one, unchanged. ``cache_shapes()`` says what one token costs in the cache.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embscale.models.config import ModelConfig
+from embscale.models.kv_cache import AttentionCache
 from embscale.models.norm import RMSNorm
 from embscale.models.rope import apply_rotary
 
@@ -29,7 +35,12 @@ class MultiHeadAttention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def cache_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per token: the rotated key and the value of every key/value head."""
+        return {"k": (self.n_kv_heads, self.head_dim), "v": (self.n_kv_heads, self.head_dim)}
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                kv: AttentionCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         cos, sin = rope
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
@@ -37,7 +48,12 @@ class MultiHeadAttention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         grouped = self.n_kv_heads != self.n_heads
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)  # (B, H, T, hd)
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)  # (B, H, T, hd)
+        else:
+            cached = kv.append(k=k.transpose(1, 2), v=v.transpose(1, 2))  # each (B, C, Hkv, hd), C = capacity
+            k, v = cached["k"].transpose(1, 2), cached["v"].transpose(1, 2)  # (B, Hkv, C, hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv.step.attn_mask, enable_gqa=grouped)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -74,7 +90,12 @@ class MultiHeadLatentAttention(nn.Module):
         self.wkv_b = nn.Linear(mla.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_head_dim), bias=False)
         self.wo = nn.Linear(self.n_heads * self.v_head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def cache_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per token: the normalised latent ``c_kv`` and the rotated key ``k_rope`` shared by all heads."""
+        return {"latent": (self.kv_lora_rank,), "k_rope": (self.rope_dim,)}
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                kv: AttentionCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H = self.n_heads
         cos, sin = rope
@@ -83,14 +104,22 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_rope = q.split((self.nope_dim, self.rope_dim), dim=-1)
 
         c_kv, k_rope = self.wkv_a(x).split((self.kv_lora_rank, self.rope_dim), dim=-1)
-        kv = self.wkv_b(self.kv_norm(c_kv)).view(B, T, H, self.nope_dim + self.v_head_dim).transpose(1, 2)
-        k_nope, v = kv.split((self.nope_dim, self.v_head_dim), dim=-1)  # (B, H, T, nope), (B, H, T, v)
+        latent = self.kv_norm(c_kv)  # (B, T, kv_lora_rank): what the cache keeps
         k_rope = apply_rotary(k_rope.unsqueeze(1), cos, sin)  # (B, 1, T, rope): one key rope for all heads
         q_rope = apply_rotary(q_rope, cos, sin)
+        if kv is not None:  # keys and values of every cached token: S = capacity slots, masked per step
+            cached = kv.append(latent=latent, k_rope=k_rope.squeeze(1))
+            latent, k_rope = cached["latent"], cached["k_rope"].unsqueeze(1)  # (B, S, r), (B, 1, S, rope)
+        S = latent.shape[1]
+        kv_heads = self.wkv_b(latent).view(B, S, H, self.nope_dim + self.v_head_dim).transpose(1, 2)
+        k_nope, v = kv_heads.split((self.nope_dim, self.v_head_dim), dim=-1)  # (B, H, S, nope), (B, H, S, v)
 
         q = torch.cat((q_nope, q_rope), dim=-1)
-        k = torch.cat((k_nope, k_rope.expand(B, H, T, self.rope_dim)), dim=-1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, v_head_dim)
+        k = torch.cat((k_nope, k_rope.expand(B, H, S, self.rope_dim)), dim=-1)
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, v_head_dim)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv.step.attn_mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * self.v_head_dim))
 
 

@@ -15,9 +15,11 @@ so its all-to-all can overlap the second attention/MLP pair. A shortcut layer wi
 no MoE term. Dense MLPs listed in ``per_layer_mlps`` (``cfg.per_layer_mlp_indices``) have no up-projection;
 their multiplier comes in ``gate_inputs[index]`` (Per-Layer Embedding).
 
-``forward(x, rope, gate_inputs=None)`` returns ``(out, aux_loss)``, ``aux_loss`` None unless the MoE has
+``forward(x, rope, gate_inputs=None, kv=None)`` returns ``(out, aux_loss)``, ``aux_loss`` None unless the MoE has
 one. With ``record_norms`` set, each sub-layer's output RMS is kept in ``norms`` (keys ``attn0``, ``mlp0``,
-``moe``, ``attn1``, ``mlp1``) as detached tensors.
+``moe``, ``attn1``, ``mlp1``) as detached tensors. Decoding passes ``kv``, the layer's attention caches in
+order (``attn0``, then ``attn1``; :class:`~embscale.models.kv_cache.KVCache`), and ``attention_caches()`` says what
+each attention module keeps per token.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import nn
 
 from embscale.models.attention import build_attention
 from embscale.models.config import ModelConfig
+from embscale.models.kv_cache import AttentionCache
 from embscale.models.mlp import SwiGLU
 from embscale.models.moe import MoE
 from embscale.models.norm import RMSNorm
@@ -34,6 +37,7 @@ from embscale.models.norm import RMSNorm
 Rope = tuple[torch.Tensor, torch.Tensor]
 GateInputs = dict[int, torch.Tensor] | None
 LayerOutput = tuple[torch.Tensor, torch.Tensor | None]
+LayerCaches = list[AttentionCache] | None
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -52,6 +56,15 @@ class _Layer(nn.Module):
         return y
 
     @staticmethod
+    def _kv(kv: LayerCaches, index: int) -> AttentionCache | None:
+        return None if kv is None else kv[index]
+
+    def attention_caches(self) -> list[dict[str, tuple[int, ...]]]:
+        """Per attention module, in order: the cache buffers one token needs (name -> shape)."""
+        return [attn.cache_shapes() for attn in (getattr(self, "attn0", None), getattr(self, "attn1", None))
+                if attn is not None]
+
+    @staticmethod
     def _gate(gate_inputs: GateInputs, index: int) -> torch.Tensor | None:
         return None if gate_inputs is None else gate_inputs.get(index)
 
@@ -68,8 +81,9 @@ class StandardLayer(_Layer):
         has_up = 0 not in per_layer_mlps
         self.mlp0 = None if cfg.is_moe else SwiGLU(cfg.d_model, cfg.dense_hidden, has_up=has_up)
 
-    def forward(self, x: torch.Tensor, rope: Rope, gate_inputs: GateInputs = None) -> LayerOutput:
-        h = x + self._seen("attn0", self.attn0(self.attn0_norm(x), rope))
+    def forward(self, x: torch.Tensor, rope: Rope, gate_inputs: GateInputs = None,
+                kv: LayerCaches = None) -> LayerOutput:
+        h = x + self._seen("attn0", self.attn0(self.attn0_norm(x), rope, self._kv(kv, 0)))
         u = self.ffn_norm(h)
         if self.moe is not None:
             y, aux = self.moe(u)
@@ -91,12 +105,13 @@ class ShortcutLayer(_Layer):
         self.mlp1_norm = RMSNorm(d, eps)
         self.mlp1 = SwiGLU(d, cfg.dense_hidden, has_up=1 not in per_layer_mlps)
 
-    def forward(self, x: torch.Tensor, rope: Rope, gate_inputs: GateInputs = None) -> LayerOutput:
-        h = x + self._seen("attn0", self.attn0(self.attn0_norm(x), rope))
+    def forward(self, x: torch.Tensor, rope: Rope, gate_inputs: GateInputs = None,
+                kv: LayerCaches = None) -> LayerOutput:
+        h = x + self._seen("attn0", self.attn0(self.attn0_norm(x), rope, self._kv(kv, 0)))
         u = self.ffn0_norm(h)
         moe, aux = self.moe(u) if self.moe is not None else (None, None)
         h = h + self._seen("mlp0", self.mlp0(u, self._gate(gate_inputs, 0)))
-        h = h + self._seen("attn1", self.attn1(self.attn1_norm(h), rope))
+        h = h + self._seen("attn1", self.attn1(self.attn1_norm(h), rope, self._kv(kv, 1)))
         out = h + self._seen("mlp1", self.mlp1(self.mlp1_norm(h), self._gate(gate_inputs, 1)))
         if moe is not None:
             out = out + self._seen("moe", moe)

@@ -10,6 +10,10 @@ own): every weight matrix and embedding table ~ N(0, init_std); output projectio
 residual stream (attention ``wo``, MLP and expert ``w_down``) ~ N(0, init_std / sqrt(2 * n_blocks)), where
 ``n_blocks = n_layers * attentions_per_layer`` counts a shortcut layer as two attention+MLP blocks; the router
 ~ N(0, init_std) (small, so the first routing decisions are not all ties); norm gains 1, LayerNorm bias 0.
+
+Decoding (:meth:`LanguageModel.forward_cached`) runs the same modules over a step's new tokens with a
+:class:`~embscale.models.kv_cache.KVCache` (:meth:`LanguageModel.new_cache`); the N-gram row ids of the new tokens
+come from outside (the N-gram cache of ``embscale.inference``), since a step alone cannot see their look-back.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 
 from embscale.kernels.cross_entropy import cross_entropy
 from embscale.models.config import ModelConfig
+from embscale.models.kv_cache import KVCache
 from embscale.models.layers import build_layer
 from embscale.models.moe import MoE
 from embscale.models.norm import RMSNorm
@@ -140,6 +145,81 @@ class LanguageModel(nn.Module):
             loss = cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else torch.zeros((), device=ids.device)
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss)
+
+    # ----- decoding -----
+    def new_cache(self, batch: int, capacity: int, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``capacity`` tokens (on the model's device and
+        in its dtype unless given)."""
+        weight = self.norm.weight
+        shapes = [layer.attention_caches() for layer in self.layers]
+        return KVCache(shapes, batch, capacity, device=device or weight.device, dtype=dtype or weight.dtype)
+
+    def forward_cached(self, ids: torch.Tensor, cache: KVCache, n_new: torch.Tensor | None = None, *,
+                       embed_rows: torch.Tensor | None = None, per_layer_rows: torch.Tensor | None = None,
+                       plain_embedding: bool = False) -> torch.Tensor:
+        """One decoding step: logits ``(B, T, V)`` of ``T`` new tokens per sequence after those in ``cache``.
+
+        ``ids`` (B, T): the new tokens, right-padded; ``n_new`` (B,) int64: how many of each row are real (all
+        ``T`` when None); the padding's logits are meaningless. The cache takes the real tokens' keys.
+        ``embed_rows`` (B, T, S) / ``per_layer_rows`` (B, T, S'): the new tokens' N-gram row ids for the N-gram
+        Embedding / the per-layer N-gram embeddings (needed when the model has them). ``plain_embedding``: read
+        ``finish(E0(t))`` instead, with no N-gram lookup at all (a draft made of this model's trunk).
+        """
+        B, T = ids.shape
+        if n_new is None:
+            n_new = torch.full((B,), T, dtype=torch.int64, device=ids.device)
+        step = cache.begin(n_new, T)
+        x = self._embed_step(ids, embed_rows, plain_embedding)  # (B, T, D)
+        rope = self.rope.at(step.positions)  # each (B, 1, T, rotary_dim / 2)
+        for i, layer in enumerate(self.layers):
+            gate_inputs = self._gate_inputs_step(i, ids, per_layer_rows, plain_embedding)
+            x, _ = layer(x, rope, gate_inputs, kv=cache.layers[i])
+        cache.commit(n_new)
+        x = self.norm(x)
+        head = self.embed.token.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head)  # (B, T, V)
+
+    def _embed_step(self, ids: torch.Tensor, rows: torch.Tensor | None, plain: bool) -> torch.Tensor:
+        if isinstance(self.embed, TokenEmbedding):
+            return self.embed(ids)
+        if plain:
+            return self.embed.token_only(ids)
+        if rows is None:
+            raise ValueError("this model has an N-gram Embedding: pass embed_rows (the N-gram cache's row ids) "
+                             "or plain_embedding=True")
+        return self.embed(ids, rows)
+
+    def _gate_inputs_step(self, layer: int, ids: torch.Tensor, rows: torch.Tensor | None,
+                          plain: bool) -> dict[int, torch.Tensor] | None:
+        if self.per_layer is None:
+            return None
+        inputs = {}
+        for mlp in self.cfg.per_layer_mlp_indices:
+            module = self.per_layer[f"{layer}_{mlp}"]
+            if not hasattr(module, "row_ids"):  # PLE: a token table, no look-back
+                inputs[mlp] = module(ids)
+            elif plain:
+                inputs[mlp] = module.token_only(ids)
+            elif rows is None:
+                raise ValueError("this model has per-layer N-gram embeddings: pass per_layer_rows "
+                                 "or plain_embedding=True")
+            else:
+                inputs[mlp] = module(ids, rows)
+        return inputs
+
+    def ngram_specs(self) -> dict[str, nn.Module]:
+        """The hash specs decoding must keep N-gram caches for: ``embed`` (the N-gram Embedding) and
+        ``per_layer`` (PLNE; every slot shares one spec), each the ``NgramEmbedding`` whose ``plan`` and
+        ``eos_token_id`` define the rows."""
+        specs: dict[str, nn.Module] = {}
+        if not isinstance(self.embed, TokenEmbedding):
+            specs["embed"] = self.embed
+        if self.per_layer is not None and len(self.per_layer) > 0:
+            first = next(iter(self.per_layer.values()))
+            if hasattr(first, "row_ids"):
+                specs["per_layer"] = first
+        return specs
 
     def _per_layer_rows(self, ids: torch.Tensor) -> torch.Tensor | None:
         """PLNE: every per-layer N-gram embedding shares one hash spec, so hash the ids once."""

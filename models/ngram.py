@@ -130,14 +130,26 @@ def ngram_context(ids: torch.Tensor, order: int, eos_token_id: int | None) -> to
     return torch.stack(columns, dim=-1)
 
 
-def _hashes(ids: torch.Tensor, plan: HashPlan, eos_token_id: int | None) -> torch.Tensor:
-    moduli, powers, _ = _plan_tensors(plan, ids.device)
-    context = ngram_context(ids, plan.max_order, eos_token_id)  # (..., T, N)
-    acc = torch.zeros((*ids.shape, len(plan.moduli)), dtype=torch.int64, device=ids.device)
+def _hash_context(context: torch.Tensor, plan: HashPlan) -> torch.Tensor:
+    """``(..., N)`` masked contexts (entry ``j`` = ``t_{i-j}`` or 0) -> ``(..., S)`` hashes."""
+    moduli, powers, _ = _plan_tensors(plan, context.device)
+    acc = torch.zeros((*context.shape[:-1], len(plan.moduli)), dtype=torch.int64, device=context.device)
     for j in range(plan.max_order):
         # acc < M <= 2^31, t < 2^21, power < 2^31: acc + t * power < 2^53, exact in int64
         acc = torch.remainder(acc + context[..., j:j + 1] * powers[j], moduli)
     return acc
+
+
+def _hashes(ids: torch.Tensor, plan: HashPlan, eos_token_id: int | None) -> torch.Tensor:
+    return _hash_context(ngram_context(ids, plan.max_order, eos_token_id), plan)  # context: (..., T, N)
+
+
+def context_row_ids(context: torch.Tensor, plan: HashPlan) -> torch.Tensor:
+    """Rows into the concatenated table from ready contexts ``(..., N)`` int64 (entry ``j`` is ``t_{i-j}``, 0 where
+    masked, as :func:`ngram_context` makes them) -> ``(..., S)``. Decoding builds the contexts of new tokens from
+    its N-gram cache and hashes only those; the result is bitwise :func:`ngram_row_ids` of the whole sequence."""
+    _, _, offsets = _plan_tensors(plan, context.device)
+    return _hash_context(context, plan) + offsets
 
 
 def ngram_hashes(ids: torch.Tensor, spec: NgramConfig, vocab_size: int,
@@ -277,6 +289,11 @@ class NgramEmbedding(nn.Module):
         ngram = F.linear(gathered.flatten(-2), self.projection.weight)  # (B, T, width): one GEMM S*d -> width
         return self._finish(self.token(ids) + ngram)
 
+    def token_only(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, width): the formula with the n-gram sum left out (no hashing, no table lookup),
+        ``finish(E0(t))``: the plain embedding a speculative draft built from this model's trunk reads."""
+        return self._finish(self.token(ids))
+
     def forward_reference(self, ids: torch.Tensor) -> torch.Tensor:
         """The formula term by term: per sub-table lookup and projection. Same parameters and result as
         :meth:`forward`; tests use it to check the efficient form."""
@@ -303,6 +320,7 @@ __all__ = [
     "lookback_lengths",
     "modulus_report",
     "next_prime",
+    "context_row_ids",
     "ngram_context",
     "ngram_hashes",
     "ngram_parameter_counts",

@@ -29,12 +29,22 @@ class RotaryEmbedding(nn.Module):
         angles = torch.outer(positions, inv_freq)  # (T, dim/2)
         return angles.cos(), angles.sin()
 
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` at arbitrary positions ``(B, T)`` int64, each ``(B, 1, T, dim/2)`` float32 (the 1
+        broadcasts over heads): decoding, where each sequence of a batch is at its own position. The same
+        float32 products as :meth:`forward`, so position ``p`` gets bitwise the same angles either way."""
+        exponents = torch.arange(0, self.dim, 2, device=positions.device, dtype=torch.float32) / self.dim
+        inv_freq = self.theta ** -exponents  # (dim/2,)
+        angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # (B, T, dim/2)
+        return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, theta={self.theta}"
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` of shape ``(B, H, T, dim)`` by position; pairs are ``(x[i], x[i + dim/2])``."""
+    """Rotate ``x`` of shape ``(B, H, T, dim)`` by position; pairs are ``(x[i], x[i + dim/2])``. ``cos`` and
+    ``sin`` are ``(T, dim/2)`` (one position per time step) or ``(B, 1, T, dim/2)`` (per sequence)."""
     x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, T, dim/2) each
     rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return rotated.to(x.dtype)

@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 # Every subpackage whose folder is not inside its parent's (see pyproject's package-dir), so each is copied.
-PACKAGES = ("embscale", "embscale.base", "embscale.kernels", "embscale.models", "embscale.training",
-            "embscale.sweeps", "embscale.analysis", "embscale.bench")
+PACKAGES = ("embscale", "embscale.base", "embscale.kernels", "embscale.models", "embscale.inference",
+            "embscale.training", "embscale.sweeps", "embscale.analysis", "embscale.bench")
 SNAPSHOT_SUFFIXES = (".py", ".yaml", ".yml", ".json", ".txt", ".md")
 
 

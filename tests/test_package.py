@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BARE = ("models", "kernels", "sweeps", "analysis", "training", "base", "bench", "commands")
+BARE = ("models", "kernels", "sweeps", "analysis", "training", "inference", "base", "bench", "commands")
 
 
 def run(python: Path | str, code: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
