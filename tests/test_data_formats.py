@@ -404,3 +404,44 @@ def test_site_corpus_splits_by_path_and_prefers_the_first_folder(tmp_path):
     with pytest.raises(ConfigError) as err:
         DataConfig(corpus="site", val_paths={"v": "x"})
     assert err.value.field == "val_paths"
+
+
+def test_a_sweep_trains_from_bin_shards_with_no_tokenizer_work(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from embscale.cli import main
+
+    train = llmc_stream(documents(80, 1))
+    write_bin(tmp_path / "shards" / "fineweb_train_000001.bin", train)
+    write_bin(tmp_path / "shards" / "fineweb_val_000000.bin", llmc_stream(documents(15, 3)))
+    monkeypatch.setattr(tokenizer_module, "train_bpe", lambda *a, **k: pytest.fail("trained a tokenizer"))
+    monkeypatch.setattr(tokenizer_module.TokenizerInfo, "load", lambda self: pytest.fail("loaded a tokenizer"))
+    monkeypatch.setenv("EMBSCALE_RESULTS", str(tmp_path / "results"))
+    sweep = {
+        "name": "bin_sweep",
+        "model": {"vocab_size": VOCAB, "width": 32, "depth": 1, "layer_type": "shortcut", "attention": "mha",
+                  "head_dim": 16, "dense_hidden": 64, "expert_size": 32, "experts": 4, "top_k": 2,
+                  "max_seq_len": 32},
+        "ngram": {"n": 2, "k": 2, "sizing": "paper"},
+        "training": {"tokens": 4 * 256, "batch_tokens": 256, "seq_len": 32, "micro_batch_size": 8, "lr": 3e-3,
+                     "eval_every": 2, "eval_tokens": 256, "checkpoint_every": 0, "device": "cpu"},
+        "data": {"corpus": str(tmp_path / "shards" / "fineweb_train_*.bin"),
+                 "val_paths": {"fineweb": str(tmp_path / "shards" / "fineweb_val_*.bin")},
+                 "vocab_size": VOCAB, "eos_token_id": EOS},
+        "grid": {"family": ["moe", "ne"], "ratio": [3], "base_ratio": [2]},
+        "executor": {"type": "local"},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{4 * 256 / len(train):.2f}" in out  # exact epochs from the .bin header, before anything ran
+    assert main(["submit", str(path), "--executor", "debug"]) == 0
+    runs = sorted((tmp_path / "results" / "bin_sweep").glob("*/run.json"))
+    assert len(runs) == 2
+    for run_json in runs:
+        run = json.loads(run_json.read_text())
+        assert run["tokenizer"]["source"] == "pretokenized" and run["shards"]["train"]["n_tokens"] == len(train)
+    status = [json.loads((p.parent / "status.json").read_text())["state"] for p in runs]
+    assert status == ["completed", "completed"]
+    assert not (tmp_path / "cache" / "tokenizers").exists()
