@@ -241,3 +241,18 @@ def test_memory_not_checked_without_a_source(capsys):
     assert main(["plan", str(PAPER)]) == 0
     out = capsys.readouterr().out
     assert "memory is not checked" in out and "mem/GPU" in out
+
+
+def test_shard_from_the_sweeps_training_parallel():
+    """``training.parallel`` (auto, fsdp, hsdp, ddp) picks the shard degree when --shard is not given; the
+    command line wins."""
+    import dataclasses
+
+    from embscale.sweeps.plan import memory_limits
+
+    sweep = load_plan(PAPER).sweep
+    for parallel, shard in (("auto", "auto"), ("fsdp", 16), ("hsdp", 8), ("ddp", 1)):
+        given = dataclasses.replace(sweep, training={**sweep.training, "parallel": parallel})
+        assert memory_limits(given, "80GiB", 8, 2).shard == shard
+        assert memory_limits(given, "80GiB", 8, 2, shard="2").shard == 2
+    assert memory_limits(sweep, "80GiB", 8, 2).shard == 1
