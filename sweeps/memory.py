@@ -10,7 +10,7 @@ Per GPU, with ``s`` the shard degree (1: DDP, every rank holds the whole model) 
 - parameters: 4 bytes (fp32) each;
 - gradients: 4 bytes per parameter trained by AdamW (the N-gram tables too when ``training.table_optimizer`` is
   ``adamw``: their gradient is dense). Tables trained by the table optimizer get no table-sized gradient, only
-  row gradients: ``(lookups x table width x 4 + 8)`` bytes per lookup per micro-batch, kept until the step;
+  row gradients: ``table width x 4 + 8`` bytes per lookup, for every micro-batch of the step;
 - optimizer state: AdamW 8 bytes per parameter (two fp32 moments); table optimizer ``full`` 8 bytes per table
   element, ``compact`` 2 bytes per element plus 4 per row, plus 8 per row (``row_step``) in ``sparse`` mode;
 - DDP on several GPUs: its gradient buckets, another 4 bytes per parameter it reduces (gradient_as_bucket_view
@@ -171,17 +171,20 @@ class MemoryEstimate:
         return out
 
 
-def _table_elements(cfg: ModelConfig, groups: dict[str, int]) -> tuple[int, int]:
-    """(elements, table width) of the N-gram tables: the main embedding's and, for PLNE, the per-layer ones
-    (their per-layer token tables are counted with them: a slight over-count)."""
-    elements, width = groups.get("ngram_tables", 0), 0
+def _ngram_tables(cfg: ModelConfig, groups: dict[str, int]) -> tuple[int, int, int]:
+    """(elements, row width, lookups per token) of the N-gram sub-tables: the embedding's and, for PLNE, every
+    per-layer N-gram Embedding's (their per-layer token tables are not N-gram tables)."""
+    elements, width, lookups = groups.get("ngram_tables", 0), 1, 0
     if cfg.ngram is not None:
-        width = cfg.ngram.table_width(cfg.d_model)
-    if cfg.per_layer is not None and cfg.per_layer.kind == "plne":
-        elements += groups.get("per_layer_tables", 0)
-        if cfg.per_layer.ngram is not None and not width:
-            width = cfg.per_layer.ngram.table_width(cfg.dense_hidden)
-    return elements, max(width, 1)
+        width, lookups = cfg.ngram.table_width(cfg.d_model), cfg.ngram.num_tables
+    per_layer = cfg.per_layer
+    if per_layer is not None and per_layer.kind == "plne" and per_layer.ngram is not None:
+        slots = cfg.n_layers * len(cfg.per_layer_mlp_indices)
+        elements += groups.get("per_layer_tables", 0) - slots * cfg.vocab_size * cfg.dense_hidden
+        lookups += slots * per_layer.ngram.num_tables
+        if cfg.ngram is None:
+            width = per_layer.ngram.table_width(cfg.dense_hidden)
+    return elements, max(width, 1), lookups
 
 
 def estimate_memory(cfg: ModelConfig, groups: dict[str, int], training: TrainingConfig, gpus: int = 1,
@@ -195,7 +198,7 @@ def estimate_memory(cfg: ModelConfig, groups: dict[str, int], training: Training
         per_micro = training.seq_len * training.micro_batch_size * gpus
         accumulation = max(1, math.ceil(training.batch_tokens / per_micro))
     total = sum(groups.values())
-    tables, width = _table_elements(cfg, groups)
+    tables, width, lookups_per_token = _ngram_tables(cfg, groups)
     table_optimizer = training.table_optimizer != "adamw" and tables > 0
     sharded = (total - tables) / shard  # AdamW's parameters but the tables: FSDP shards them
     adamw_tables = 0 if table_optimizer else tables  # the tables stay replicated whatever trains them
@@ -207,7 +210,7 @@ def estimate_memory(cfg: ModelConfig, groups: dict[str, int], training: Training
     tokens = training.seq_len * training.micro_batch_size
     if table_optimizer:
         rows = tables / width
-        lookups = tokens * (cfg.ngram.num_tables if cfg.ngram is not None else 1)
+        lookups = tokens * lookups_per_token
         row_grads = accumulation * lookups * (FP32 * width + INDEX)
         compact = training.table_optimizer_moments == "compact"
         state = (BF16 * tables + FP32 * rows) if compact else 2 * FP32 * tables

@@ -256,3 +256,20 @@ def test_shard_from_the_sweeps_training_parallel():
         assert memory_limits(given, "80GiB", 8, 2).shard == shard
         assert memory_limits(given, "80GiB", 8, 2, shard="2").shard == 2
     assert memory_limits(sweep, "80GiB", 8, 2).shard == 1
+
+
+@pytest.mark.parametrize("extra", [
+    {"ngram": {"n": 3, "k": 2, "ratio": 2.0}},
+    {"per_layer": {"kind": "plne", "ngram": {"n": 3, "k": 2, "ratio": 2.0}}},
+])
+def test_ngram_tables_are_the_models(extra):
+    """The elements the table optimizer trains (and FSDP leaves replicated) are the model's ``ngram_tables()``."""
+    from embscale.sweeps.memory import _ngram_tables
+
+    cfg = ModelConfig.from_dict({"vocab_size": 512, "d_model": 128, "n_layers": 2, "n_heads": 4, "attention": "mha",
+                                 "dense_hidden": 256, "max_seq_len": 256, **extra})
+    elements, width, lookups = _ngram_tables(cfg, count_parameters(cfg).groups)
+    tables = build_model(cfg).ngram_tables()
+    assert elements == sum(table.numel() for table in tables)
+    assert {table.shape[1] for table in tables} == {width}
+    assert lookups == len(tables) * 4  # one lookup per sub-table per token, (n - 1) k = 4 sub-tables each
