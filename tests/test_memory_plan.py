@@ -91,6 +91,10 @@ def _saved_bytes(cfg: ModelConfig, batch: int, seq_len: int) -> int:
     {"layer_type": "shortcut"},
     {"layer_type": "shortcut", "n_experts": 16, "n_zero_experts": 8, "expert_hidden": 64, "top_k": 4},
     {"layer_type": "standard", "n_experts": 16, "expert_hidden": 64, "top_k": 4},
+    {"layer_type": "standard", "ngram": {"n": 3, "k": 2, "ratio": 2.0, "amplification": "layernorm"}},
+    {"layer_type": "shortcut",
+     "per_layer": {"kind": "plne", "targets": "both", "ngram": {"n": 3, "k": 2, "ratio": 2.0}}},
+    {"layer_type": "standard", "per_layer": {"kind": "ple"}},
 ])
 def test_activation_model_matches_what_autograd_saves(extra):
     """The per-token activation bytes plus the bf16 weight copies against the tensors autograd really saves in a
