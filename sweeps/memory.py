@@ -50,6 +50,9 @@ from embscale.training.config import TrainingConfig
 
 GIB = 1 << 30
 BF16, FP32, INDEX = 2, 4, 8
+# Memory of a GPU that a run's tensors cannot use: the CUDA context, cuBLAS and NCCL workspaces, and the caching
+# allocator's fragmentation (the estimate, like the measurements it is checked against, counts allocated tensors).
+HEADROOM = 2 * GIB
 
 _UNITS = {"tib": 1 << 40, "gib": 1 << 30, "mib": 1 << 20, "tb": 10**12, "gb": 10**9, "mb": 10**6}
 _MEMORY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]+)\s*$")
@@ -77,25 +80,25 @@ def gib(size: float) -> str:
 # ----- activations --------------------------------------------------------------------------------------------
 def _attention_bytes(cfg: ModelConfig) -> float:
     """Saved bytes per token of one attention module with its pre-norm: the fp32 residual the norm saves, the
-    bf16 inputs of each projection (autocast casts per projection), the fp32 copies the rotary embedding saves,
-    what SDPA (flash) saves (q, k, v, output, log-sum-exp) and the output projection's input."""
+    bf16 inputs of each projection (autocast casts per projection), MLA's latent (fp32 copy its norm saves, bf16
+    result), what SDPA (flash) saves (q, k, v, output, log-sum-exp; MLA's rotated q and k are concatenations, its
+    v a view of the up-projected keys and values) and the output projection's input. The rotary embedding saves
+    only its tables."""
     d, h = cfg.d_model, cfg.n_heads
     if cfg.attention == "mha":
         dq, dkv = h * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-        return (FP32 * d + 3 * BF16 * d + FP32 * (dq + dkv) + BF16 * (dq + 2 * dkv) + BF16 * dq
-                + FP32 * h + BF16 * dq)
+        return FP32 * d + 3 * BF16 * d + BF16 * (dq + 2 * dkv) + BF16 * dq + FP32 * h + BF16 * dq
     mla = cfg.mla
-    qk, rope, nope, v, r = mla.qk_head_dim, mla.qk_rope_head_dim, mla.qk_nope_head_dim, mla.v_head_dim, \
-        mla.kv_lora_rank
+    qk, nope, v, r = mla.qk_head_dim, mla.qk_nope_head_dim, mla.v_head_dim, mla.kv_lora_rank
     q_path = BF16 * d + ((FP32 + BF16) * mla.q_lora_rank if mla.q_lora_rank > 0 else 0)
-    return (FP32 * d + q_path + BF16 * d + (FP32 + BF16) * r + FP32 * rope + FP32 * h * rope
-            + BF16 * h * qk * 2 + BF16 * h * (nope + v) + BF16 * h * v * 2 + FP32 * h)
+    return (FP32 * d + q_path + BF16 * d + (FP32 + BF16) * r + BF16 * h * qk * 2 + BF16 * h * (nope + v)
+            + BF16 * h * v * 2 + FP32 * h)
 
 
 def _swiglu_bytes(d: int, hidden: int, has_up: bool, with_norm: bool = True) -> float:
     """A dense SwiGLU MLP: its norm's fp32 input, bf16 inputs of the gate (and up) projections, gate output,
-    SiLU output, multiplier, product."""
-    return (FP32 * d if with_norm else 0) + (2 if has_up else 1) * BF16 * d + 4 * BF16 * hidden
+    SiLU output, up output, product (a per-layer MLP's multiplier is counted with its embedding)."""
+    return (FP32 * d if with_norm else 0) + (2 if has_up else 1) * BF16 * d + (4 if has_up else 3) * BF16 * hidden
 
 
 def _moe_bytes(cfg: ModelConfig) -> float:
@@ -118,8 +121,11 @@ def activation_bytes_per_token(cfg: ModelConfig) -> float:
     per_layer += sum(_swiglu_bytes(d, cfg.dense_hidden, has_up) for has_up in up)
     if cfg.is_moe:
         per_layer += _moe_bytes(cfg) + (0 if cfg.dense_mlps_per_layer else FP32 * d)
-    if cfg.per_layer is not None:  # the looked-up multiplier of each per-layer MLP, fp32 then bf16
-        per_layer += (FP32 + BF16) * cfg.dense_hidden * len(cfg.per_layer_mlp_indices)
+    if cfg.per_layer is not None:  # each per-layer MLP's fp32 multiplier; PLNE: its gathered rows (bf16), keys
+        multiplier = FP32 * cfg.dense_hidden
+        if cfg.per_layer.kind == "plne" and cfg.per_layer.ngram is not None:
+            multiplier += BF16 * cfg.dense_hidden + INDEX * cfg.per_layer.ngram.num_tables
+        per_layer += multiplier * len(cfg.per_layer_mlp_indices)
     embedding = 0.0
     if cfg.ngram is not None:  # gathered fp32 rows, hashed keys, projection input, norm input
         embedding = FP32 * d + INDEX * cfg.ngram.num_tables + BF16 * d + FP32 * d
@@ -246,15 +252,20 @@ def shard_degrees(gpus: int) -> list[int]:
     return degrees
 
 
+def fits(estimate: MemoryEstimate, memory: float) -> bool:
+    """Whether the peak and :data:`HEADROOM` fit in ``memory`` bytes per GPU."""
+    return estimate.peak + HEADROOM <= memory
+
+
 def smallest_fitting(cfg: ModelConfig, groups: dict[str, int], training: TrainingConfig, gpus: int,
                      memory: float) -> MemoryEstimate | None:
-    """The estimate at the smallest shard degree whose peak fits in ``memory`` bytes, None if none does."""
+    """The estimate at the smallest shard degree that :func:`fits` in ``memory`` bytes, None if none does."""
     for shard in shard_degrees(gpus):
         estimate = estimate_memory(cfg, groups, training, gpus, shard)
-        if estimate.peak <= memory:
+        if fits(estimate, memory):
             return estimate
     return None
 
 
-__all__ = ["GIB", "MemoryEstimate", "activation_bytes_per_token", "estimate_memory", "gib", "parse_memory",
-           "shard_degrees", "smallest_fitting"]
+__all__ = ["GIB", "HEADROOM", "MemoryEstimate", "activation_bytes_per_token", "estimate_memory", "fits", "gib",
+           "parse_memory", "shard_degrees", "smallest_fitting"]

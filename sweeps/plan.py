@@ -19,7 +19,16 @@ from embscale.base.rundir import PLANNED_BY
 from embscale.models.config import ModelConfig
 from embscale.sweeps.executors.jobmap import JOBS_FILE
 from embscale.sweeps.expand import Plan, PlannedRun, expand
-from embscale.sweeps.memory import MemoryEstimate, estimate_memory, gib, parse_memory, shard_degrees, smallest_fitting
+from embscale.sweeps.memory import (
+    HEADROOM,
+    MemoryEstimate,
+    estimate_memory,
+    fits,
+    gib,
+    parse_memory,
+    shard_degrees,
+    smallest_fitting,
+)
 from embscale.sweeps.sweepfile import Sweep, load_sweep
 from embscale.training.config import DataConfig, TrainingConfig
 from embscale.training.data.sizes import SplitTokens, split_tokens
@@ -254,8 +263,8 @@ def memory_checks(plan: Plan, limits: MemoryLimits) -> dict[str, MemoryCheck]:
             shard = int(limits.shard)
         estimate = fitting if fitting is not None and fitting.shard == shard else \
             estimate_memory(cfg, groups, training, gpus, shard)
-        fits = None if memory is None else estimate.peak <= memory
-        checks[str(run.run_id)] = MemoryCheck(estimate, fits, fitting.shard if fitting else None)
+        fitting_now = None if memory is None else fits(estimate, memory)
+        checks[str(run.run_id)] = MemoryCheck(estimate, fitting_now, fitting.shard if fitting else None)
     return checks
 
 
@@ -286,8 +295,9 @@ def memory_refusal(plan: Plan, checks: dict[str, MemoryCheck], limits: MemoryLim
         else:
             line += f"; fits at no shard degree up to {limits.gpus}: give it more GPUs (--gpus-per-node, --nodes)"
         lines.append(line)
-    lines.append("memory is the estimate of embscale.sweeps.memory (steady state: parameters, gradients, "
-                 "optimizer state, activations of one micro-batch)")
+    lines.append(f"memory is the estimate of embscale.sweeps.memory (steady state: parameters, gradients, "
+                 f"optimizer state, activations of one micro-batch), with {gib(HEADROOM)} per GPU kept for the CUDA "
+                 "context, workspaces and fragmentation")
     return UserError("\n".join(lines))
 
 

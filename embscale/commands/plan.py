@@ -27,7 +27,7 @@ from typing import Any
 
 from embscale.base.errors import ConfigError
 from embscale.sweeps.expand import DEFAULT_MFU, DEFAULT_PEAK_FLOPS, Plan, PlannedRun
-from embscale.sweeps.memory import gib
+from embscale.sweeps.memory import HEADROOM, gib
 from embscale.sweeps.plan import (
     DataCheck,
     MemoryCheck,
@@ -117,7 +117,8 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 def memory_lines(plan: Plan, memory: dict[str, MemoryCheck], limits: MemoryLimits) -> list[str]:
     """What the memory column assumed, and what is not checked."""
     lines = [f"memory: {limits.describe()}; mem/GPU is the estimated steady-state peak (parameters, gradients, "
-             "optimizer state, one micro-batch's activations)"]
+             f"optimizer state, one micro-batch's activations); a run fits when it and {gib(HEADROOM)} of headroom "
+             "(CUDA context, workspaces, fragmentation) do"]
     if limits.gpu_memory is None:
         lines.append("memory is not checked: no --gpu-memory, no gpu_memory in the sweep's slurm or executor "
                      "section, and no GPU on this machine")
