@@ -14,10 +14,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from embscale.base.errors import ConfigError
+from embscale.base.errors import ConfigError, UserError
 from embscale.base.rundir import PLANNED_BY
+from embscale.models.config import ModelConfig
 from embscale.sweeps.executors.jobmap import JOBS_FILE
 from embscale.sweeps.expand import Plan, PlannedRun, expand
+from embscale.sweeps.memory import (
+    HEADROOM,
+    MemoryEstimate,
+    estimate_memory,
+    fits,
+    gib,
+    parse_memory,
+    shard_degrees,
+    smallest_fitting,
+)
 from embscale.sweeps.sweepfile import Sweep, load_sweep
 from embscale.training.config import DataConfig, TrainingConfig
 from embscale.training.data.sizes import SplitTokens, split_tokens
@@ -121,6 +132,175 @@ def data_warnings(plan: Plan, checks: dict[str, DataCheck]) -> list[str]:
     return lines
 
 
+# ----- memory ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MemoryLimits:
+    """What a run may use: the memory of one GPU (None: not known, memory is not checked) and where that came
+    from, the GPUs per node and nodes of a run, and the shard degree asked for (``"auto"``: the smallest that
+    fits)."""
+
+    gpu_memory: int | None
+    source: str
+    gpus_per_node: int
+    nodes: int
+    shard: int | str = 1
+
+    @property
+    def gpus(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    def describe(self) -> str:
+        memory = f"{gib(self.gpu_memory)} per GPU ({self.source})" if self.gpu_memory else "memory not checked"
+        shard = "auto (smallest that fits)" if self.shard == "auto" else str(self.shard)
+        return (f"{self.gpus} GPU(s) per run ({self.nodes} node(s) x {self.gpus_per_node}), {memory}, "
+                f"shard {shard}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gpu_memory": self.gpu_memory, "source": self.source, "gpus_per_node": self.gpus_per_node,
+                "nodes": self.nodes, "gpus": self.gpus, "shard": self.shard}
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(where, f"must be a positive integer, got {value!r}")
+    return value
+
+
+def _local_gpus() -> tuple[int, int | None]:
+    """(count, memory of GPU 0 in bytes) of this machine's CUDA GPUs; (0, None) without torch or CUDA."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return 0, None
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0, None
+    return torch.cuda.device_count(), int(torch.cuda.get_device_properties(0).total_memory)
+
+
+def memory_limits(sweep: Sweep, gpu_memory: str | None = None, gpus_per_node: int | None = None,
+                  nodes: int | None = None, shard: str | int | None = None) -> MemoryLimits:
+    """The limits of the memory check: the command line's values first, else the sweep's ``slurm`` section
+    (``gpu_memory``, ``gpus_per_node``, ``nodes``) when it dispatches to Slurm, else its ``executor`` section
+    (``gpu_memory``, ``gpus_per_run``), else this machine's GPUs (their count and GPU 0's memory), else one GPU
+    of unknown memory. ``shard``: ``auto``, a power of two, or None: the sweep's ``training.parallel`` (``auto``;
+    ``fsdp``: all the run's GPUs; ``hsdp``: one node's; ``ddp`` or not given: 1)."""
+    slurm = sweep.slurm or {}
+    executor = sweep.executor or {}
+    on_slurm = executor.get("type") == "slurm" or (bool(slurm) and "type" not in executor)
+    sections = [("slurm", slurm), ("executor", executor)] if on_slurm else [("executor", executor), ("slurm", slurm)]
+    source, memory = "", None
+    if gpu_memory is not None:
+        memory, source = parse_memory(gpu_memory, "--gpu-memory"), "--gpu-memory"
+    else:
+        for name, section in sections:
+            if section.get("gpu_memory") is not None:
+                memory = parse_memory(section["gpu_memory"], f"{name}.gpu_memory")
+                source = f"{name}.gpu_memory"
+                break
+    local_count, local_memory = (None, None)
+    if memory is None or (gpus_per_node is None and not slurm.get("gpus_per_node")
+                          and not executor.get("gpus_per_run")):
+        local_count, local_memory = _local_gpus()
+        if memory is None and local_memory:
+            memory, source = local_memory, "this machine's GPU 0"
+    if gpus_per_node is not None:
+        per_node = _positive_int(gpus_per_node, "--gpus-per-node")
+    elif on_slurm and slurm.get("gpus_per_node"):
+        per_node = int(slurm["gpus_per_node"])
+    elif executor.get("gpus_per_run"):
+        per_node = int(executor["gpus_per_run"])
+    else:
+        per_node = max(1, local_count or 1)
+    if nodes is not None:
+        node_count = _positive_int(nodes, "--nodes")
+    else:
+        node_count = int(slurm.get("nodes") or 1) if on_slurm else 1
+    if shard is None:  # the sweep's training.parallel, once TrainingConfig has it: auto, ddp, fsdp, hsdp
+        parallel = (sweep.training or {}).get("parallel")
+        shard = {"auto": "auto", "fsdp": per_node * node_count, "hsdp": per_node}.get(str(parallel), 1)
+    elif shard != "auto":
+        try:
+            shard = int(shard)
+        except (TypeError, ValueError):
+            raise ConfigError("--shard", f"must be auto or a power of two, got {shard!r}") from None
+        degrees = shard_degrees(per_node * node_count)
+        if shard not in degrees:
+            raise ConfigError("--shard", f"must be auto or one of {', '.join(map(str, degrees))} (powers of two "
+                                         f"dividing the run's {per_node * node_count} GPU(s)), got {shard}")
+    return MemoryLimits(gpu_memory=memory, source=source, gpus_per_node=per_node, nodes=node_count, shard=shard)
+
+
+@dataclass(frozen=True)
+class MemoryCheck:
+    """A run's memory per GPU at its shard degree (the asked one, or with ``auto`` the smallest that fits, or
+    the largest when none does) and whether it fits (None: memory unknown)."""
+
+    estimate: MemoryEstimate
+    fits: bool | None
+    fitting_shard: int | None  # the smallest shard degree that fits, None when none does or memory is unknown
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.estimate.to_dict(), "fits": self.fits, "fitting_shard": self.fitting_shard}
+
+
+def memory_checks(plan: Plan, limits: MemoryLimits) -> dict[str, MemoryCheck]:
+    """:class:`MemoryCheck` of every planned run, by run id (see :mod:`embscale.sweeps.memory`)."""
+    checks: dict[str, MemoryCheck] = {}
+    models: dict[str, ModelConfig] = {}
+    gpus, memory = limits.gpus, limits.gpu_memory
+    for run in plan.runs:
+        key = json.dumps(run.config["model"], sort_keys=True, default=str)
+        if key not in models:
+            models[key] = ModelConfig.from_dict(run.config["model"])
+        cfg, groups = models[key], run.accounting["groups"]
+        training = TrainingConfig(**(run.config.get("training") or {}))
+        fitting = smallest_fitting(cfg, groups, training, gpus, memory) if memory else None
+        if limits.shard == "auto":
+            shard = fitting.shard if fitting else (shard_degrees(gpus)[-1] if memory else 1)
+        else:
+            shard = int(limits.shard)
+        estimate = fitting if fitting is not None and fitting.shard == shard else \
+            estimate_memory(cfg, groups, training, gpus, shard)
+        fitting_now = None if memory is None else fits(estimate, memory)
+        checks[str(run.run_id)] = MemoryCheck(estimate, fitting_now, fitting.shard if fitting else None)
+    return checks
+
+
+def memory_refusal(plan: Plan, checks: dict[str, MemoryCheck], limits: MemoryLimits) -> UserError | None:
+    """The error naming every run that does not fit in the GPUs it may use (None when all fit or memory is not
+    known): its id, its estimate per GPU at its shard degree, the memory and GPUs it has, and the shard degree
+    that would fit or why none does."""
+    if limits.gpu_memory is None:
+        return None
+    failing = [run for run in plan.runs if checks[str(run.run_id)].fits is False]
+    if not failing:
+        return None
+    lines = [f"{len(failing)} of {len(plan.runs)} run(s) do not fit in {gib(limits.gpu_memory)} per GPU "
+             f"({limits.source}) on {limits.gpus} GPU(s) ({limits.nodes} node(s) x {limits.gpus_per_node}):"]
+    for run in failing:
+        check = checks[str(run.run_id)]
+        estimate = check.estimate
+        ratio = f" ratio {run.target_ratio:g}" if run.target_ratio is not None else ""
+        line = (f"  {run.run_id} ({run.family}{ratio}, {run.total / 1e9:.2f}B parameters): needs "
+                f"{gib(estimate.peak)} per GPU at shard {estimate.shard}")
+        if check.fitting_shard is not None:
+            line += f"; fits at shard {check.fitting_shard} (--shard {check.fitting_shard} or --shard auto)"
+        elif estimate.replicated_tables:
+            line += (f"; fits at no shard degree up to {limits.gpus}: its N-gram tables stay replicated "
+                     f"({gib(estimate.replicated_tables)} per GPU with their gradients and optimizer state; "
+                     "training.table_optimizer dense with table_optimizer_moments compact keeps about 6 bytes per "
+                     "table element instead of AdamW's 16)")
+        else:
+            line += f"; fits at no shard degree up to {limits.gpus}: give it more GPUs (--gpus-per-node, --nodes)"
+        lines.append(line)
+    lines.append(f"memory is the estimate of embscale.sweeps.memory (steady state: parameters, gradients, "
+                 f"optimizer state, activations of one micro-batch), with {gib(HEADROOM)} per GPU kept for the CUDA "
+                 "context, workspaces and fragmentation")
+    return UserError("\n".join(lines))
+
+
 def results_root(given: str | Path | None = None) -> Path:
     """The results folder: ``given``, else ``$EMBSCALE_RESULTS``, else ``./results``."""
     return Path(given or os.environ.get(RESULTS_ENV) or "results").resolve()
@@ -157,5 +337,6 @@ def run_config_dict(run: PlannedRun, plan: SweepPlan) -> dict[str, Any]:
     return config
 
 
-__all__ = ["RESULTS_ENV", "DataCheck", "SweepPlan", "data_checks", "data_warnings", "load_plan", "planned_record",
-           "results_root", "run_config_dict"]
+__all__ = ["RESULTS_ENV", "DataCheck", "MemoryCheck", "MemoryLimits", "SweepPlan", "data_checks", "data_warnings",
+           "load_plan", "memory_checks", "memory_limits", "memory_refusal", "planned_record", "results_root",
+           "run_config_dict"]

@@ -25,6 +25,7 @@ EXECUTOR_KEYS = {
     "timeout_min": "local: time limit of one job in minutes",
     "poll_s": "seconds between looks at the jobs",
     "log_interval_s": "seconds between progress lines",
+    "gpu_memory": "memory of one GPU, e.g. 80GiB: embscale plan checks each run's estimated peak against it",
 }
 # The ``slurm:`` section: our name -> submitit SlurmExecutor parameter.
 SLURM_KEYS = {
@@ -47,6 +48,7 @@ SLURM_KEYS = {
     "sbatch": "additional_parameters",
     "srun_args": "srun_args",
     "max_requeues": None,  # how often a job near its time limit requeues itself (default 3)
+    "gpu_memory": None,  # memory of one GPU of the partition, e.g. 80GiB (embscale plan's memory check only)
 }
 
 
@@ -63,12 +65,21 @@ def executor_options(section: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"executor.{key}", f"must be a non-negative integer, got {out[key]!r}")
     if out.get("cpu_jobs") == 0:
         raise ConfigError("executor.cpu_jobs", "must be at least 1")
+    if "gpu_memory" in out:
+        gpu_memory(out["gpu_memory"], "executor.gpu_memory")
     if "runs_per_gpu" in out:
         check_runs_per_gpu(out["runs_per_gpu"], out.get("gpus_per_run"))
     for key in ("timeout_min", "poll_s", "log_interval_s"):
         if key in out and (not isinstance(out[key], (int, float)) or isinstance(out[key], bool) or out[key] <= 0):
             raise ConfigError(f"executor.{key}", f"must be a positive number, got {out[key]!r}")
     return out
+
+
+def gpu_memory(value: Any, where: str) -> int:
+    """Bytes of a ``gpu_memory`` key (``80GiB``, ``141GiB``, ``80GB``, ``24576MiB``); ConfigError naming ``where``."""
+    from embscale.sweeps.memory import parse_memory
+
+    return parse_memory(value, where)
 
 
 def check_runs_per_gpu(runs_per_gpu: Any, gpus_per_run: Any = None, where: str = "executor.runs_per_gpu") -> int:
@@ -129,6 +140,9 @@ def slurm_parameters(section: dict[str, Any], overrides: dict[str, Any] | None =
         if value is None:
             continue
         target = SLURM_KEYS[key]
+        if key == "gpu_memory":  # not a submitit parameter: validated, left to embscale plan
+            gpu_memory(value, "slurm.gpu_memory")
+            continue
         if key == "time":
             value = slurm_minutes(value)
         elif key in ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "array_parallelism",

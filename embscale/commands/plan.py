@@ -2,11 +2,18 @@
 
 Prints a table of the runs (id, family, width, depth, experts, top-k, N, K, table rows, total, activated,
 NE share, target and achieved ratio, match error, tokens, epochs over the training split, training FLOPs,
-GPU-hours at the stated MFU), the skipped points with their reasons, warnings about runs that repeat their
-training data or evaluate on a validation split smaller than ``eval_tokens``, and the sweep's total compute;
+GPU-hours at the stated MFU, GPUs of a run, shard degree, estimated peak memory per GPU), the skipped points
+with their reasons, warnings about runs that repeat their training data or evaluate on a validation split
+smaller than ``eval_tokens``, and the sweep's total compute;
 ``--json`` prints the whole plan as JSON instead. Epochs are exact once a run has built the corpus's shards
 and estimated from its bytes before (marked ``~``). The whole sweep file is validated, ``executor``,
 ``slurm`` and ``tune`` sections included. Writes nothing.
+
+Memory (:mod:`embscale.sweeps.memory`): each run's steady-state peak per GPU is estimated and checked against the
+memory of one GPU (``--gpu-memory``, else ``gpu_memory`` of the sweep's ``slurm``/``executor`` section, else this
+machine's GPU, else not checked) on the GPUs a run may use (``--gpus-per-node`` x ``--nodes``, else the sweep's
+sections). ``--shard auto`` picks the smallest shard degree that fits. A run that does not fit is refused: exit 2
+naming each such run with its estimate and the memory and GPUs it has.
 """
 
 from __future__ import annotations
@@ -20,7 +27,18 @@ from typing import Any
 
 from embscale.base.errors import ConfigError
 from embscale.sweeps.expand import DEFAULT_MFU, DEFAULT_PEAK_FLOPS, Plan, PlannedRun
-from embscale.sweeps.plan import DataCheck, data_checks, data_warnings, load_plan
+from embscale.sweeps.memory import HEADROOM, gib
+from embscale.sweeps.plan import (
+    DataCheck,
+    MemoryCheck,
+    MemoryLimits,
+    data_checks,
+    data_warnings,
+    load_plan,
+    memory_checks,
+    memory_limits,
+    memory_refusal,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +48,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"model-FLOPs utilisation for the GPU-hour estimate (default {DEFAULT_MFU})")
     parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_FLOPS / 1e12,
                         help="peak dense TFLOP/s of one GPU (default %(default)g, H100 SXM bf16)")
+    parser.add_argument("--gpu-memory", default=None,
+                        help="memory of one GPU, e.g. 80GiB, 141GiB, 80GB (default: gpu_memory of the sweep's "
+                             "slurm/executor section, else this machine's GPU, else memory is not checked)")
+    parser.add_argument("--gpus-per-node", type=int, default=None,
+                        help="GPUs per node a run may use (default: the sweep's slurm.gpus_per_node or "
+                             "executor.gpus_per_run, else this machine's GPUs)")
+    parser.add_argument("--nodes", type=int, default=None, help="nodes a run may use (default: slurm.nodes or 1)")
+    parser.add_argument("--shard", default=None,
+                        help="shard degree of parameters, gradients and optimizer state: 1 (DDP, the default), "
+                             "2, 4, ... (FSDP, modelled; N-gram tables stay replicated) or auto (the smallest "
+                             "that fits)")
 
 
 def human(value: float) -> str:
@@ -44,7 +73,7 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def _row(run: PlannedRun, mfu: float, peak: float, check: DataCheck) -> list[str]:
+def _row(run: PlannedRun, mfu: float, peak: float, check: DataCheck, memory: MemoryCheck | None) -> list[str]:
     model = run.config["model"]
     ngram = model.get("ngram") or (model.get("per_layer") or {}).get("ngram")
     return [
@@ -67,11 +96,14 @@ def _row(run: PlannedRun, mfu: float, peak: float, check: DataCheck) -> list[str
         check.epochs_text() + (" !" if check.repeats_data else ""),
         f"{run.flops:.3g}",
         f"{run.gpu_hours(mfu, peak):.3g}",
+        str(memory.estimate.gpus) if memory else "-",
+        str(memory.estimate.shard) if memory else "-",
+        gib(memory.estimate.peak) + (" !" if memory.fits is False else "") if memory else "-",
     ]
 
 
 HEADER = ["id", "family", "width", "depth", "experts", "top-k", "N", "K", "rows", "total", "activated", "NE",
-          "target", "achieved", "match", "tokens", "epochs", "FLOPs", "GPU-h"]
+          "target", "achieved", "match", "tokens", "epochs", "FLOPs", "GPU-h", "GPUs", "shard", "mem/GPU"]
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -82,12 +114,35 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def format_plan(plan: Plan, mfu: float, peak: float, checks: dict[str, DataCheck]) -> str:
+def memory_lines(plan: Plan, memory: dict[str, MemoryCheck], limits: MemoryLimits) -> list[str]:
+    """What the memory column assumed, and what is not checked."""
+    lines = [f"memory: {limits.describe()}; mem/GPU is the estimated steady-state peak (parameters, gradients, "
+             f"optimizer state, one micro-batch's activations); a run fits when it and {gib(HEADROOM)} of headroom "
+             "(CUDA context, workspaces, fragmentation) do"]
+    if limits.gpu_memory is None:
+        lines.append("memory is not checked: no --gpu-memory, no gpu_memory in the sweep's slurm or executor "
+                     "section, and no GPU on this machine")
+    sharded = [run for run in plan.runs if memory[str(run.run_id)].estimate.shard > 1]
+    if sharded:
+        lines.append(f"shard > 1 ({len(sharded)} run(s)) is modelled as FSDP: parameters, gradients and optimizer "
+                     "state divided by the shard degree, except the N-gram tables, which stay replicated")
+    return lines
+
+
+def format_plan(plan: Plan, mfu: float, peak: float, checks: dict[str, DataCheck] | None = None,
+                memory: dict[str, MemoryCheck] | None = None, limits: MemoryLimits | None = None) -> str:
+    """The plan as text (module docstring); ``checks`` default to :func:`data_checks`, the memory columns are
+    ``-`` without ``memory`` and ``limits``."""
+    checks = data_checks(plan) if checks is None else checks
     out = [f"sweep {plan.name}: {len(plan.runs)} runs, {len(plan.skipped)} skipped"
            + (f", {plan.duplicates} duplicate points collapsed" if plan.duplicates else "")]
     if plan.runs:
         out.append("")
-        out.append(_table([_row(run, mfu, peak, checks[str(run.run_id)]) for run in plan.runs], HEADER))
+        out.append(_table([_row(run, mfu, peak, checks[str(run.run_id)], (memory or {}).get(str(run.run_id)))
+                           for run in plan.runs], HEADER))
+        if memory is not None and limits is not None:
+            out.append("")
+            out.extend(memory_lines(plan, memory, limits))
     unmatched = [run for run in plan.runs if run.matched is False]
     if unmatched:
         out.append("")
@@ -127,7 +182,13 @@ def run(args: argparse.Namespace) -> int:
     if not (args.peak_tflops > 0 and math.isfinite(args.peak_tflops)):
         raise ConfigError("--peak-tflops", f"must be positive, got {args.peak_tflops}")
     peak = args.peak_tflops * 1e12
-    plan = load_plan(args.sweep).plan
+    loaded = load_plan(args.sweep)
+    plan = loaded.plan
+    limits = memory_limits(loaded.sweep, args.gpu_memory, args.gpus_per_node, args.nodes, args.shard)
+    memory = memory_checks(plan, limits)
+    refusal = memory_refusal(plan, memory, limits)
+    if refusal is not None:
+        raise refusal
     checks = data_checks(plan)
     if args.json:
         document = plan.to_dict(args.mfu, peak)
@@ -136,10 +197,12 @@ def run(args: argparse.Namespace) -> int:
             entry["epochs"] = check.epochs
             entry["epochs_exact"] = check.exact
             entry["small_val_splits"] = list(check.small_val)
+            entry["memory"] = memory[str(entry["run_id"])].to_dict()
+        document["memory_limits"] = limits.to_dict()
         document["warnings"] = data_warnings(plan, checks)
         text = json.dumps(_json_safe(document), indent=1)
     else:
-        text = format_plan(plan, args.mfu, peak, checks)
+        text = format_plan(plan, args.mfu, peak, checks, memory, limits)
     try:
         print(text)
         sys.stdout.flush()
