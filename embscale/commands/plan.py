@@ -72,9 +72,10 @@ HEADER = ["id", "family", "width", "depth", "experts", "top-k", "N", "K", "rows"
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
-             for r in [header, *rows]]
+    table = [header, *rows]
+    widths = [max(map(len, column)) for column in zip(*table, strict=True)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)  # each cell left-aligned in its column, as str.ljust
+    lines = [line.format(*r).rstrip() for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -103,8 +104,14 @@ def format_plan(plan: Plan, mfu: float, peak: float) -> str:
 
 
 def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+    """``value`` with every non-finite float as None (JSON has no NaN); containers copied, tuples as lists."""
+    kind = type(value)  # exact types first: this runs over every number of a 10,000-run plan
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is dict:
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
