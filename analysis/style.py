@@ -19,6 +19,8 @@ from embscale.base.files import atomic_file  # noqa: E402
 
 FORMATS = ("png", "pdf")
 PNG_DPI = 130
+# zlib level of the PNG files: the same pixels as the default (6) in half the encoding time, files ~10% larger
+PNG_COMPRESS_LEVEL = 1
 STYLE = {
     "font.size": 8.5,
     "axes.titlesize": 9.5,
@@ -217,7 +219,10 @@ def save_figure(fig: plt.Figure, out_dir: Path, name: str, formats: Sequence[str
         for fmt in formats:
             path = out_dir / f"{name}.{fmt}"
             with atomic_file(path) as tmp:
-                fig.savefig(tmp, format=fmt, dpi=PNG_DPI if fmt == "png" else None)
+                if fmt == "png":
+                    fig.savefig(tmp, format=fmt, dpi=PNG_DPI, pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
+                else:
+                    fig.savefig(tmp, format=fmt)
             paths.append(path)
     finally:
         plt.close(fig)
