@@ -33,7 +33,7 @@ class Analysis:
 def analyse(runs: pd.DataFrame, *, n_boot: int = 400, n_boot_param: int = 100, seed: int = 0,
             mapper: laws.Mapper | None = None) -> Analysis:
     """Fit every ratio law and parameter law of a runs table and find the crossovers (``mapper``: how the
-    parameter-law fits are computed, :func:`embscale.analysis.laws.fit_param_laws`)."""
+    parameter laws' bootstrap replicates are computed, :func:`embscale.analysis.laws.fit_power_sum`)."""
     split_names = splits(runs)
     ratio_laws = laws.fit_ratio_laws(runs, split_names=split_names, n_boot=n_boot, seed=seed)
     param_laws = laws.fit_param_laws(runs, split_names=split_names, n_boot=n_boot_param, seed=seed, mapper=mapper)

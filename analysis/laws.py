@@ -30,6 +30,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -427,7 +428,7 @@ def lbfgsb(fun: Callable[..., tuple[float, np.ndarray]], x0: np.ndarray, args: t
         _lbfgsb.setulb(maxcor, x, low_bnd, upper_bnd, nbd, f, g, factr, gtol, wa, iwa, task, lsave, isave, dsave,
                        maxls, ln_task)
         if task[0] == 3:  # the routine wants f and g at x
-            if not np.array_equal(x, evaluated_x):
+            if not (x == evaluated_x).all():  # np.array_equal, without its checks (same shape, float)
                 evaluated_x = x.copy()
                 value, gradient = fun(evaluated_x.copy(), *args)
                 nfev += 1
@@ -469,17 +470,32 @@ def _direct_lbfgsb_matches() -> bool:
     return bool(np.array_equal(x, expected.x) and value == float(expected.fun))
 
 
+Mapper = Callable[[Callable[..., Any], list[tuple]], list]
+
+
+def _each(fn: Callable[..., Any], calls: list[tuple]) -> list:
+    return [fn(*args) for args in calls]
+
+
+def _replicate(start: np.ndarray, xt: np.ndarray, logy: np.ndarray, weights: np.ndarray, delta: float,
+               bounds: list[tuple[float, float]]) -> np.ndarray:
+    """One bootstrap replicate of :func:`fit_power_sum` (what its ``mapper`` is handed)."""
+    return _minimise(start, xt, logy, weights, delta, bounds)[0]
+
+
 @single_threaded_blas()
 def fit_power_sum(sizes: Sequence[Sequence[float]], loss: Sequence[float], names: Sequence[str], *,
                   n_boot: int = DEFAULT_BOOTSTRAP, delta: float = HUBER_DELTA, seed: int = 0,
-                  n_starts: int = 4, max_exponent: float = 3.0) -> PowerSumFit:
+                  n_starts: int = 4, max_exponent: float = 3.0, mapper: Mapper | None = None) -> PowerSumFit:
     """Fit ``L = E + sum_i A_i / X_i^alpha_i`` in log space (Huber, L-BFGS-B from the best grid points).
 
     ``sizes`` holds one sequence per size variable (``X_i``), each as long as ``loss``. The grid (4 values of
     E, 4 of each A_i, 4 of each alpha_i) is scored in one vectorised pass; L-BFGS-B starts from its
     ``n_starts`` best points. Bootstrap replicates resample the runs and start from the point estimate.
     Bounds: E between 2% of the smallest loss and the largest loss, each term at the centre size below the
-    largest loss, exponents in ``[0, max_exponent]``.
+    largest loss, exponents in ``[0, max_exponent]``. ``mapper(fn, calls)`` computes the minimisations from the
+    starts, then the replicates: ``[fn(*args) for args in calls]`` (the default; each is a function of its
+    arguments alone, so another process may compute some of them).
     """
     y = np.asarray(loss, dtype=float)
     xs = np.stack([np.asarray(s, dtype=float) for s in sizes], axis=1)
@@ -498,15 +514,15 @@ def fit_power_sum(sizes: Sequence[Sequence[float]], loss: Sequence[float], names
     top = math.log(float(y.max()))
     bounds = [(math.log(0.02 * float(y.min())), top)] + [(-20.0, top)] * m + [(0.0, max_exponent)] * m
     ones = np.ones(len(y))
+    starts = [np.clip(grid[index], [b[0] for b in bounds], [b[1] for b in bounds])
+              for index in np.argsort(scores)[:n_starts]]
     best_theta, best_value = None, math.inf
-    for index in np.argsort(scores)[:n_starts]:
-        start = np.clip(grid[index], [b[0] for b in bounds], [b[1] for b in bounds])
-        theta, value = _minimise(start, xt, logy, ones, delta, bounds)
+    for theta, value in (mapper or _each)(_minimise, [(start, xt, logy, ones, delta, bounds) for start in starts]):
         if value < best_value:
             best_theta, best_value = theta, value
     rng = np.random.default_rng(seed)
-    boot = np.array([_minimise(best_theta, xt, logy, counts, delta, bounds)[0]
-                     for counts in bootstrap_counts(len(y), n_boot, rng)]).reshape(-1, len(best_theta))
+    calls = [(best_theta, xt, logy, counts, delta, bounds) for counts in bootstrap_counts(len(y), n_boot, rng)]
+    boot = np.array((mapper or _each)(_replicate, calls)).reshape(-1, len(best_theta))
     params = _theta_to_params(best_theta, x_ref)
     return PowerSumFit(tuple(names), float(params[0]), params[1::2].copy(), params[2::2].copy(), x_ref,
                        best_theta, len(y), boot, best_value)
@@ -514,19 +530,21 @@ def fit_power_sum(sizes: Sequence[Sequence[float]], loss: Sequence[float], names
 
 def fit_param_law(activated: Sequence[float], total: Sequence[float], loss: Sequence[float], *,
                   n_boot: int = DEFAULT_BOOTSTRAP, delta: float = HUBER_DELTA, seed: int = 0,
-                  heldout: bool = True) -> PowerSumFit:
-    """``L = E + A / N_act^alpha + B / N_tot^beta`` (``alpha_act``, ``alpha_tot`` in the result's params)."""
+                  heldout: bool = True, mapper: Mapper | None = None) -> PowerSumFit:
+    """``L = E + A / N_act^alpha + B / N_tot^beta`` (``alpha_act``, ``alpha_tot`` in the result's params;
+    ``mapper``: :func:`fit_power_sum`)."""
     act = np.asarray(activated, dtype=float)
     tot = np.asarray(total, dtype=float)
     y = np.asarray(loss, dtype=float)
-    fit = fit_power_sum([act, tot], y, ("act", "tot"), n_boot=n_boot, delta=delta, seed=seed)
+    fit = fit_power_sum([act, tot], y, ("act", "tot"), n_boot=n_boot, delta=delta, seed=seed, mapper=mapper)
     if heldout:
         size = act if len(np.unique(act)) >= 4 else tot
         train, test, note = heldout_split(size)
         fit.heldout_note = ("by activated size: " if size is act else "by total size: ") + note
         if train is not None and train.sum() >= 6:
             try:
-                small = fit_power_sum([act[train], tot[train]], y[train], ("act", "tot"), n_boot=0, delta=delta)
+                small = fit_power_sum([act[train], tot[train]], y[train], ("act", "tot"), n_boot=0, delta=delta,
+                                      mapper=mapper)
             except ValueError as exc:
                 fit.heldout_note = str(exc)
             else:
@@ -626,19 +644,6 @@ class ParamLaws:
     skipped: list[str]
 
 
-Mapper = Callable[[Callable[..., PowerSumFit], list[tuple]], list[PowerSumFit]]
-
-
-def _each(fn: Callable[..., PowerSumFit], calls: list[tuple]) -> list[PowerSumFit]:
-    return [fn(*args) for args in calls]
-
-
-def _fit_param_law_call(activated: np.ndarray, total: np.ndarray, loss: np.ndarray, n_boot: int,
-                        seed: int) -> PowerSumFit:
-    """:func:`fit_param_law` with positional arguments (what a ``mapper`` of :func:`fit_param_laws` calls)."""
-    return fit_param_law(activated, total, loss, n_boot=n_boot, seed=seed)
-
-
 @single_threaded_blas()
 def fit_param_laws(runs: pd.DataFrame, *, split_names: Sequence[str] | None = None,
                    n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, min_runs: int = 8,
@@ -646,9 +651,8 @@ def fit_param_laws(runs: pd.DataFrame, *, split_names: Sequence[str] | None = No
     """The parameter law for every family group (:data:`FAMILY_KEYS`) whose sizes vary enough to fit it.
 
     A group needs ``min_runs`` usable runs, at least two distinct activated sizes and two distinct totals;
-    groups that do not are listed in ``skipped`` with the reason. ``mapper(fn, calls)`` returns
-    ``[fn(*args) for args in calls]`` (the default), possibly computed elsewhere (another process: each fit is a
-    function of its arguments alone, its bootstrap seeded by ``seed``).
+    groups that do not are listed in ``skipped`` with the reason. ``mapper``: how the bootstrap replicates are
+    computed (:func:`fit_power_sum`).
     """
     data = usable(runs)
     keys = present_keys(data, FAMILY_KEYS)
@@ -657,8 +661,6 @@ def fit_param_laws(runs: pd.DataFrame, *, split_names: Sequence[str] | None = No
     rows, skipped = [], []
     if data.empty:
         return ParamLaws(keys, fits, pd.DataFrame(), ["no usable runs"])
-    todo: list[tuple[tuple, str, str]] = []
-    calls: list[tuple] = []
     for key, group in data.groupby(keys, dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
         label = group_label(dict(zip(keys, key, strict=True)))
@@ -674,17 +676,15 @@ def fit_param_laws(runs: pd.DataFrame, *, split_names: Sequence[str] | None = No
             sub = group[np.isfinite(group[column])]
             if len(sub) < min_runs:
                 continue
-            todo.append((key, split, label))
-            calls.append((sub["activated"].to_numpy(), sub["total"].to_numpy(), sub[column].to_numpy(), n_boot,
-                          seed))
-    for (key, split, label), fit in zip(todo, (mapper or _each)(_fit_param_law_call, calls), strict=True):
-        fits[(key, split)] = fit
-        ci = fit.ci()
-        row = {**dict(zip(keys, key, strict=True)), "split": split, "law": "param", "label": label,
-               "n_runs": fit.n_runs, "heldout_mae": fit.heldout_mae, "heldout_mre": fit.heldout_mre,
-               "heldout_note": fit.heldout_note}
-        for name, value in fit.params().items():
-            row[name] = value
-            row[f"{name}_lo"], row[f"{name}_hi"] = ci[name]
-        rows.append(row)
+            fit = fit_param_law(sub["activated"].to_numpy(), sub["total"].to_numpy(), sub[column].to_numpy(),
+                                n_boot=n_boot, seed=seed, mapper=mapper)
+            fits[(key, split)] = fit
+            ci = fit.ci()
+            row = {**dict(zip(keys, key, strict=True)), "split": split, "law": "param", "label": label,
+                   "n_runs": fit.n_runs, "heldout_mae": fit.heldout_mae, "heldout_mre": fit.heldout_mre,
+                   "heldout_note": fit.heldout_note}
+            for name, value in fit.params().items():
+                row[name] = value
+                row[f"{name}_lo"], row[f"{name}_hi"] = ci[name]
+            rows.append(row)
     return ParamLaws(keys, fits, pd.DataFrame(rows), skipped)

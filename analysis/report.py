@@ -28,6 +28,7 @@ import pandas as pd
 
 from embscale.analysis import figures
 from embscale.analysis.fits import Analysis, analyse, summary_table
+from embscale.analysis.laws import single_threaded_blas
 from embscale.analysis.store import load, resolve_sweep_dir
 from embscale.analysis.style import STYLE
 from embscale.base.files import atomic_write_bytes
@@ -35,9 +36,26 @@ from embscale.base.files import atomic_write_bytes
 logger = logging.getLogger(__name__)
 Log = Callable[[str], None]
 
-# Sweeps with at least this many runs draw their figures in two processes (when the machine has two CPUs): below
-# it the helper's start-up (a second of imports) costs more than the figures it would take.
+# Sweeps with at least this many runs are plotted by two processes (when the machine has a CPU to spare): below it
+# the helper's start-up (a second of imports) costs more than the work it would take.
 PARALLEL_MIN_RUNS = 200
+
+
+def spare_cpus() -> float:
+    """CPUs not in use over the last minute: the CPU count less the load average (the CPU count where the
+    system does not say its load)."""
+    count = os.cpu_count() or 1
+    try:
+        return count - os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return float(count)
+
+
+def default_jobs(n_runs: int) -> int:
+    """Processes ``embscale plots`` uses for a sweep of ``n_runs`` runs: 2 for a large sweep when the machine has
+    two CPUs and more than one and a half of them idle (this process takes one; a helper on a CPU that others
+    keep busy only slows both down), else 1."""
+    return 2 if n_runs >= PARALLEL_MIN_RUNS and (os.cpu_count() or 1) >= 2 and spare_cpus() > 1.5 else 1
 
 
 @dataclass
@@ -119,8 +137,8 @@ def plot_results(runs: pd.DataFrame, curves: pd.DataFrame, out_dir: str | Path, 
                  log: Log | None = None, jobs: int | None = 1) -> tuple[list[Path], pd.DataFrame, list[str]]:
     """Fit and draw every figure the runs support into ``out_dir``; returns (paths, summary, skip lines).
 
-    ``jobs``: processes that fit the parameter laws and draw the figures, 1 or 2; None: 2 for a sweep of
-    :data:`PARALLEL_MIN_RUNS` runs or more on a machine with two CPUs or more (what ``embscale plots`` does). The
+    ``jobs``: processes that fit the parameter laws and draw the figures, 1 or 2; None: :func:`default_jobs`
+    (what ``embscale plots`` does). The
     helper process is started with ``spawn``, which imports the program's main module again: a script that calls
     this with ``jobs`` other than 1 keeps its own work under ``if __name__ == "__main__":``.
     """
@@ -129,7 +147,7 @@ def plot_results(runs: pd.DataFrame, curves: pd.DataFrame, out_dir: str | Path, 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if jobs is None:
-        jobs = 2 if len(runs) >= PARALLEL_MIN_RUNS and (os.cpu_count() or 1) >= 2 else 1
+        jobs = default_jobs(len(runs))
     helper = _Helper.start() if jobs > 1 else None
     try:
         mapper = None if helper is None else helper.mapper
@@ -223,8 +241,14 @@ class _Helper:
         return [results[index] for index in range(len(items))]
 
     def mapper(self, fn: Callable[..., Any], calls: list[tuple]) -> list:
-        """A ``mapper`` of :func:`embscale.analysis.laws.fit_param_laws`: ``fn(*args)`` for each call, shared."""
-        return self.share(functools.partial(_helper_call, fn), calls, lambda args: fn(*args))
+        """A ``mapper`` of :func:`embscale.analysis.laws.fit_power_sum`: ``fn(*args)`` for each call, shared in
+        about 12 batches (one replicate is a few milliseconds: handing them over one at a time cost more than
+        they took)."""
+        size = max(1, -(-len(calls) // 12))
+        batches = [calls[start:start + size] for start in range(0, len(calls), size)]
+        done = self.share(functools.partial(_helper_call, fn), batches,
+                          lambda batch: [fn(*args) for args in batch])
+        return [value for batch in done for value in batch]
 
     def send_inputs(self, inputs: _Inputs) -> bool:
         """Give the helper what the figures are drawn from (without the curves: it does not draw those)."""
@@ -258,10 +282,12 @@ def _helper_warm_up() -> None:
         plt.close(fig)
 
 
-def _helper_call(fn: Callable[..., Any], args: tuple) -> Any:
-    """``fn(*args)``, or None when it raised (the parent computes it again, and raises)."""
+def _helper_call(fn: Callable[..., Any], batch: list[tuple]) -> list | None:
+    """``[fn(*args) for args in batch]``, or None when one raised (the parent computes them again, and raises).
+    With BLAS on one thread, as the fits run in the parent (its threads only slow these small products down)."""
     try:
-        return fn(*args)
+        with single_threaded_blas():
+            return [fn(*args) for args in batch]
     except Exception:  # noqa: BLE001
         return None
 
@@ -295,4 +321,5 @@ def plot_sweep(sweep: str | os.PathLike, *, results: str | os.PathLike = "result
     return PlotResult(sweep_dir, paths, summary, summary_path, skipped)
 
 
-__all__ = ["FIGURES", "PARALLEL_MIN_RUNS", "PlotResult", "draw_figure", "figure_jobs", "plot_results", "plot_sweep"]
+__all__ = ["FIGURES", "PARALLEL_MIN_RUNS", "PlotResult", "default_jobs", "draw_figure", "figure_jobs", "plot_results",
+           "plot_sweep", "spare_cpus"]

@@ -199,22 +199,21 @@ def test_direct_lbfgsb_is_scipy_minimize_exactly() -> None:
 
 
 def test_param_laws_through_a_mapper_are_the_same_fits() -> None:
-    """fit_param_laws hands its fits to a mapper (another process, in `embscale plots`): the fits come back in
-    the order asked, whatever order they were computed in."""
+    """The bootstrap replicates of the parameter laws go through a mapper (shared with another process in
+    `embscale plots`): they come back in the order asked, whatever order they were computed in."""
     runs = pd.concat([synthetic.param_law_runs(noise=0.002, seed=5),
                       synthetic.param_law_runs(noise=0.002, seed=6).assign(family="ne", base_ratio=12.0)])
     plain = laws.fit_param_laws(runs, split_names=["train"], n_boot=8)
-    computed: list[int] = []
+    batches: list[int] = []
 
     def backwards(fn, calls):
-        out = {}
-        for index in reversed(range(len(calls))):
-            computed.append(index)
-            out[index] = fn(*calls[index])
+        batches.append(len(calls))
+        out = {index: fn(*calls[index]) for index in reversed(range(len(calls)))}
         return [out[index] for index in range(len(calls))]
 
     mapped = laws.fit_param_laws(runs, split_names=["train"], n_boot=8, mapper=backwards)
-    assert computed == [1, 0]
+    # each group's fit: its 4 starts and 8 replicates, then the held-out fit's starts (no replicates)
+    assert batches == [4, 8, 4, 0] * 2
     pd.testing.assert_frame_equal(plain.table, mapped.table)
     assert len(plain.fits) == len(mapped.fits) == 2
     for fit, again in zip(plain.fits.values(), mapped.fits.values(), strict=True):  # keys hold NaN: by order

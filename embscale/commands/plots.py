@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bootstrap replicates of the parameter laws, each an L-BFGS-B fit (default 100)")
     parser.add_argument("--quiet", action="store_true", help="print only the figure count and the fits table")
     parser.add_argument("--jobs", type=int, default=None, choices=(1, 2),
-                        help="processes drawing the figures (default: 2 for a sweep of 200 runs or more, on a "
-                             "machine with two CPUs or more)")
+                        help="processes fitting and drawing (default: 2 for a sweep of 200 runs or more when the "
+                             "machine has more than one and a half CPUs idle, else 1)")
 
 
 def run(args: argparse.Namespace) -> int:
