@@ -287,22 +287,16 @@ def closest_integer(f: Callable[[int], float], target: float, lo: int, hi: int,
 # ----------------------------------------------------------------------------------------------------------
 
 def _candidate(base: ModelConfig, **changes: Any) -> ModelConfig:
-    """``base`` with ``changes``, built without its constructor (so without validation) for a search that probes
-    many sizes; what the search picks goes through :func:`_validated`."""
+    """``base`` (a validated config) with ``changes``, built without its constructor, so without validating it
+    again: for a search that probes many sizes, whose changes keep it valid (:meth:`_Expander.with_experts`,
+    :meth:`_Expander.table_candidate` say why). Validation was half the expansion time, and then, once a model,
+    a tenth; the tests build every planned model through its constructor."""
     candidate = object.__new__(ModelConfig)
     fields = candidate.__dict__
     fields.update(base.__dict__)
     fields.pop("_hash", None)  # the cached hash is base's, not ours
     fields.update(changes)
     return candidate
-
-
-def _validated(cfg: ModelConfig) -> ModelConfig:
-    """``cfg`` with every validation of its constructor run (``__post_init__``, which raises ConfigError naming
-    the field): a search candidate (:func:`_candidate`) holds every field already, so this is what building it
-    again would check, without the copy."""
-    cfg.__post_init__()
-    return cfg
 
 
 class _Expander:
@@ -342,6 +336,7 @@ class _Expander:
         self.derived: dict[int, tuple[ModelConfig, ModelConfig, tuple[str, ...]]] = {}
         # by id, the base kept (equal configs may differ in how their numbers are written: 1 and 1.0)
         self.identity_parts: dict[int, tuple[ModelConfig, list[str], dict[str, int]]] = {}
+        self.base_sections: dict[int, tuple[ModelConfig, dict[str, Any]]] = {}
 
     # ----- models -----
     def account(self, cfg: ModelConfig) -> Accounting:
@@ -367,9 +362,9 @@ class _Expander:
         return cfg
 
     def with_experts(self, base: ModelConfig, n: int) -> ModelConfig:
-        """``base`` with ``n`` experts, as a search candidate: not validated again (the search keeps ``n`` at or
-        above :meth:`_min_experts`, so only counts change, inside their valid range; validation was half the
-        expansion time). Whatever the search picks goes through :func:`_validated`."""
+        """``base`` with ``n`` experts, as a search candidate: not validated again (:func:`_candidate`). The search
+        keeps ``n`` at or above :meth:`_min_experts`, where ``n`` + zero experts reach ``top_k`` (and they only
+        grow with ``n``): only the counts change, inside their valid range."""
         zero = int(round(self.zero_ratio * n)) if self.zero_ratio is not None else base.n_zero_experts
         return _candidate(base, n_experts=n, n_zero_experts=zero)
 
@@ -388,8 +383,8 @@ class _Expander:
     def expert_curve(self, base: ModelConfig) -> Callable[[int], tuple[ModelConfig, Accounting]]:
         """``n -> (config, accounting)`` of ``base`` with ``n`` experts, memoised per base. The configs are
         search candidates (:meth:`with_experts`), counted without going through :attr:`accounts` (a candidate
-        is new, so hashing it to look it up there only cost time); the one a search picks is validated and
-        registered by :meth:`_register`."""
+        is new, so hashing it to look it up there only cost time); the one a search picks is registered by
+        :meth:`_register`."""
         memo = self.curves.setdefault(("experts", base), {})
 
         def point(n: int) -> tuple[ModelConfig, Accounting]:
@@ -403,10 +398,8 @@ class _Expander:
         return point
 
     def _register(self, candidate: ModelConfig, acc: Accounting) -> tuple[ModelConfig, Accounting]:
-        """The validated twin of a search candidate, and its accounting (the candidate's: the configs are
-        equal), kept in :attr:`accounts`."""
-        cfg = _validated(candidate)
-        return cfg, self.accounts.setdefault(cfg, acc)
+        """A search's pick and its accounting, kept in :attr:`accounts` (an equal config there keeps its own)."""
+        return candidate, self.accounts.setdefault(candidate, acc)
 
     def moe_at_ratio(self, base: ModelConfig, ratio: float,
                      what: str = "ratio") -> tuple[ModelConfig, Accounting]:
@@ -557,7 +550,19 @@ class _Expander:
 
     def model_section(self, cfg: ModelConfig) -> dict[str, Any]:
         """The run config's model section: ``cfg.to_dict()`` without the EOS id unless the sweep gives one
-        (the tokenizer supplies it)."""
+        (the tokenizer supplies it). A model derived from another (:meth:`derive`): a copy of that one's with the
+        fields that differ."""
+        derived = self.derived.get(id(cfg))
+        if derived is not None and derived[0] is cfg:
+            _, base, changed = derived
+            sections = self.base_sections.get(id(base))
+            if sections is None or sections[0] is not base:
+                sections = self.base_sections[id(base)] = (base, self.model_section(base))
+            model = _copy(sections[1])
+            for name in changed:
+                value = getattr(cfg, name)
+                model[name] = value if type(value) in _LEAF_TYPES else _plain(value)
+            return model
         model = _plain(cfg)
         if not self.eos_given:
             del model["eos_token_id"]
@@ -809,9 +814,9 @@ class _Boxed:
 def _copy(value: Any) -> Any:
     """A copy of plain nested dicts (faster than deepcopy; leaves are immutable)."""
     if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
+        return {k: v if type(v) in _LEAF_TYPES else _copy(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_copy(v) for v in value]
+        return [v if type(v) in _LEAF_TYPES else _copy(v) for v in value]
     return value
 
 

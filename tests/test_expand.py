@@ -247,11 +247,13 @@ def test_planned_run_to_dict_is_asdict():
         assert run.config["model"]["d_model"] == 64
 
 
-def test_expansion_leaves_the_garbage_collector_as_it_found_it():
+def test_expansion_leaves_the_garbage_collector_as_it_found_it(capsys):
     import gc
 
     assert gc.isenabled()
     _plan(grid={"ratio": [3, 4]})
+    assert gc.isenabled()
+    assert main(["plan", str(SWEEPS / "demo.yaml")]) == 0 and "sweep demo" in capsys.readouterr().out
     assert gc.isenabled()
     gc.disable()
     try:
