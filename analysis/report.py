@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -41,21 +42,52 @@ Log = Callable[[str], None]
 PARALLEL_MIN_RUNS = 200
 
 
-def spare_cpus() -> float:
-    """CPUs not in use over the last minute: the CPU count less the load average (the CPU count where the
-    system does not say its load)."""
-    count = os.cpu_count() or 1
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all CPUs since boot, from ``/proc/stat`` (None where there is none)."""
     try:
-        return count - os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return float(count)
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 5:
+        return None
+    ticks = [int(value) for value in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    idle = ticks[3] + ticks[4]
+    return sum(ticks) - idle, sum(ticks)
 
 
-def default_jobs(n_runs: int) -> int:
-    """Processes ``embscale plots`` uses for a sweep of ``n_runs`` runs: 2 for a large sweep when the machine has
-    two CPUs and more than one and a half of them idle (this process takes one; a helper on a CPU that others
-    keep busy only slows both down), else 1."""
-    return 2 if n_runs >= PARALLEL_MIN_RUNS and (os.cpu_count() or 1) >= 2 and spare_cpus() > 1.5 else 1
+class CpuMeter:
+    """How many CPUs others left idle between this meter's start and :meth:`spare`: all CPUs less those the
+    system was busy on, not counting this process (whose own work, a sweep's loading, runs meanwhile)."""
+
+    def __init__(self) -> None:
+        self.start = (_cpu_jiffies(), time.process_time(), time.monotonic())
+
+    def spare(self, min_seconds: float = 0.2) -> float:
+        """Idle CPUs (this process not counted as busy); measured over at least ``min_seconds`` (it waits for
+        the rest), or, without ``/proc/stat``, the CPU count less the load average."""
+        count = os.cpu_count() or 1
+        jiffies, cpu_start, wall_start = self.start
+        if jiffies is None:
+            try:
+                return count - os.getloadavg()[0]
+            except (AttributeError, OSError):
+                return float(count)
+        time.sleep(max(0.0, min_seconds - (time.monotonic() - wall_start)))
+        end = _cpu_jiffies()
+        wall = time.monotonic() - wall_start
+        if end is None or end[1] <= jiffies[1]:
+            return float(count)
+        busy_cpus = count * (end[0] - jiffies[0]) / (end[1] - jiffies[1])
+        own_cpus = (time.process_time() - cpu_start) / wall
+        return count - max(0.0, busy_cpus - own_cpus)
+
+
+def default_jobs(n_runs: int, spare_cpus: float) -> int:
+    """Processes ``embscale plots`` uses for a sweep of ``n_runs`` runs, with ``spare_cpus`` idle
+    (:class:`CpuMeter`): 2 for a large sweep when others leave one and a half CPUs idle or more (this process
+    takes one; a helper on a CPU that others keep busy only slows both down), else 1."""
+    return 2 if n_runs >= PARALLEL_MIN_RUNS and (os.cpu_count() or 1) >= 2 and spare_cpus >= 1.5 else 1
 
 
 @dataclass
@@ -138,7 +170,7 @@ def plot_results(runs: pd.DataFrame, curves: pd.DataFrame, out_dir: str | Path, 
     """Fit and draw every figure the runs support into ``out_dir``; returns (paths, summary, skip lines).
 
     ``jobs``: processes that fit the parameter laws and draw the figures, 1 or 2; None: :func:`default_jobs`
-    (what ``embscale plots`` does). The
+    (what ``embscale plots`` does; it looks at the CPUs for 0.2 s first). The
     helper process is started with ``spawn``, which imports the program's main module again: a script that calls
     this with ``jobs`` other than 1 keeps its own work under ``if __name__ == "__main__":``.
     """
@@ -147,7 +179,7 @@ def plot_results(runs: pd.DataFrame, curves: pd.DataFrame, out_dir: str | Path, 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if jobs is None:
-        jobs = default_jobs(len(runs))
+        jobs = default_jobs(len(runs), CpuMeter().spare())
     helper = _Helper.start() if jobs > 1 else None
     try:
         mapper = None if helper is None else helper.mapper
@@ -313,7 +345,10 @@ def plot_sweep(sweep: str | os.PathLike, *, results: str | os.PathLike = "result
     ``jobs``: as :func:`plot_results`."""
     sweep_dir = resolve_sweep_dir(sweep, results)
     emit = log or logger.info
+    meter = CpuMeter()  # what others leave idle is measured while the sweep loads
     runs, curves = load(sweep_dir, progress=lambda done, total: emit(f"collecting: {done}/{total} runs read"))
+    if jobs is None:
+        jobs = default_jobs(len(runs), meter.spare(min_seconds=0.1))
     paths, summary, skipped = plot_results(runs, curves, sweep_dir / "figures", sweep_dir=sweep_dir,
                                            n_boot=n_boot, n_boot_param=n_boot_param, log=log, jobs=jobs)
     summary_path = sweep_dir / "summary.csv"
@@ -321,5 +356,5 @@ def plot_sweep(sweep: str | os.PathLike, *, results: str | os.PathLike = "result
     return PlotResult(sweep_dir, paths, summary, summary_path, skipped)
 
 
-__all__ = ["FIGURES", "PARALLEL_MIN_RUNS", "PlotResult", "default_jobs", "draw_figure", "figure_jobs", "plot_results",
-           "plot_sweep", "spare_cpus"]
+__all__ = ["FIGURES", "PARALLEL_MIN_RUNS", "CpuMeter", "PlotResult", "default_jobs", "draw_figure", "figure_jobs",
+           "plot_results", "plot_sweep"]

@@ -114,3 +114,16 @@ def test_two_processes_draw_the_same_files_as_one(tmp_path: Path) -> None:
             assert _without_creation_date(data) == _without_creation_date(files2[name]), name
         else:
             assert data == files2[name], name
+
+
+def test_a_helper_process_only_for_large_sweeps_with_cpus_to_spare() -> None:
+    import os
+
+    from embscale.analysis.report import PARALLEL_MIN_RUNS, CpuMeter, default_jobs
+
+    spare = CpuMeter().spare(min_seconds=0.05)
+    assert 0.0 <= spare <= (os.cpu_count() or 1) + 0.5
+    two = 2 if (os.cpu_count() or 1) >= 2 else 1
+    assert default_jobs(PARALLEL_MIN_RUNS, 2.0) == two and default_jobs(5000, 1.5) == two
+    assert default_jobs(PARALLEL_MIN_RUNS - 1, 2.0) == 1  # the helper's start-up would cost more than it saves
+    assert default_jobs(5000, 1.2) == 1  # others keep a CPU busy: a helper would share this one's

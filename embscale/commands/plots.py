@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bootstrap replicates of the parameter laws, each an L-BFGS-B fit (default 100)")
     parser.add_argument("--quiet", action="store_true", help="print only the figure count and the fits table")
     parser.add_argument("--jobs", type=int, default=None, choices=(1, 2),
-                        help="processes fitting and drawing (default: 2 for a sweep of 200 runs or more when the "
-                             "machine has more than one and a half CPUs idle, else 1)")
+                        help="processes fitting and drawing (default: 2 for a sweep of 200 runs or more when other "
+                             "programs leave one and a half CPUs idle or more, else 1)")
 
 
 def run(args: argparse.Namespace) -> int:
