@@ -4,11 +4,13 @@
 (:mod:`embscale.analysis.fits`) and writes, as PNG and PDF under ``<sweep>/figures/``, every figure the sweep holds
 data for (:mod:`embscale.analysis.figures`), and ``<sweep>/summary.csv``.
 
-With ``jobs=2`` (``embscale plots`` on a large sweep) the figures are drawn by two processes: a helper process is
-started while the laws are fitted (its imports take a second) and is then offered every figure in order, but the
-loss curves (their table stays here), which this process draws meanwhile before taking, from the end of the
-helper's queue, whatever the helper has not started. The files are the same either way (each figure is drawn whole
-by one process), and the skip notes come back in the order one process gives them.
+With ``jobs=2`` (``embscale plots`` on a large sweep, when other programs leave a CPU for it: :func:`default_jobs`)
+a helper process shares the work. It is started first (its imports take a second, while this process fits the
+ratio laws), then offered the parameter laws' minimisations (the starts and the bootstrap replicates of each fit,
+in batches) and every figure but the loss curves (their table stays here); meanwhile this process takes, from the
+end of the helper's queue, whatever the helper has not started. Each piece is computed whole by one process from
+the same inputs, so the fits, the files and the skip notes (given in the order of :data:`FIGURES`) are those of
+one process.
 """
 
 from __future__ import annotations
