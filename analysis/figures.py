@@ -117,12 +117,20 @@ def _size_groups(result: Analysis) -> list[tuple]:
     return sorted(with_moe_law & with_embedding, key=str)
 
 
-def fig_loss_vs_ratio(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
+def loss_vs_ratio_sizes(result: Analysis) -> list[tuple]:
+    """The backbone sizes that get a ``fig2_loss_vs_ratio`` figure, in drawing order (``sizes`` of
+    :func:`fig_loss_vs_ratio`)."""
+    return _size_groups(result) if "family" in result.ratio_laws.keys else []
+
+
+def fig_loss_vs_ratio(result: Analysis, out_dir: Path, log: Log, sizes: Sequence[tuple] | None = None) -> list[Path]:
+    """One figure per backbone size (:func:`loss_vs_ratio_sizes`), or for ``sizes`` of them only."""
     keys = result.ratio_laws.keys
-    sizes = _size_groups(result) if "family" in keys else []
-    if not sizes:
+    all_sizes = loss_vs_ratio_sizes(result)
+    if not all_sizes:
         log("fig2 skipped: no backbone size has both a MoE ratio law (>= 3 ratios) and embedding-family runs")
         return []
+    sizes = all_sizes if sizes is None else [size for size in all_sizes if size in sizes]
     size_keys = [k for k in ("corpus_fingerprint", "width", "depth") if k in keys]
     fam_i = keys.index("family")
     base_i = keys.index("base_ratio") if "base_ratio" in keys else None

@@ -84,14 +84,15 @@ def apply_data_policy(runs: pd.DataFrame, repeated_data: str = "exclude") -> pd.
 
 
 def analyse(runs: pd.DataFrame, *, n_boot: int = 400, n_boot_param: int = 100, seed: int = 0,
-            repeated_data: str = "exclude") -> Analysis:
+            repeated_data: str = "exclude", mapper: laws.Mapper | None = None) -> Analysis:
     """Fit every ratio law and parameter law of a runs table and find the crossovers. Runs that repeated their
-    training data are left out unless ``repeated_data`` is ``include`` (:func:`apply_data_policy`)."""
+    training data are left out unless ``repeated_data`` is ``include`` (:func:`apply_data_policy`); ``mapper``:
+    how the parameter laws' bootstrap replicates are computed (:func:`embscale.analysis.laws.fit_power_sum`)."""
     caveats = data_caveats(runs, repeated_data)
     runs = apply_data_policy(runs, repeated_data)
     split_names = splits(runs)
     ratio_laws = laws.fit_ratio_laws(runs, split_names=split_names, n_boot=n_boot, seed=seed)
-    param_laws = laws.fit_param_laws(runs, split_names=split_names, n_boot=n_boot_param, seed=seed)
+    param_laws = laws.fit_param_laws(runs, split_names=split_names, n_boot=n_boot_param, seed=seed, mapper=mapper)
     crossings = frontier.crossovers(ratio_laws)
     notes = []
     if param_laws.skipped:

@@ -28,8 +28,9 @@ import ctypes
 import functools
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -241,24 +242,32 @@ def heldout_split(size: np.ndarray, fraction: float = 0.25) -> tuple[np.ndarray 
 # the parameter law (and any sum of power laws): log L = logsumexp(e, a_i - alpha_i * log X_i)
 
 def _powersum_objective(theta: np.ndarray, xt: np.ndarray, logy: np.ndarray, weights: np.ndarray,
-                        delta: float) -> tuple[float, np.ndarray]:
+                        delta: float, scale: float | None = None) -> tuple[float, np.ndarray]:
     """Huber loss of ``log(e^e + sum_i e^(a_i - alpha_i x_i)) - log y`` and its gradient.
 
     ``xt`` is ``(m, n)``: centred log sizes, one row per size variable. The value is scaled by
-    ``1 / (delta^2 sum(w))`` so that it is of order one whatever delta and the number of runs.
+    ``1 / (delta^2 sum(w))`` so that it is of order one whatever delta and the number of runs (``scale``, when
+    the caller has it: a fit evaluates this a hundred times with the same weights).
     """
     m = xt.shape[0]
     e = theta[0]
     terms = theta[1:1 + m, None] - theta[1 + m:, None] * xt        # (m, n)
-    top = np.maximum(terms.max(axis=0), e)                          # (n,)
+    # two size variables (the parameter law): the max and sum over rows as one elementwise operation each,
+    # which is what the reductions compute for two rows, at a fraction of their per-call cost
+    if m == 2:
+        top = np.maximum(np.maximum(terms[0], terms[1]), e)         # (n,)
+    else:
+        top = np.maximum(terms.max(axis=0), e)
     ex = np.exp(terms - top)                                        # (m, n)
     e0 = np.exp(e - top)                                            # (n,)
-    total = e0 + ex.sum(axis=0)
+    total = e0 + (ex[0] + ex[1] if m == 2 else ex.sum(axis=0))
     r = top + np.log(total) - logy
-    scale = 1.0 / (delta * delta * weights.sum())
+    if scale is None:
+        scale = 1.0 / (delta * delta * weights.sum())
     a = np.abs(r)
     value = float(weights @ np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))) * scale
-    psi = np.clip(r, -delta, delta) * weights * (scale / total)     # dHuber/dr, over the softmax denominator
+    # dHuber/dr (r clipped to [-delta, delta], as np.clip), over the softmax denominator
+    psi = np.minimum(np.maximum(r, -delta), delta) * weights * (scale / total)
     grad = np.empty_like(theta)
     grad[0] = psi @ e0
     grad[1:1 + m] = ex @ psi
@@ -355,28 +364,138 @@ def _default_grid(y: np.ndarray, m: int) -> np.ndarray:
     return np.array(rows)
 
 
+LBFGSB_OPTIONS = {"maxiter": 500, "ftol": 1e-9, "gtol": 1e-6}
+
+
 def _minimise(start: np.ndarray, xt: np.ndarray, logy: np.ndarray, weights: np.ndarray, delta: float,
               bounds: list[tuple[float, float]]) -> tuple[np.ndarray, float]:
     used = weights > 0  # a bootstrap replicate leaves about a third of the runs out: drop them
     if not used.all():
         xt, logy, weights = xt[:, used], logy[used], weights[used]
-    result = minimize(_powersum_objective, start, args=(np.ascontiguousarray(xt), logy, weights, delta),
-                      jac=True, method="L-BFGS-B", bounds=bounds,
-                      options={"maxiter": 500, "ftol": 1e-9, "gtol": 1e-6})
+    args = (np.ascontiguousarray(xt), logy, weights, delta, 1.0 / (delta * delta * weights.sum()))
+    if _direct_lbfgsb_matches():
+        return lbfgsb(_powersum_objective, start, args, bounds, **LBFGSB_OPTIONS)
+    result = minimize(_powersum_objective, start, args=args, jac=True, method="L-BFGS-B", bounds=bounds,
+                      options=LBFGSB_OPTIONS)
     return result.x, float(result.fun)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# L-BFGS-B without scipy.optimize.minimize's per-evaluation bookkeeping
+
+def lbfgsb(fun: Callable[..., tuple[float, np.ndarray]], x0: np.ndarray, args: tuple,
+           bounds: Sequence[tuple[float | None, float | None]], *, maxiter: int, ftol: float, gtol: float,
+           maxcor: int = 10, maxls: int = 20, maxfun: int = 15000) -> tuple[np.ndarray, float]:
+    """``minimize(fun, x0, args, jac=True, method="L-BFGS-B", bounds=bounds, options=...)``: its ``(x, fun)``.
+
+    The same loop around scipy's own L-BFGS-B routine (``scipy.optimize._lbfgsb.setulb``, scipy >= 1.15) as
+    ``scipy.optimize._lbfgsb_py._minimize_lbfgsb``, with the same inputs, so the same iterates, without the
+    layers ``minimize`` wraps around each evaluation (memoisation, copies, counters): they cost more than the
+    parameter law's objective itself, and a parameter-law fit with its bootstrap is ~100 minimisations of
+    ~100 evaluations. Used only where :func:`_direct_lbfgsb_matches` has found it to reproduce ``minimize``
+    exactly; ``fun`` returns ``(value, gradient)``.
+    """
+    from scipy.optimize import _lbfgsb  # noqa: PLC0415 - private, so only here
+
+    x0 = np.asarray(x0, dtype=np.float64).ravel()
+    n = x0.size
+    lower = np.array([-np.inf if lo is None else lo for lo, _ in bounds], dtype=np.float64)
+    upper = np.array([np.inf if hi is None else hi for _, hi in bounds], dtype=np.float64)
+    finite_lo, finite_hi = np.isfinite(lower), np.isfinite(upper)
+    nbd = np.zeros(n, np.int32)
+    nbd[finite_lo & ~finite_hi] = 1
+    nbd[finite_lo & finite_hi] = 2
+    nbd[~finite_lo & finite_hi] = 3
+    low_bnd = np.where(finite_lo, lower, 0.0)
+    upper_bnd = np.where(finite_hi, upper, 0.0)
+    x = np.array(np.clip(x0, lower, upper), dtype=np.float64)
+    factr = ftol / np.finfo(float).eps
+    f: float | np.ndarray = np.array(0.0, dtype=np.float64)
+    g = np.zeros((n,), dtype=np.float64)
+    wa = np.zeros(2 * maxcor * n + 5 * n + 11 * maxcor * maxcor + 8 * maxcor, np.float64)
+    iwa = np.zeros(3 * n, dtype=np.int32)
+    task = np.zeros(2, dtype=np.int32)
+    ln_task = np.zeros(2, dtype=np.int32)
+    lsave = np.zeros(4, dtype=np.int32)
+    isave = np.zeros(44, dtype=np.int32)
+    dsave = np.zeros(29, dtype=np.float64)
+    # minimize evaluates at the start point first, and again only where the routine asks at another point
+    evaluated_x = x.copy()
+    value, gradient = fun(evaluated_x.copy(), *args)
+    nfev, iterations = 1, 0
+    while True:
+        g = np.asarray(g).astype(np.float64)
+        _lbfgsb.setulb(maxcor, x, low_bnd, upper_bnd, nbd, f, g, factr, gtol, wa, iwa, task, lsave, isave, dsave,
+                       maxls, ln_task)
+        if task[0] == 3:  # the routine wants f and g at x
+            if not (x == evaluated_x).all():  # np.array_equal, without its checks (same shape, float)
+                evaluated_x = x.copy()
+                value, gradient = fun(evaluated_x.copy(), *args)
+                nfev += 1
+            f, g = value, np.atleast_1d(gradient)
+        elif task[0] == 1:  # a new iterate
+            iterations += 1
+            if iterations >= maxiter:
+                task[0], task[1] = 5, 504
+            elif nfev > maxfun:
+                task[0], task[1] = 5, 502
+        else:
+            break
+    return x, float(f)
+
+
+@functools.cache
+def _direct_lbfgsb_matches() -> bool:
+    """Whether :func:`lbfgsb` gives exactly ``scipy.optimize.minimize``'s result here, checked once per process on
+    a small parameter-law fit (a scipy whose routine takes other arguments, or iterates otherwise, falls back to
+    ``minimize``)."""
+    rng = np.random.default_rng(1)
+    act = np.geomspace(1e7, 1e9, 12)
+    tot = act * rng.choice([2.0, 4.0, 8.0, 16.0], size=12)
+    y = 1.7 + 300 / act ** 0.3 + 90 / tot ** 0.25 + rng.normal(0.0, 0.002, size=12)
+    logx = np.log(np.stack([act, tot], axis=1))
+    xt = np.ascontiguousarray((logx - logx.mean(axis=0)).T)
+    logy = np.log(y)
+    weights = rng.multinomial(12, np.full(12, 1 / 12)).astype(np.float64) + 1.0
+    args = (xt, logy, weights, HUBER_DELTA, 1.0 / (HUBER_DELTA ** 2 * weights.sum()))
+    top = math.log(float(y.max()))
+    bounds = [(math.log(0.02 * float(y.min())), top), (-20.0, top), (-20.0, top), (0.0, 3.0), (0.0, 3.0)]
+    start = np.array([math.log(0.8 * float(y.min())), math.log(0.05), math.log(0.02), 0.3, 0.3])
+    try:
+        x, value = lbfgsb(_powersum_objective, start, args, bounds, **LBFGSB_OPTIONS)
+    except Exception:  # noqa: BLE001 - another scipy's routine: use minimize
+        return False
+    expected = minimize(_powersum_objective, start, args=args, jac=True, method="L-BFGS-B", bounds=bounds,
+                        options=LBFGSB_OPTIONS)
+    return bool(np.array_equal(x, expected.x) and value == float(expected.fun))
+
+
+Mapper = Callable[[Callable[..., Any], list[tuple]], list]
+
+
+def _each(fn: Callable[..., Any], calls: list[tuple]) -> list:
+    return [fn(*args) for args in calls]
+
+
+def _replicate(start: np.ndarray, xt: np.ndarray, logy: np.ndarray, weights: np.ndarray, delta: float,
+               bounds: list[tuple[float, float]]) -> np.ndarray:
+    """One bootstrap replicate of :func:`fit_power_sum` (what its ``mapper`` is handed)."""
+    return _minimise(start, xt, logy, weights, delta, bounds)[0]
 
 
 @single_threaded_blas()
 def fit_power_sum(sizes: Sequence[Sequence[float]], loss: Sequence[float], names: Sequence[str], *,
                   n_boot: int = DEFAULT_BOOTSTRAP, delta: float = HUBER_DELTA, seed: int = 0,
-                  n_starts: int = 4, max_exponent: float = 3.0) -> PowerSumFit:
+                  n_starts: int = 4, max_exponent: float = 3.0, mapper: Mapper | None = None) -> PowerSumFit:
     """Fit ``L = E + sum_i A_i / X_i^alpha_i`` in log space (Huber, L-BFGS-B from the best grid points).
 
     ``sizes`` holds one sequence per size variable (``X_i``), each as long as ``loss``. The grid (4 values of
     E, 4 of each A_i, 4 of each alpha_i) is scored in one vectorised pass; L-BFGS-B starts from its
     ``n_starts`` best points. Bootstrap replicates resample the runs and start from the point estimate.
     Bounds: E between 2% of the smallest loss and the largest loss, each term at the centre size below the
-    largest loss, exponents in ``[0, max_exponent]``.
+    largest loss, exponents in ``[0, max_exponent]``. ``mapper(fn, calls)`` computes the minimisations from the
+    starts, then the replicates: ``[fn(*args) for args in calls]`` (the default; each is a function of its
+    arguments alone, so another process may compute some of them).
     """
     y = np.asarray(loss, dtype=float)
     xs = np.stack([np.asarray(s, dtype=float) for s in sizes], axis=1)
@@ -395,15 +514,15 @@ def fit_power_sum(sizes: Sequence[Sequence[float]], loss: Sequence[float], names
     top = math.log(float(y.max()))
     bounds = [(math.log(0.02 * float(y.min())), top)] + [(-20.0, top)] * m + [(0.0, max_exponent)] * m
     ones = np.ones(len(y))
+    starts = [np.clip(grid[index], [b[0] for b in bounds], [b[1] for b in bounds])
+              for index in np.argsort(scores)[:n_starts]]
     best_theta, best_value = None, math.inf
-    for index in np.argsort(scores)[:n_starts]:
-        start = np.clip(grid[index], [b[0] for b in bounds], [b[1] for b in bounds])
-        theta, value = _minimise(start, xt, logy, ones, delta, bounds)
+    for theta, value in (mapper or _each)(_minimise, [(start, xt, logy, ones, delta, bounds) for start in starts]):
         if value < best_value:
             best_theta, best_value = theta, value
     rng = np.random.default_rng(seed)
-    boot = np.array([_minimise(best_theta, xt, logy, counts, delta, bounds)[0]
-                     for counts in bootstrap_counts(len(y), n_boot, rng)]).reshape(-1, len(best_theta))
+    calls = [(best_theta, xt, logy, counts, delta, bounds) for counts in bootstrap_counts(len(y), n_boot, rng)]
+    boot = np.array((mapper or _each)(_replicate, calls)).reshape(-1, len(best_theta))
     params = _theta_to_params(best_theta, x_ref)
     return PowerSumFit(tuple(names), float(params[0]), params[1::2].copy(), params[2::2].copy(), x_ref,
                        best_theta, len(y), boot, best_value)
@@ -411,19 +530,21 @@ def fit_power_sum(sizes: Sequence[Sequence[float]], loss: Sequence[float], names
 
 def fit_param_law(activated: Sequence[float], total: Sequence[float], loss: Sequence[float], *,
                   n_boot: int = DEFAULT_BOOTSTRAP, delta: float = HUBER_DELTA, seed: int = 0,
-                  heldout: bool = True) -> PowerSumFit:
-    """``L = E + A / N_act^alpha + B / N_tot^beta`` (``alpha_act``, ``alpha_tot`` in the result's params)."""
+                  heldout: bool = True, mapper: Mapper | None = None) -> PowerSumFit:
+    """``L = E + A / N_act^alpha + B / N_tot^beta`` (``alpha_act``, ``alpha_tot`` in the result's params;
+    ``mapper``: :func:`fit_power_sum`)."""
     act = np.asarray(activated, dtype=float)
     tot = np.asarray(total, dtype=float)
     y = np.asarray(loss, dtype=float)
-    fit = fit_power_sum([act, tot], y, ("act", "tot"), n_boot=n_boot, delta=delta, seed=seed)
+    fit = fit_power_sum([act, tot], y, ("act", "tot"), n_boot=n_boot, delta=delta, seed=seed, mapper=mapper)
     if heldout:
         size = act if len(np.unique(act)) >= 4 else tot
         train, test, note = heldout_split(size)
         fit.heldout_note = ("by activated size: " if size is act else "by total size: ") + note
         if train is not None and train.sum() >= 6:
             try:
-                small = fit_power_sum([act[train], tot[train]], y[train], ("act", "tot"), n_boot=0, delta=delta)
+                small = fit_power_sum([act[train], tot[train]], y[train], ("act", "tot"), n_boot=0, delta=delta,
+                                      mapper=mapper)
             except ValueError as exc:
                 fit.heldout_note = str(exc)
             else:
@@ -525,11 +646,13 @@ class ParamLaws:
 
 @single_threaded_blas()
 def fit_param_laws(runs: pd.DataFrame, *, split_names: Sequence[str] | None = None,
-                   n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, min_runs: int = 8) -> ParamLaws:
+                   n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, min_runs: int = 8,
+                   mapper: Mapper | None = None) -> ParamLaws:
     """The parameter law for every family group (:data:`FAMILY_KEYS`) whose sizes vary enough to fit it.
 
     A group needs ``min_runs`` usable runs, at least two distinct activated sizes and two distinct totals;
-    groups that do not are listed in ``skipped`` with the reason.
+    groups that do not are listed in ``skipped`` with the reason. ``mapper``: how the bootstrap replicates are
+    computed (:func:`fit_power_sum`).
     """
     data = usable(runs)
     keys = present_keys(data, FAMILY_KEYS)
@@ -554,7 +677,7 @@ def fit_param_laws(runs: pd.DataFrame, *, split_names: Sequence[str] | None = No
             if len(sub) < min_runs:
                 continue
             fit = fit_param_law(sub["activated"].to_numpy(), sub["total"].to_numpy(), sub[column].to_numpy(),
-                                n_boot=n_boot, seed=seed)
+                                n_boot=n_boot, seed=seed, mapper=mapper)
             fits[(key, split)] = fit
             ci = fit.ci()
             row = {**dict(zip(keys, key, strict=True)), "split": split, "law": "param", "label": label,

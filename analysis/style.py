@@ -21,6 +21,8 @@ from embscale.base.files import atomic_file  # noqa: E402
 
 FORMATS = ("png", "pdf")
 PNG_DPI = 130
+# zlib level of the PNG files: the same pixels as the default (6) in half the encoding time, files ~10% larger
+PNG_COMPRESS_LEVEL = 1
 STYLE = {
     "font.size": 8.5,
     "axes.titlesize": 9.5,
@@ -240,7 +242,11 @@ def save_figure(fig: plt.Figure, out_dir: Path, name: str, formats: Sequence[str
         for fmt in formats:
             path = out_dir / f"{name}.{fmt}"
             with atomic_file(path) as tmp:
-                fig.savefig(tmp, format=fmt, dpi=PNG_DPI if fmt == "png" else None, **extra)
+                if fmt == "png":
+                    fig.savefig(tmp, format=fmt, dpi=PNG_DPI, pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL},
+                                **extra)
+                else:
+                    fig.savefig(tmp, format=fmt, **extra)
             paths.append(path)
     finally:
         plt.close(fig)

@@ -9,6 +9,7 @@ Every invalid value raises :class:`ConfigError`, whose ``field`` names the offen
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,13 @@ class PerLayerConfig:
             _require(self.ngram is None, "ngram", "only plne takes an ngram section")
 
 
+@functools.cache
+def _model_field_names() -> tuple[str, ...]:
+    """:class:`ModelConfig`'s field names, in order (looked up once: ``dataclasses.fields`` per hash was most of
+    the hash's cost)."""
+    return tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only language model: backbone, MoE, and optional embedding scaling.
@@ -242,7 +250,8 @@ class ModelConfig:
         # ones too, each time was a fifth of its time, so the hash is computed once per (immutable) config.
         cached = self.__dict__.get("_hash")
         if cached is None:
-            cached = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+            values = self.__dict__
+            cached = hash(tuple([values[name] for name in _model_field_names()]))
             object.__setattr__(self, "_hash", cached)
         return cached
 

@@ -38,11 +38,13 @@ targets: 10,000 points that share models (seeds, learning rates, families) expan
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,8 +72,13 @@ DEFAULT_MFU = 0.35
 DEFAULT_PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 
 
+_CANONICAL_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
 def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    """``json.dumps(value, sort_keys=True, separators=(",", ":"))``, through one encoder (``json.dumps`` with
+    options builds a new one each call, a third of its time on a model section)."""
+    return _CANONICAL_ENCODER.encode(value)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -121,7 +128,9 @@ class PlannedRun:
         return self.flops / (mfu * peak_flops) / 3600.0
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """``dataclasses.asdict(self)``: its nested dicts and lists copied (a planned run holds plain data only,
+        so without ``asdict``'s deep copy of every number and string, which took a second for 10,000 runs)."""
+        return {name: _detached(getattr(self, name)) for name in _field_names(PlannedRun)}
 
 
 @dataclass
@@ -277,9 +286,17 @@ def closest_integer(f: Callable[[int], float], target: float, lo: int, hi: int,
 # Expansion
 # ----------------------------------------------------------------------------------------------------------
 
-def _validated(cfg: ModelConfig) -> ModelConfig:
-    """``cfg`` built again through its constructor, so every validation runs (equal to ``cfg``)."""
-    return dataclasses.replace(cfg)
+def _candidate(base: ModelConfig, **changes: Any) -> ModelConfig:
+    """``base`` (a validated config) with ``changes``, built without its constructor, so without validating it
+    again: for a search that probes many sizes, whose changes keep it valid (:meth:`_Expander.with_experts`,
+    :meth:`_Expander.table_candidate` say why). Validation was half the expansion time, and then, once a model,
+    a tenth; the tests build every planned model through its constructor."""
+    candidate = object.__new__(ModelConfig)
+    fields = candidate.__dict__
+    fields.update(base.__dict__)
+    fields.pop("_hash", None)  # the cached hash is base's, not ours
+    fields.update(changes)
+    return candidate
 
 
 class _Expander:
@@ -300,6 +317,8 @@ class _Expander:
         self.training_keys = sorted(identity)
         self.training_fragments = [f"{json.dumps(key)}:{_canonical(identity[key])}"
                                    for key in self.training_keys]
+        self.training_index = {key: index for index, key in enumerate(self.training_keys)}
+        self.training_jsons: dict[tuple, str] = {}
         self.seq_len = self.training_template.seq_len
         data = build_dataclass(DataConfig, sweep.data)
         self.data_json = _canonical(data_identity(data))
@@ -314,6 +333,10 @@ class _Expander:
         self.infos: dict[ModelConfig, _ModelInfo] = {}
         self.curves: dict[tuple, dict] = {}
         self.resolved: dict[tuple, _Resolved | _Skip] = {}
+        self.derived: dict[int, tuple[ModelConfig, ModelConfig, tuple[str, ...]]] = {}
+        # by id, the base kept (equal configs may differ in how their numbers are written: 1 and 1.0)
+        self.identity_parts: dict[int, tuple[ModelConfig, list[str], dict[str, int]]] = {}
+        self.base_sections: dict[int, tuple[ModelConfig, dict[str, Any]]] = {}
 
     # ----- models -----
     def account(self, cfg: ModelConfig) -> Accounting:
@@ -339,14 +362,11 @@ class _Expander:
         return cfg
 
     def with_experts(self, base: ModelConfig, n: int) -> ModelConfig:
-        """``base`` with ``n`` experts, as a search candidate: not validated again (the search keeps ``n`` at or
-        above :meth:`_min_experts`, so only counts change, inside their valid range; validation was half the
-        expansion time). Whatever the search picks goes through :func:`_validated`."""
+        """``base`` with ``n`` experts, as a search candidate: not validated again (:func:`_candidate`). The search
+        keeps ``n`` at or above :meth:`_min_experts`, where ``n`` + zero experts reach ``top_k`` (and they only
+        grow with ``n``): only the counts change, inside their valid range."""
         zero = int(round(self.zero_ratio * n)) if self.zero_ratio is not None else base.n_zero_experts
-        fields = {k: v for k, v in vars(base).items() if k != "_hash"}  # the cached hash is base's, not ours
-        candidate = object.__new__(ModelConfig)
-        candidate.__dict__.update(fields, n_experts=n, n_zero_experts=zero)
-        return candidate
+        return _candidate(base, n_experts=n, n_zero_experts=zero)
 
     def _min_experts(self, base: ModelConfig) -> int:
         n = 1
@@ -361,16 +381,25 @@ class _Expander:
                         "expert size)")
 
     def expert_curve(self, base: ModelConfig) -> Callable[[int], tuple[ModelConfig, Accounting]]:
-        """``n -> (config, accounting)`` of ``base`` with ``n`` experts, memoised per base."""
+        """``n -> (config, accounting)`` of ``base`` with ``n`` experts, memoised per base. The configs are
+        search candidates (:meth:`with_experts`), counted without going through :attr:`accounts` (a candidate
+        is new, so hashing it to look it up there only cost time); the one a search picks is registered by
+        :meth:`_register`."""
         memo = self.curves.setdefault(("experts", base), {})
 
         def point(n: int) -> tuple[ModelConfig, Accounting]:
-            if n not in memo:
+            entry = memo.get(n)
+            if entry is None:
                 cfg = self.with_experts(base, n)
-                memo[n] = (cfg, self.account(cfg))
-            return memo[n]
+                self.derive(cfg, base, ("n_experts", "n_zero_experts"))
+                entry = memo[n] = (cfg, count_parameters(cfg))
+            return entry
 
         return point
+
+    def _register(self, candidate: ModelConfig, acc: Accounting) -> tuple[ModelConfig, Accounting]:
+        """A search's pick and its accounting, kept in :attr:`accounts` (an equal config there keeps its own)."""
+        return candidate, self.accounts.setdefault(candidate, acc)
 
     def moe_at_ratio(self, base: ModelConfig, ratio: float,
                      what: str = "ratio") -> tuple[ModelConfig, Accounting]:
@@ -381,7 +410,7 @@ class _Expander:
             lo = self._min_experts(base)
             curve = self.expert_curve(base)
             n, achieved = closest_integer(lambda n: curve(n)[1].ratio, ratio, lo, MAX_EXPERTS)
-            cfg = _validated(curve(n)[0])
+            cfg, acc = self._register(*curve(n))
             error = achieved / ratio - 1
             if abs(error) > self.limits.ratio_tolerance:
                 if n == lo and achieved > ratio:
@@ -393,7 +422,7 @@ class _Expander:
                 self.ladder[key] = (f"{ratio:g} is out of reach: {why} ({error:+.1%}, more than "
                                     f"limits.ratio_tolerance {self.limits.ratio_tolerance:g})")
             else:
-                self.ladder[key] = (cfg, self.account(cfg))
+                self.ladder[key] = (cfg, acc)
         result = self.ladder[key]
         if isinstance(result, str):
             raise _Skip(f"{what} {result}")
@@ -407,8 +436,7 @@ class _Expander:
             curve = self.expert_curve(base)
             n, _ = closest_integer(lambda n: curve(n)[1].total, total, self._min_experts(base), MAX_EXPERTS,
                                    affine=self.zero_ratio is None)
-            cfg, acc = curve(n)
-            self.by_total[key] = (_validated(cfg), acc)
+            self.by_total[key] = self._register(*curve(n))
         return self.by_total[key]
 
     def with_table(self, anchor: ModelConfig, family: str, spec: dict[str, Any], targets: str,
@@ -418,6 +446,17 @@ class _Expander:
         if family == "ne":
             return anchor.replace(ngram=ngram)
         return anchor.replace(per_layer=PerLayerConfig(kind="plne", targets=targets, ngram=ngram))
+
+    def table_candidate(self, probed: ModelConfig, family: str, spec: dict[str, Any], targets: str,
+                        ratio: float) -> ModelConfig:
+        """:meth:`with_table` as a search candidate: ``probed`` (a validated model of the same search) with
+        another table size, the model not validated again (only the table's ratio changes, and
+        :class:`NgramConfig` validates it; nothing the model checks depends on it)."""
+        ngram = NgramConfig(n=spec["n"], k=spec["k"], ratio=ratio, sizing=spec["sizing"],
+                            amplification=spec["amplification"])
+        if family == "ne":
+            return _candidate(probed, ngram=ngram)
+        return _candidate(probed, per_layer=PerLayerConfig(kind="plne", targets=targets, ngram=ngram))
 
     def table_for_total(self, anchor: ModelConfig, family: str, spec: dict[str, Any], targets: str,
                         total: int) -> tuple[ModelConfig, Accounting, int]:
@@ -429,10 +468,15 @@ class _Expander:
             memo = self.curves.setdefault(key[:-1], {})
 
             def model_total(m: int) -> int:
-                if m not in memo:
-                    cfg = self.with_table(anchor, family, spec, targets, m / v0)
-                    memo[m] = (cfg, self.account(cfg))
-                return memo[m][1].total
+                entry = memo.get(m)
+                if entry is None:
+                    if not memo:  # the first probe goes through the constructor: it raises for an invalid model
+                        cfg = self.with_table(anchor, family, spec, targets, m / v0)
+                    else:  # the others differ from it in the table's size only, which NgramConfig validates
+                        cfg = self.table_candidate(next(iter(memo.values()))[0], family, spec, targets, m / v0)
+                    self.derive(cfg, anchor, ("ngram",) if family == "ne" else ("per_layer",))
+                    entry = memo[m] = (cfg, count_parameters(cfg))
+                return entry[1].total
 
             try:
                 smallest = model_total(2)
@@ -444,9 +488,9 @@ class _Expander:
             # paper and exact sizing: the total is affine in m (sum_idx M_idx * d + S d D)
             m, _ = closest_integer(model_total, total, 2, MAX_TABLE_ROWS, probe=1 << 16,
                                    affine=spec["sizing"] != "prime")
-            cfg = memo[m][0]
+            cfg, acc = self._register(*memo[m])
             assert (cfg.ngram or cfg.per_layer.ngram).base_rows(v0) == m
-            self.tables[key] = (cfg, self.account(cfg), m)
+            self.tables[key] = (cfg, acc, m)
         return self.tables[key]
 
     # ----- runs -----
@@ -466,16 +510,59 @@ class _Expander:
         if info is None:
             acc = self.account(cfg)
             model = self.model_section(cfg)
-            identity = dict(model)
-            identity.setdefault("eos_token_id", None)  # RunConfig hashes an omitted EOS id as None
-            info = self.infos[cfg] = _ModelInfo(cfg=cfg, acc=acc, identity_json=_canonical(identity),
+            info = self.infos[cfg] = _ModelInfo(cfg=cfg, acc=acc, identity_json=self.identity_json(cfg, model),
                                                 flops_per_token=acc.flops_per_token(self.seq_len),
                                                 spare_model=model)
         return info
 
+    def derive(self, cfg: ModelConfig, base: ModelConfig, changed: tuple[str, ...]) -> None:
+        """Note that ``cfg`` equals ``base`` but in the fields ``changed`` (a search candidate), so that
+        :meth:`identity_json` encodes only those."""
+        self.derived[id(cfg)] = (cfg, base, changed)  # cfg is kept, so its id is not reused
+
+    def identity_json(self, cfg: ModelConfig, model: dict[str, Any]) -> str:
+        """The model part of the run id: ``_canonical`` of the model section (``model``, :meth:`model_section`
+        of ``cfg``) with the EOS id as None when the sweep gives none (RunConfig hashes an omitted one so).
+
+        A model derived from another (:meth:`derive`) reuses that one's encoded fields and encodes only those
+        that differ: most models of a sweep are search candidates of a few bases, and encoding each whole was
+        a tenth of the expansion time. The text is the same: canonical JSON is ``"key":value`` fragments in
+        sorted key order, each value encoded alone as inside the object."""
+        derived = self.derived.get(id(cfg))
+        if derived is None or derived[0] is not cfg:
+            identity = dict(model)
+            identity.setdefault("eos_token_id", None)
+            return _canonical(identity)
+        _, base, changed = derived
+        parts = self.identity_parts.get(id(base))
+        if parts is None or parts[0] is not base:
+            identity = self.model_section(base)
+            identity.setdefault("eos_token_id", None)
+            keys = sorted(identity)
+            fragments = [f"{_canonical(key)}:{_canonical(identity[key])}" for key in keys]
+            parts = self.identity_parts[id(base)] = (base, fragments, {key: i for i, key in enumerate(keys)})
+            assert "{" + ",".join(fragments) + "}" == _canonical(identity)
+        _, fragments, index = parts
+        fragments = list(fragments)
+        for name in changed:
+            fragments[index[name]] = f"{_canonical(name)}:{_canonical(model[name])}"
+        return "{" + ",".join(fragments) + "}"
+
     def model_section(self, cfg: ModelConfig) -> dict[str, Any]:
         """The run config's model section: ``cfg.to_dict()`` without the EOS id unless the sweep gives one
-        (the tokenizer supplies it)."""
+        (the tokenizer supplies it). A model derived from another (:meth:`derive`): a copy of that one's with the
+        fields that differ."""
+        derived = self.derived.get(id(cfg))
+        if derived is not None and derived[0] is cfg:
+            _, base, changed = derived
+            sections = self.base_sections.get(id(base))
+            if sections is None or sections[0] is not base:
+                sections = self.base_sections[id(base)] = (base, self.model_section(base))
+            model = _copy(sections[1])
+            for name in changed:
+                value = getattr(cfg, name)
+                model[name] = value if type(value) in _LEAF_TYPES else _plain(value)
+            return model
         model = _plain(cfg)
         if not self.eos_given:
             del model["eos_token_id"]
@@ -483,12 +570,18 @@ class _Expander:
 
     def _training_json(self, changes: dict[str, Any]) -> str:
         """``json.dumps(asdict(replace(template, **changes)), sort_keys=True)`` without rebuilding it: tokens,
-        lr and seed are already valid ints and floats, so only their fragments change."""
-        parts = self.training_fragments
-        if changes:
-            parts = [f"{json.dumps(key)}:{json.dumps(changes[key])}" if key in changes else part
-                     for key, part in zip(self.training_keys, parts, strict=True)]
-        return "{" + ",".join(parts) + "}"
+        lr and seed are already valid ints and floats, so only their fragments change. Memoised per change (a
+        sweep has few learning rates, seeds and budgets; the key holds the types, as 1 == 1.0 == True)."""
+        key = tuple((name, type(value), value) for name, value in changes.items())
+        text = self.training_jsons.get(key)
+        if text is None:
+            parts = list(self.training_fragments)
+            for name, value in changes.items():
+                index = self.training_index.get(name)
+                if index is not None:
+                    parts[index] = f"{json.dumps(name)}:{json.dumps(value)}"
+            text = self.training_jsons[key] = "{" + ",".join(parts) + "}"
+        return text
 
     def make_run(self, info: _ModelInfo, seed: int | None, lr: float | None) -> tuple[str, dict, int, float]:
         """(run id, config, tokens, flops) of a model trained with this sweep's training and data sections."""
@@ -681,33 +774,77 @@ class _Resolved:
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+_LEAF_TYPES = frozenset({int, float, str, bool, type(None)})  # never dataclasses: no need to ask
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
 
 
 def _plain(config: Any) -> dict[str, Any]:
     """``dataclasses.asdict`` for frozen configs whose leaves are immutable (no deep copies)."""
-    cls = type(config)
-    names = _FIELD_NAMES.get(cls)
-    if names is None:
-        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
     out = {}
-    for name in names:
+    for name in _field_names(type(config)):
         value = getattr(config, name)
-        out[name] = _plain(value) if dataclasses.is_dataclass(value) else value
+        out[name] = value if type(value) in _LEAF_TYPES or not dataclasses.is_dataclass(value) else _plain(value)
     return out
+
+
+def _detached(value: Any) -> Any:
+    """What ``dataclasses.asdict`` makes of a field's value: dicts, lists and tuples rebuilt, anything else
+    deep-copied (the plain numbers, strings and None a plan holds are returned as they are, as deepcopy does)."""
+    kind = type(value)
+    if kind in _LEAF_TYPES:
+        return value
+    if kind is dict:
+        return {key: _detached(item) for key, item in value.items()}
+    if kind is list:
+        return [_detached(item) for item in value]
+    return dataclasses.asdict(_Boxed(value))["value"]  # anything else: asdict's own rules
+
+
+@dataclass
+class _Boxed:
+    value: Any
 
 
 def _copy(value: Any) -> Any:
     """A copy of plain nested dicts (faster than deepcopy; leaves are immutable)."""
     if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
+        return {k: v if type(v) in _LEAF_TYPES else _copy(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_copy(v) for v in value]
+        return [v if type(v) in _LEAF_TYPES else _copy(v) for v in value]
     return value
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for the block, then restore it as it was.
+
+    Expansion builds tens of thousands of small dicts and keeps them all (the plan holds them), none in a
+    reference cycle; each full collection walked every one of them again, a sixth of the expansion time for
+    10,000 runs. Memory is unaffected (reference counting frees what is dropped); cycles made meanwhile wait
+    for the next collection."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def expand(sweep: Sweep) -> Plan:
     """Every point of ``sweep`` as a planned run (matched, deduplicated) or a skipped point with its
     reason."""
+    with _collector_paused():
+        return _expand(sweep)
+
+
+def _expand(sweep: Sweep) -> Plan:
     try:
         expander = _Expander(sweep)
     except ConfigError as exc:  # load_sweep has checked all of this; a hand-built Sweep may not have

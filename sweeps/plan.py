@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from embscale.base.errors import ConfigError, UserError
-from embscale.base.rundir import PLANNED_BY
 from embscale.models.config import ModelConfig
 from embscale.sweeps.executors.jobmap import JOBS_FILE
 from embscale.sweeps.expand import Plan, PlannedRun, expand
@@ -320,6 +319,9 @@ def load_plan(sweep_path: str | Path, results: str | Path | None = None) -> Swee
 def planned_record(run: PlannedRun, sweep_name: str, planned_by: str = "embscale submit") -> dict[str, Any]:
     """What run.json holds for a planned run before its trainer starts: the planned run, the sweep's name, and
     which command planned it."""
+    from embscale.base.rundir import PLANNED_BY  # here: the run folder's module (and tqdm) cost `plan` a third
+    # of its start-up, and only writing a run needs it
+
     record = dict(run.to_dict())
     record.setdefault("run_id", str(run.run_id))
     record["sweep"] = sweep_name

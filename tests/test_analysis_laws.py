@@ -136,3 +136,85 @@ def test_loss_curve_fit_and_extrapolation() -> None:
 
     assert final_loss([3.0, 2.0, 1.0, 2.0, np.nan], last_k=3) == pytest.approx((5 / 3, np.std([2, 1, 2], ddof=1)))
     assert math.isnan(final_loss([np.nan])[0])
+
+
+# ----- the fast paths of the parameter-law fit reproduce the plain ones exactly -----
+def _objective_as_written(theta, xt, logy, weights, delta):
+    """The parameter law's objective with the general reductions (as it was before its two-variable path)."""
+    m = xt.shape[0]
+    terms = theta[1:1 + m, None] - theta[1 + m:, None] * xt
+    top = np.maximum(terms.max(axis=0), theta[0])
+    ex = np.exp(terms - top)
+    e0 = np.exp(theta[0] - top)
+    total = e0 + ex.sum(axis=0)
+    r = top + np.log(total) - logy
+    scale = 1.0 / (delta * delta * weights.sum())
+    a = np.abs(r)
+    value = float(weights @ np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))) * scale
+    psi = np.clip(r, -delta, delta) * weights * (scale / total)
+    grad = np.empty_like(theta)
+    grad[0] = psi @ e0
+    grad[1:1 + m] = ex @ psi
+    grad[1 + m:] = -((ex * xt) @ psi)
+    return value, grad
+
+
+def test_power_sum_objective_is_bitwise_the_general_form() -> None:
+    rng = np.random.default_rng(3)
+    for trial in range(300):
+        m, n = (2, int(rng.integers(5, 200))) if trial % 4 else (int(rng.integers(1, 4)), 30)
+        xt = np.ascontiguousarray(rng.normal(0.0, 2.0, (m, n)))
+        logy = np.log(rng.uniform(1.5, 4.0, n))
+        weights = rng.multinomial(n, np.full(n, 1.0 / n)).astype(float)
+        theta = np.concatenate([[rng.normal()], rng.normal(0.0, 2.0, m), rng.uniform(0.0, 3.0, m)])
+        delta = float(10 ** rng.uniform(-4, -1))
+        expected = _objective_as_written(theta, xt, logy, weights, delta)
+        for got in (laws._powersum_objective(theta, xt, logy, weights, delta),
+                    laws._powersum_objective(theta, xt, logy, weights, delta, 1.0 / (delta * delta * weights.sum()))):
+            assert got[0] == expected[0] and np.array_equal(got[1], expected[1])
+
+
+def test_direct_lbfgsb_is_scipy_minimize_exactly() -> None:
+    """The L-BFGS-B loop the fits use gives scipy.optimize.minimize's iterates to the last bit, on the bootstrap
+    replicates of a real parameter-law fit (and is the one in use on this scipy)."""
+    from scipy.optimize import minimize
+
+    assert laws._direct_lbfgsb_matches()
+    runs = synthetic.param_law_runs(noise=0.003, seed=4)
+    y = runs["final_train_loss"].to_numpy()
+    logx = np.log(runs[["activated", "total"]].to_numpy())
+    xt = np.ascontiguousarray((logx - logx.mean(axis=0)).T)
+    top = math.log(float(y.max()))
+    bounds = [(math.log(0.02 * float(y.min())), top), (-20.0, top), (-20.0, top), (0.0, 3.0), (0.0, 3.0)]
+    rng = np.random.default_rng(0)
+    for weights in laws.bootstrap_counts(len(y), 12, rng):
+        used = weights > 0
+        args = (xt[:, used].copy(), np.log(y[used]), weights[used], laws.HUBER_DELTA)
+        start = np.array([math.log(0.6 * float(y.min())), math.log(0.05 * float(y.min())),
+                          math.log(0.2 * float(y.min())), 0.3, 0.6])
+        x, value = laws.lbfgsb(laws._powersum_objective, start, args, bounds, **laws.LBFGSB_OPTIONS)
+        expected = minimize(laws._powersum_objective, start, args=args, jac=True, method="L-BFGS-B",
+                            bounds=bounds, options=laws.LBFGSB_OPTIONS)
+        assert np.array_equal(x, expected.x) and value == float(expected.fun)
+
+
+def test_param_laws_through_a_mapper_are_the_same_fits() -> None:
+    """The bootstrap replicates of the parameter laws go through a mapper (shared with another process in
+    `embscale plots`): they come back in the order asked, whatever order they were computed in."""
+    runs = pd.concat([synthetic.param_law_runs(noise=0.002, seed=5),
+                      synthetic.param_law_runs(noise=0.002, seed=6).assign(family="ne", base_ratio=12.0)])
+    plain = laws.fit_param_laws(runs, split_names=["train"], n_boot=8)
+    batches: list[int] = []
+
+    def backwards(fn, calls):
+        batches.append(len(calls))
+        out = {index: fn(*calls[index]) for index in reversed(range(len(calls)))}
+        return [out[index] for index in range(len(calls))]
+
+    mapped = laws.fit_param_laws(runs, split_names=["train"], n_boot=8, mapper=backwards)
+    # each group's fit: its 4 starts and 8 replicates, then the held-out fit's starts (no replicates)
+    assert batches == [4, 8, 4, 0] * 2
+    pd.testing.assert_frame_equal(plain.table, mapped.table)
+    assert len(plain.fits) == len(mapped.fits) == 2
+    for fit, again in zip(plain.fits.values(), mapped.fits.values(), strict=True):  # keys hold NaN: by order
+        assert np.array_equal(fit.boot, again.boot) and fit.params() == again.params()

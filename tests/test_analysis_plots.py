@@ -83,3 +83,47 @@ def test_figures_a_reader_can_read():
     fig2.canvas.draw()
     assert {"200M", "500M", "1B", "2B"} <= {t.get_text() for t in ax2.get_xticklabels()}  # 1, 2, 5 a decade
     plt.close("all")
+
+
+def _without_creation_date(pdf: bytes) -> bytes:
+    import re
+
+    return re.sub(rb"/CreationDate \(D:\d+Z?\)", b"", pdf)
+
+
+def test_two_processes_draw_the_same_files_as_one(tmp_path: Path) -> None:
+    """`embscale plots` on a large sweep shares the fits and figures with a helper process: the summary, the
+    skip notes and every figure file (PDF but for its creation date) are those of one process."""
+    outputs = {}
+    for jobs in (1, 2):
+        root = tmp_path / f"jobs{jobs}"
+        shutil.copytree(FIXTURE, root)
+        for run_dir in (root / "synthetic").iterdir():  # one backbone size: fewer figures, a faster test
+            if run_dir.is_dir() and not run_dir.name.endswith(("w1024-d10-s0", "w1024-d10-n3k3-s0")):
+                shutil.rmtree(run_dir)
+        lines: list[str] = []
+        result = plot_sweep(root / "synthetic", n_boot=30, n_boot_param=4, log=lines.append, jobs=jobs)
+        files = {p.name: p.read_bytes() for p in (root / "synthetic" / "figures").iterdir()}
+        outputs[jobs] = (result.summary, result.skipped, [p.name for p in result.figures], files, lines)
+    (summary1, skipped1, names1, files1, lines1), (summary2, skipped2, names2, files2, lines2) = outputs[1], outputs[2]
+    pd.testing.assert_frame_equal(summary1, summary2)
+    assert skipped1 == skipped2 and names1 == names2 and lines1 == lines2
+    assert sorted(files1) == sorted(files2) and len(files1) >= 12
+    for name, data in files1.items():
+        if name.endswith(".pdf"):
+            assert _without_creation_date(data) == _without_creation_date(files2[name]), name
+        else:
+            assert data == files2[name], name
+
+
+def test_a_helper_process_only_for_large_sweeps_with_cpus_to_spare() -> None:
+    import os
+
+    from embscale.analysis.report import PARALLEL_MIN_RUNS, CpuMeter, default_jobs
+
+    spare = CpuMeter().spare(min_seconds=0.05)
+    assert 0.0 <= spare <= (os.cpu_count() or 1) + 0.5
+    two = 2 if (os.cpu_count() or 1) >= 2 else 1
+    assert default_jobs(PARALLEL_MIN_RUNS, 2.0) == two and default_jobs(5000, 1.5) == two
+    assert default_jobs(PARALLEL_MIN_RUNS - 1, 2.0) == 1  # the helper's start-up would cost more than it saves
+    assert default_jobs(5000, 1.2) == 1  # others keep a CPU busy: a helper would share this one's

@@ -212,6 +212,57 @@ def test_run_ids_are_runconfig_ids_and_stable(tmp_path):
     assert not {r.run_id for r in longer.runs} & {r.run_id for r in tiny.runs}
 
 
+@pytest.mark.parametrize("model", [{}, {"eos_token_id": 3, "zero_expert_ratio": 0.5}])
+def test_every_family_plans_runconfig_ids_and_configs(model):
+    """Expansion builds search candidates without their constructor and encodes the run id from a base model's
+    fields plus the few a candidate changes: every run's id and config are still those of its RunConfig, for
+    every family and way of sizing an embedding, with and without an EOS id and a zero-expert rule."""
+    plan = _plan(model=model, grid={"family": ["moe", "ne", "plne", "ple", "dense"], "ratio": [3, 5, 8],
+                                    "sizing": ["paper", "prime"], "width": [64, 96], "seed": [0, 1]},
+                 zip={"base_ratio": [2]})
+    fixed = _plan(model=model, grid={"family": ["ne", "plne"], "table_ratio": [2.5, 4.25], "amplification":
+                                     ["none", "layernorm"]}, zip={"base_ratio": [2]})
+    shares = _plan(model=model, grid={"family": ["ne"], "ne_share": [0.2, 0.5], "n": [2, 3]},
+                   zip={"base_ratio": [3]})
+    runs = plan.runs + fixed.runs + shares.runs
+    assert {run.family for run in runs} == {"moe", "ne", "plne", "ple", "dense"} and len(runs) > 40
+    for run in runs:
+        assert to_run_config(run).run_id == run.run_id
+        built = ModelConfig.from_dict(run.config["model"])  # a valid config, whose accounting is the run's
+        assert count_parameters(built).to_dict(run.config["training"]["seq_len"]) == run.accounting
+    again = _plan(model=model, grid={"family": ["moe", "ne", "plne", "ple", "dense"], "ratio": [3, 5, 8],
+                                     "sizing": ["paper", "prime"], "width": [64, 96], "seed": [0, 1]},
+                  zip={"base_ratio": [2]})
+    assert [run.to_dict() for run in again.runs] == [run.to_dict() for run in plan.runs]
+
+
+def test_planned_run_to_dict_is_asdict():
+    import dataclasses
+
+    plan = _plan(grid={"family": ["moe", "ne"], "ratio": [3, 5]}, zip={"base_ratio": [2]})
+    for run in plan.runs:
+        assert run.to_dict() == dataclasses.asdict(run)
+        copied = run.to_dict()
+        copied["config"]["model"]["d_model"] = -1  # a copy: the plan is untouched
+        assert run.config["model"]["d_model"] == 64
+
+
+def test_expansion_leaves_the_garbage_collector_as_it_found_it(capsys):
+    import gc
+
+    assert gc.isenabled()
+    _plan(grid={"ratio": [3, 4]})
+    assert gc.isenabled()
+    assert main(["plan", str(SWEEPS / "demo.yaml")]) == 0 and "sweep demo" in capsys.readouterr().out
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        _plan(grid={"ratio": [3, 4]})
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_duplicates_collapse():
     # n and k do not apply to MoE runs; repeated ratios and seeds repeat runs
     plan = _plan(grid={"family": ["moe"], "ratio": [3, 3, 5], "n": [2, 3], "seed": [0, 0]})
@@ -268,6 +319,20 @@ def test_plan_command_table_and_json(capsys, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # writes nothing
     assert main(["plan", str(SWEEPS / "demo.yaml"), "--mfu", "1.5"]) == 2
     assert "--mfu" in capsys.readouterr().err
+
+
+def test_plan_table_layout():
+    """The plan's table: each column as wide as its widest cell, cells left-aligned, two spaces apart, a rule
+    under the header, no trailing spaces."""
+    from embscale.commands.plan import _json_safe, _table
+
+    rows = [["a", "bbbb", "c"], ["dddd", "", "ee"]]
+    assert _table(rows, ["h1", "h2", "h3"]).split("\n") == [
+        "h1    h2    h3", "----  ----  --", "a     bbbb  c", "dddd        ee"]
+    with pytest.raises(ValueError):
+        _table([["too", "few"]], ["h1", "h2", "h3"])
+    assert _json_safe({"a": [1.5, float("nan"), (2, float("inf"))], "b": "x", "c": None, "d": True}) == \
+        {"a": [1.5, None, [2, None]], "b": "x", "c": None, "d": True}
 
 
 # ----- speed -----
