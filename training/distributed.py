@@ -23,6 +23,8 @@ class Distributed:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        # ranks on this node (torchrun sets it): the default shard group of training.parallel hsdp
+        self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world_size)))
         self.owns_group = False
         if self.world_size > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if device_kind == "cuda" else "gloo"
