@@ -5,8 +5,9 @@ atol 1e-5 / 1e-6 (the parameter atol is wider: Adam's step on a row whose second
 float-rounding difference of the gradient, summed in another order over the ranks, into up to ~7e-6 of the
 parameter, seen on one N-gram table element of 10k). Models: MoE (fsdp; hsdp with shortcut layers, PLE and
 activation checkpointing), an N-gram Embedding with its tables in the table optimizer (kept replicated outside
-the FSDP units), and NE + PLNE + MLA + shortcut layers with activation checkpointing, which then resumes on two
-ranks from its gathered single-file checkpoint."""
+the FSDP units), NE + PLNE + MLA + shortcut layers with activation checkpointing, which then resumes on two
+ranks from its gathered single-file checkpoint bit for bit, and hsdp on four ranks (2 x 2), resumed on two.
+Activation checkpointing alone: the same gradients, MoE loads counted once."""
 
 from __future__ import annotations
 
@@ -182,3 +183,53 @@ def test_parallel_fields_are_validated_and_opt_in():
         mesh_shape(TrainingConfig(**base, parallel="hsdp", shard_degree=3), world_size=8, ranks_per_node=8)
     with pytest.raises(ConfigError, match="hsdp"):
         mesh_shape(TrainingConfig(**base, parallel="fsdp", shard_degree=2), world_size=8, ranks_per_node=8)
+
+
+def test_activation_checkpointing_keeps_gradients_and_counts_loads_once():
+    """A checkpointed MoE model (one process) gets the same gradients as without checkpointing, its blocks'
+    recomputation in the backward does run, and the MoE load counters count each token once."""
+    from embscale.models.config import ModelConfig
+    from embscale.models.model import build_model
+    from embscale.training.parallelize import parallelize
+
+    cfg = ModelConfig(**{**MOE, "vocab_size": 64, "eos_token_id": 0})
+    torch.manual_seed(0)
+    plain = build_model(cfg)
+    checkpointed = build_model(cfg)
+    checkpointed.load_state_dict(plain.state_dict())
+    parallelize(checkpointed, None, TrainingConfig(steps=1, seq_len=32, activation_checkpointing=True))
+    moe_forwards = {id(plain): 0, id(checkpointed): 0}
+    for model in (plain, checkpointed):
+        def count(*_: object, key: int = id(model)) -> None:
+            moe_forwards[key] += 1
+
+        model.moe_layers()[0].register_forward_pre_hook(count)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    for model in (plain, checkpointed):
+        out = model(ids, ids)
+        (out.loss + out.aux_loss).backward()
+    assert moe_forwards == {id(plain): 1, id(checkpointed): 2}  # the backward recomputed the block
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-7, msg=name)
+    for a, b in zip(plain.router_load_counts(), checkpointed.router_load_counts(), strict=True):
+        assert torch.equal(a, b) and int(a.sum()) > 0
+
+
+def test_hsdp_on_four_ranks_resumes_on_two(tmp_path, capfd, monkeypatch):
+    """hsdp on four ranks (two shard groups of two ranks, replicated), then, its newest checkpoint dropped, the
+    run resumes on two ranks (one shard group) from the four ranks' step-3 checkpoint and ends where one
+    process does."""
+    data = run_data(tmp_path, MOE, parallel="hsdp", shard_degree=2, batch_tokens=1024)
+    reference = train_here(tmp_path, data)
+    run_dir = train_on_ranks(tmp_path, data, "hsdp", world_size=4)
+    assert_same_run(run_dir, reference, steps=6)
+
+    final = rundir.list_checkpoints(run_dir)[-1][1]
+    for path in final.parent.glob(final.name + "*"):
+        path.unlink()
+    rundir.write_status(run_dir, "interrupted", step=3, total_steps=6)
+    monkeypatch.setenv("EMBSCALE_PROGRESS", "plain")
+    capfd.readouterr()
+    train_on_ranks(tmp_path, data, "hsdp", world_size=2)
+    assert f"resuming run {run_dir.name} from step 3" in capfd.readouterr().err
+    assert_same_run(run_dir, reference, steps=6)

@@ -84,10 +84,11 @@ def _recompute_keeps_counts(block: torch.nn.Module, forward: Any, *args: Any, **
     recomputing = torch._C._current_graph_task_id() != -1  # inside a backward: the recomputation
     moes = [m for m in block.modules() if isinstance(m, MoE)] if recomputing else []
     saved = [m.pending_counts.clone() for m in moes]
-    out = forward(*args, **kwargs)
-    for moe, counts in zip(moes, saved, strict=True):
-        moe.pending_counts.copy_(counts)
-    return out
+    try:
+        return forward(*args, **kwargs)
+    finally:  # also when the recomputation stops early (as it does once it has what the backward needs)
+        for moe, counts in zip(moes, saved, strict=True):
+            moe.pending_counts.copy_(counts)
 
 
 def checkpoint_activations(block: torch.nn.Module) -> None:
@@ -170,29 +171,31 @@ def clip_sharded_gradients(params: Sequence[torch.nn.Parameter], tables: Sequenc
     return total
 
 
-def _full(value: Any) -> Any:
-    """``value`` with every DTensor gathered to a full CPU tensor (a collective per DTensor, in dict order)."""
+def _full(value: Any, keep: bool) -> Any:
+    """``value`` with every DTensor gathered to a full CPU tensor (a collective per DTensor, in dict order),
+    kept only where ``keep`` (else None: a rank that does not write holds one full tensor at a time)."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(value, DTensor):
-        return value.full_tensor().cpu()
+        full = value.full_tensor()
+        return full.cpu() if keep else None
     if isinstance(value, dict):
-        return {k: _full(v) for k, v in value.items()}
+        return {k: _full(v, keep) for k, v in value.items()}
     if isinstance(value, list):
-        return [_full(v) for v in value]
+        return [_full(v, keep) for v in value]
     return value
 
 
-def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def full_model_state(model: torch.nn.Module, keep: bool = True) -> dict[str, Any]:
     """The model's state dict with the full tensors (the keys of the unsharded model's ``state_dict()``); every
-    rank must call it (it all-gathers), every rank gets it."""
-    return _full(model.state_dict())
+    rank must call it (it all-gathers); the gathered tensors are kept where ``keep`` (the writing rank)."""
+    return _full(model.state_dict(), keep)
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) -> dict[str, Any]:
     """``optimizer.state_dict()`` (parameters numbered as always) with the full tensors of the sharded states;
-    every rank must call it, every rank gets it."""
-    return _full(optimizer.state_dict())
+    every rank must call it; the gathered tensors are kept where ``keep``."""
+    return _full(optimizer.state_dict(), keep)
 
 
 def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],

@@ -476,7 +476,8 @@ class Trainer:
         self.metrics.flush()
         full_state = None
         if self.sharded:  # every rank gathers the full tensors (collectives); rank 0 writes them as one file
-            full_state = (full_model_state(self.model), full_optimizer_state(self.optimizers[0]))
+            keep = self.dist.is_main
+            full_state = (full_model_state(self.model, keep), full_optimizer_state(self.optimizers[0], keep))
         if self.dist.is_main:
             payload = checkpoint_payload(self.step_count, self.run_id, self.model, self.optimizers,
                                          self.batches.state_dict(), self.device, self.loss_ema, self.wall_s(),
