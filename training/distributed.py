@@ -5,6 +5,9 @@ Under DDP every rank holds the whole model (NCCL on GPU, gloo on CPU). N-gram ta
 stay out of DDP's reducer; their row-sparse gradients are averaged over the ranks by
 :func:`embscale.training.table_ddp.all_reduce_table_grads` instead. MoE load counts are summed over the ranks before
 each router-bias update, so every rank balances alike. Only rank 0 writes the run folder.
+
+``training.parallel`` ``fsdp`` / ``hsdp`` shard the model with FSDP2 instead of DDP
+(:mod:`embscale.training.parallelize`); the tables, load counts and writing stay as above.
 """
 
 from __future__ import annotations

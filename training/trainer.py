@@ -4,7 +4,9 @@ whose steps a reader can hold in mind one at a time:
 1. :meth:`Trainer.build` validates everything before anything is written: the batch against the world size, the
    corpus and tokenizer (from the shared cache, built on a miss), the model against the tokenizer, and an existing
    run folder against this config. Bad input raises ``ConfigError`` / ``UserError`` (exit code 2) and leaves no
-   results folder behind. Then it builds the model (seeded), the optimizers (:mod:`.optim`) and the batches.
+   results folder behind. Then it builds the model (seeded), shards it under ``training.parallel`` ``fsdp`` /
+   ``hsdp`` (:func:`.parallelize.parallelize`, before the optimizers: sharding replaces the parameters), the
+   optimizers (:mod:`.optim`) and the batches.
 2. :meth:`Trainer.restore` resumes from the newest intact checkpoint, if there is one: model, optimizers, data
    position, step and every RNG, with the metrics cut back to the checkpoint's step. On CPU a resumed run
    reproduces the uninterrupted loss curve bit for bit.
