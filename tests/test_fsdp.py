@@ -127,8 +127,9 @@ def test_moe_on_two_sharded_ranks_matches_one_process(tmp_path, parallel):
 
 def test_ngram_tables_in_the_table_optimizer_stay_replicated(tmp_path):
     """NE with the sparse table optimizer: the tables outside FSDP, their row gradients all-reduced; the
-    clipping norm spans the sharded dense gradients and the tables' rows."""
-    data = run_data(tmp_path, NGRAM, parallel="fsdp", table_optimizer="sparse")
+    clipping norm spans the sharded dense gradients and the tables' rows. 17 evaluation windows: rank 0 gets
+    three batches, rank 1 two (and one idle forward, for FSDP's gathers)."""
+    data = run_data(tmp_path, NGRAM, parallel="fsdp", table_optimizer="sparse", eval_tokens=17 * 32)
     reference = train_here(tmp_path, data)
     assert_same_run(train_on_ranks(tmp_path, data, "fsdp"), reference, steps=6)
 

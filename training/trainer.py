@@ -456,6 +456,9 @@ class Trainer:
                 total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, token count)
                 batches = eval_batches(shard.tokens(), cfg.seq_len, cfg.eval_tokens, cfg.micro_batch_size,
                                        dist.rank, dist.world_size)
+                if self.sharded:  # every forward gathers parameters: each rank runs as many as the busiest
+                    batches = list(batches)
+                    self._run_idle_forwards(shard.n_tokens, len(batches))
                 for batch_index, (inputs, targets) in enumerate(batches):
                     record = split_index == 0 and batch_index == 0
                     model.record_norms = record
@@ -471,6 +474,19 @@ class Trainer:
         finally:
             model.train()
         return losses, norms
+
+    @torch.no_grad()
+    def _run_idle_forwards(self, n_tokens: int, own_batches: int) -> None:
+        """Forwards of a sharded model, their results unused, that bring this rank's count of evaluation batches
+        up to rank 0's (which holds the most windows): FSDP gathers the parameters in every forward, a
+        collective each rank must join, so unequal counts would hang the run."""
+        cfg, world_size = self.cfg, self.dist.world_size
+        windows = len(eval_starts(n_tokens, cfg.seq_len, cfg.eval_tokens))
+        most = math.ceil(math.ceil(windows / world_size) / cfg.micro_batch_size)
+        idle = torch.zeros(1, cfg.seq_len, dtype=torch.int64, device=self.device)
+        for _ in range(most - own_batches):
+            with self.autocast:
+                self.model(idle)
 
     # ------------------------------------------------------------------------------------------------- checkpoint
     def checkpoint(self) -> None:
