@@ -12,6 +12,7 @@ Activation checkpointing alone: the same gradients, MoE loads counted once."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -30,6 +31,7 @@ MOE = {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_experts": 4, "top_k": 2, "
        "n_shared_experts": 1, "max_seq_len": 64}
 NGRAM = {"d_model": 32, "n_layers": 2, "n_heads": 2, "dense_hidden": 64, "max_seq_len": 64,
          "ngram": {"n": 3, "k": 2, "ratio": 1.0}}
+RANKS_TIMEOUT_S = 180
 # 512 tokens a step: 4 micro-batches of 4 x 32 in one process, 2 on each of two ranks.
 TRAINING = {"steps": 6, "batch_tokens": 512, "micro_batch_size": 4, "seq_len": 32, "lr": 1e-2, "eval_every": 3,
             "eval_tokens": 512, "checkpoint_every": 3, "device": "cpu", "grad_clip": 0.5}
@@ -68,7 +70,14 @@ def train_on_ranks(tmp_path: Path, data: dict, name: str, world_size: int = 2) -
     """Train ``data`` on ``world_size`` spawned gloo ranks under ``<tmp>/<name>``; returns the run folder."""
     data = {**data, "output": {"sweep": "f", "root": str(tmp_path / name)}}
     init_file = tmp_path / f"init_{name}_{len(list(tmp_path.glob('init_*')))}"
-    torch.multiprocessing.spawn(rank_main, args=(world_size, str(init_file), data), nprocs=world_size)
+    context = torch.multiprocessing.spawn(rank_main, args=(world_size, str(init_file), data), nprocs=world_size,
+                                          join=False)
+    deadline = time.monotonic() + RANKS_TIMEOUT_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:  # a collective that one rank never joins hangs the others
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {world_size} ranks did not finish in {RANKS_TIMEOUT_S} s")
     return tmp_path / name / "f" / RunConfig.from_dict(data).run_id
 
 
