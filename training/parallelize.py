@@ -120,17 +120,22 @@ def parallelize(model: torch.nn.Module, mesh: torch.distributed.device_mesh.Devi
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if mesh.device_type == "cuda":
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # a block's float inputs (the residual stream, the rotary cos / sin, per-layer embeddings) are not cast
+        # to bf16 on the way in: autocast runs the products in bf16 as under DDP, and the rotary tables stay fp32
+        block_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                            cast_forward_inputs=False)
+        root_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
-        policy = MixedPrecisionPolicy()
+        block_policy = root_policy = MixedPrecisionPolicy()
     ignored_params = set(ignored) or None
     for index, block in enumerate(blocks):
         if cfg.compile:
             block.compile()
         # the last block's parameters would be gathered again at once by the backward: keep them
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1,
+        fully_shard(block, mesh=mesh, mp_policy=block_policy, reshard_after_forward=index < len(blocks) - 1,
                     ignored_params=ignored_params)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False, ignored_params=ignored_params)
+    fully_shard(model, mesh=mesh, mp_policy=root_policy, reshard_after_forward=False,
+                ignored_params=ignored_params)
     return model
 
 
