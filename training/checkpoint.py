@@ -3,7 +3,8 @@
 The payload is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with ``weights_only=True``
 (nothing unpickled); the files themselves are the run folder's (:mod:`embscale.base.rundir`: atomic,
 checksummed, the newest intact one loaded). Restoring every RNG (python, numpy, torch, CUDA) with the data position
-makes a resumed CPU run reproduce the uninterrupted loss curve bit for bit.
+makes a resumed CPU run reproduce the uninterrupted loss curve bit for bit. A sharded run
+(``training.parallel`` ``fsdp`` / ``hsdp``) writes the same single file, its tensors gathered from the ranks.
 """
 
 from __future__ import annotations
@@ -48,9 +49,15 @@ def restore_rng(state: dict[str, Any], device: torch.device) -> None:
 
 def checkpoint_payload(step: int, run_id: str, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
                        data_state: dict[str, Any], device: torch.device, loss_ema: float | None,
-                       wall_s: float) -> dict[str, Any]:
-    """The checkpoint of ``step``: ``optimizer`` is AdamW's state, ``table_optimizer`` the table optimizer's."""
-    payload = {"step": step, "run_id": run_id, "model": model.state_dict(), "optimizer": optimizers[0].state_dict(),
+                       wall_s: float, full_state: tuple[dict[str, Any], dict[str, Any]] | None = None
+                       ) -> dict[str, Any]:
+    """The checkpoint of ``step``: ``optimizer`` is AdamW's state, ``table_optimizer`` the table optimizer's.
+
+    ``full_state``: the model's and AdamW's states gathered from a sharded model
+    (:func:`embscale.training.parallelize.full_model_state` / ``full_optimizer_state``), written in place of the
+    local ones: the same keys and tensors as one process's, so the checkpoint resumes on any number of ranks."""
+    model_state, optimizer_state = full_state or (model.state_dict(), optimizers[0].state_dict())
+    payload = {"step": step, "run_id": run_id, "model": model_state, "optimizer": optimizer_state,
                "data": data_state, "rng": capture_rng(device), "loss_ema": loss_ema, "wall_s": wall_s}
     if len(optimizers) > 1:
         payload["table_optimizer"] = optimizers[1].state_dict()
@@ -58,10 +65,16 @@ def checkpoint_payload(step: int, run_id: str, model: torch.nn.Module, optimizer
 
 
 def restore_payload(payload: dict[str, Any], model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
-                    device: torch.device) -> None:
-    """Put a checkpoint's model, optimizer and RNG states back (the caller restores the data position)."""
-    model.load_state_dict(payload["model"])
-    optimizers[0].load_state_dict(payload["optimizer"])
+                    device: torch.device, sharded: bool = False) -> None:
+    """Put a checkpoint's model, optimizer and RNG states back (the caller restores the data position);
+    ``sharded``: ``model`` is sharded with FSDP2 and each rank keeps its shard of the full states."""
+    if sharded:
+        from embscale.training.parallelize import load_full_state
+
+        load_full_state(model, optimizers[0], payload["model"], payload["optimizer"])
+    else:
+        model.load_state_dict(payload["model"])
+        optimizers[0].load_state_dict(payload["optimizer"])
     if len(optimizers) > 1:
         optimizers[1].load_state_dict(payload["table_optimizer"])
     restore_rng(payload["rng"], device)

@@ -15,8 +15,8 @@ Pre-tokenised data has no tokenizer: ``data.vocab_size`` and ``data.eos_token_id
 ``run_id`` is a short hash (10 hex digits) of the model, training and data sections with every default filled
 in, so the same run written two ways gets the same id, and the output section (where results go) does not
 change it. Opt-in fields added later (training's ``table_optimizer``, ``table_optimizer_moments``,
-``ngram_backend``; data's ``token_column``, ``eos_token_id``) enter the hash only when they differ from their
-defaults, so existing run ids are unchanged.
+``ngram_backend``, ``parallel``, ``shard_degree``, ``activation_checkpointing``; data's ``token_column``,
+``eos_token_id``) enter the hash only when they differ from their defaults, so existing run ids are unchanged.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ TABLE_OPTIMIZER_MOMENTS = ("full", "compact")
 NGRAM_BACKENDS = ("torch", "triton")
 # Training fields added after runs were recorded: left out of the run id at their default, so the ids of
 # earlier runs (and of runs that do not use them) stay what they were.
-_OPT_IN_TRAINING_DEFAULTS = {"table_optimizer": "adamw", "table_optimizer_moments": "full", "ngram_backend": "torch"}
+_OPT_IN_TRAINING_DEFAULTS = {"table_optimizer": "adamw", "table_optimizer_moments": "full", "ngram_backend": "torch",
+                             "parallel": "ddp", "shard_degree": 0, "activation_checkpointing": False}
+PARALLEL_MODES = ("ddp", "fsdp", "hsdp")  # training.parallel (training/parallelize.py)
 DEVICES = ("auto", "cpu", "cuda")
 TEXT_FORMATS = ("dir", "jsonl", "parquet")
 TOKEN_FORMATS = ("npy", "bin", "arrow", "parquet_tokens")  # embscale.training.data.tokens.TOKEN_FORMATS
@@ -76,6 +78,15 @@ class TrainingConfig:
     moment per row: partial row-wise Adam, a different optimizer, for tables whose fp32 moments do not fit);
     only with ``table_optimizer`` ``dense`` or ``sparse``. ``ngram_backend``: the N-gram gather, ``torch`` or
     ``triton`` (``kernels.ngram``).
+    ``parallel``: data parallelism over several ranks (``training/parallelize.py``): ``ddp`` (every rank holds the
+    whole model), ``fsdp`` (FSDP2: parameters, gradients and optimizer state sharded over all ranks, one FSDP unit
+    per block; bf16 parameters and fp32 gradient reductions on CUDA, fp32 on CPU) or ``hsdp`` (sharded within
+    groups of ``shard_degree`` ranks, replicated across the groups). ``shard_degree``: ranks per shard group under
+    ``hsdp``, 0 for the ranks of one node (``LOCAL_WORLD_SIZE``); under ``fsdp`` 0 or the world size; must be 0
+    under ``ddp``. One process trains the whole model whatever ``parallel`` says. N-gram tables of a table
+    optimizer stay replicated outside the FSDP units, as under DDP. ``compile`` under ``fsdp`` / ``hsdp`` compiles
+    each block. ``activation_checkpointing``: recompute each block's activations in the backward (less memory,
+    about one more forward of compute; any ``parallel``).
     A run has diverged when its loss is NaN/inf or exceeds ``spike_factor`` times the running mean
     (exponential, over about 20 steps; 0 turns the spike test off).
     """
@@ -106,6 +117,9 @@ class TrainingConfig:
     table_optimizer: str = "adamw"
     table_optimizer_moments: str = "full"
     ngram_backend: str = "torch"
+    parallel: str = "ddp"
+    shard_degree: int = 0
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         _require(self.steps >= 0, "steps", f"must be non-negative, got {self.steps}")
@@ -155,6 +169,15 @@ class TrainingConfig:
                  "training.table_optimizer to dense or sparse, or leave table_optimizer_moments at full")
         _require(self.ngram_backend in NGRAM_BACKENDS, "ngram_backend",
                  f"unknown value {self.ngram_backend!r}; expected one of {', '.join(NGRAM_BACKENDS)}")
+        _require(self.parallel in PARALLEL_MODES, "parallel",
+                 f"unknown value {self.parallel!r}; expected one of {', '.join(PARALLEL_MODES)}")
+        _require(isinstance(self.shard_degree, int) and not isinstance(self.shard_degree, bool)
+                 and self.shard_degree >= 0, "shard_degree",
+                 f"must be a non-negative number of ranks (0: a node's), got {self.shard_degree!r}")
+        _require(self.shard_degree == 0 or self.parallel != "ddp", "shard_degree",
+                 "shards belong to training.parallel fsdp or hsdp; under ddp every rank holds the whole model")
+        _require(isinstance(self.activation_checkpointing, bool), "activation_checkpointing",
+                 f"must be true or false, got {self.activation_checkpointing!r}")
         self.accumulation_steps(1)
 
     @property
@@ -386,7 +409,8 @@ class RunConfig:
     # ----- identity -----
     def identity(self) -> dict[str, Any]:
         """Everything that determines the run's results, with defaults filled in (except the opt-in training
-        fields ``table_optimizer``, ``table_optimizer_moments`` and ``ngram_backend`` and the opt-in data fields
+        fields ``table_optimizer``, ``table_optimizer_moments``, ``ngram_backend``, ``parallel``, ``shard_degree``
+        and ``activation_checkpointing`` and the opt-in data fields
         ``token_column`` and ``eos_token_id``, present only when not at their defaults)."""
         model = self.provisional_model().to_dict()
         for omitted in ("vocab_size", "eos_token_id"):
@@ -424,5 +448,6 @@ class RunConfig:
 
 
 __all__ = ["DataConfig", "OutputConfig", "RunConfig", "TrainingConfig", "DEVICES", "FORMATS", "NGRAM_BACKENDS",
+           "PARALLEL_MODES",
            "SCHEDULES", "TABLE_OPTIMIZERS", "TOKEN_FORMATS", "data_identity", "training_identity"]
 TRACKERS = ("tensorboard", "wandb")  # output.tracking: live curves besides metrics.parquet (training/tracking.py)

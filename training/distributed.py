@@ -5,6 +5,9 @@ Under DDP every rank holds the whole model (NCCL on GPU, gloo on CPU). N-gram ta
 stay out of DDP's reducer; their row-sparse gradients are averaged over the ranks by
 :func:`embscale.training.table_ddp.all_reduce_table_grads` instead. MoE load counts are summed over the ranks before
 each router-bias update, so every rank balances alike. Only rank 0 writes the run folder.
+
+``training.parallel`` ``fsdp`` / ``hsdp`` shard the model with FSDP2 instead of DDP
+(:mod:`embscale.training.parallelize`); the tables, load counts and writing stay as above.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ class Distributed:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        # ranks on this node (torchrun sets it): the default shard group of training.parallel hsdp
+        self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world_size)))
         self.owns_group = False
         if self.world_size > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if device_kind == "cuda" else "gloo"

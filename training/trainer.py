@@ -4,7 +4,9 @@ whose steps a reader can hold in mind one at a time:
 1. :meth:`Trainer.build` validates everything before anything is written: the batch against the world size, the
    corpus and tokenizer (from the shared cache, built on a miss), the model against the tokenizer, and an existing
    run folder against this config. Bad input raises ``ConfigError`` / ``UserError`` (exit code 2) and leaves no
-   results folder behind. Then it builds the model (seeded), the optimizers (:mod:`.optim`) and the batches.
+   results folder behind. Then it builds the model (seeded), shards it under ``training.parallel`` ``fsdp`` /
+   ``hsdp`` (:func:`.parallelize.parallelize`, before the optimizers: sharding replaces the parameters), the
+   optimizers (:mod:`.optim`) and the batches.
 2. :meth:`Trainer.restore` resumes from the newest intact checkpoint, if there is one: model, optimizers, data
    position, step and every RNG, with the metrics cut back to the checkpoint's step. On CPU a resumed run
    reproduces the uninterrupted loss curve bit for bit.
@@ -63,6 +65,14 @@ from embscale.training.data.shards import CorpusShards, prepare_data
 from embscale.training.distributed import Distributed, resolve_device, wants_cuda, wrap_data_parallel
 from embscale.training.metrics import Metrics
 from embscale.training.optim import build_optimizers, clip_gradients, learning_rate
+from embscale.training.parallelize import (
+    build_mesh,
+    clip_sharded_gradients,
+    full_model_state,
+    full_optimizer_state,
+    is_sharded,
+    parallelize,
+)
 from embscale.training.tracking import Tracker, open_trackers
 
 EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 3, "interrupted": 75}
@@ -255,6 +265,7 @@ class Trainer:
         self.wall_before = 0.0
         self.last_val: dict[str, float] = {}
         self.last_checkpoint_step = -1
+        self.sharded = False  # the model sharded with FSDP2 (training.parallel fsdp / hsdp on several ranks)
 
     # ------------------------------------------------------------------------------------------------- build
     @classmethod
@@ -290,6 +301,11 @@ class Trainer:
         self.peak = peak_flops(self.device) * dist.world_size
         seed_everything(cfg.seed)
         self.model = build_model(self.model_cfg, device=self.device)
+        # sharding (training.parallel fsdp / hsdp) replaces the parameters: before the optimizers are built
+        self.sharded = is_sharded(cfg, dist.world_size)
+        mesh = (build_mesh(cfg, dist.world_size, dist.local_world_size, self.device) if self.sharded else None)
+        table_params = self.model.ngram_tables() if cfg.table_optimizer != "adamw" else []
+        parallelize(self.model, mesh, cfg, ignored=table_params)
         self.optimizers, self.tables, self.group_counts = build_optimizers(self.model, cfg, self.device)
         self.batches = TrainBatches(self.shards.train.tokens(), cfg.seq_len, cfg.sequences_per_step,
                                     cfg.micro_batch_size, cfg.seed, dist.rank, dist.world_size)
@@ -319,7 +335,7 @@ class Trainer:
                 found = rundir.load_latest_checkpoint(self.run_dir, map_location=self.device)
         if found is not None:
             self.step_count, payload = found
-            restore_payload(payload, self.model, self.optimizers, self.device)
+            restore_payload(payload, self.model, self.optimizers, self.device, sharded=self.sharded)
             self.batches.load_state_dict(payload["data"])
             self.loss_ema = payload["loss_ema"]
             self.wall_before = float(payload.get("wall_s", 0.0))
@@ -338,6 +354,9 @@ class Trainer:
                 rundir.write_run_record(self.run_dir, rundir.with_planned(self._run_record(), self.planned))
             rundir.write_status(self.run_dir, "running", step=self.step_count, total_steps=cfg.total_steps)
         dist.barrier()
+        if self.sharded:  # sharded in build (training/parallelize.py), each block compiled there
+            self.forward_model = self.model
+            return
         self.forward_model = wrap_data_parallel(self.model, dist, self.device, self.tables)
         if cfg.compile:
             self.forward_model = torch.compile(self.forward_model)
@@ -374,7 +393,10 @@ class Trainer:
             inputs = inputs.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             last = i == len(micro_batches) - 1
-            sync = self.forward_model.no_sync() if dist.enabled and not last else contextlib.nullcontext()
+            # DDP all-reduces on the last micro-batch only; FSDP reduce-scatters every micro-batch's gradients
+            # (skipping it would hold a whole unsharded gradient per rank)
+            sync = (self.forward_model.no_sync() if dist.enabled and not last and not self.sharded
+                    else contextlib.nullcontext())
             with sync:
                 with self.autocast:
                     out = self.forward_model(inputs, targets)
@@ -389,7 +411,9 @@ class Trainer:
 
             all_reduce_table_grads(self.tables)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        if self.tables:  # the tables' gradients are row-sparse: one global norm over both kinds
+        if self.sharded:  # sharded gradients (and the replicated tables' row-sparse ones): one global norm
+            grad_norm = clip_sharded_gradients(list(model.parameters()), self.tables, max_norm)
+        elif self.tables:  # the tables' gradients are row-sparse: one global norm over both kinds
             grad_norm = clip_gradients(list(model.parameters()), self.tables, max_norm)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -432,6 +456,9 @@ class Trainer:
                 total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, token count)
                 batches = eval_batches(shard.tokens(), cfg.seq_len, cfg.eval_tokens, cfg.micro_batch_size,
                                        dist.rank, dist.world_size)
+                if self.sharded:  # every forward gathers parameters: each rank runs as many as the busiest
+                    batches = list(batches)
+                    self._run_idle_forwards(shard.n_tokens, len(batches))
                 for batch_index, (inputs, targets) in enumerate(batches):
                     record = split_index == 0 and batch_index == 0
                     model.record_norms = record
@@ -448,13 +475,31 @@ class Trainer:
             model.train()
         return losses, norms
 
+    @torch.no_grad()
+    def _run_idle_forwards(self, n_tokens: int, own_batches: int) -> None:
+        """Forwards of a sharded model, their results unused, that bring this rank's count of evaluation batches
+        up to rank 0's (which holds the most windows): FSDP gathers the parameters in every forward, a
+        collective each rank must join, so unequal counts would hang the run."""
+        cfg, world_size = self.cfg, self.dist.world_size
+        windows = len(eval_starts(n_tokens, cfg.seq_len, cfg.eval_tokens))
+        most = math.ceil(math.ceil(windows / world_size) / cfg.micro_batch_size)
+        idle = torch.zeros(1, cfg.seq_len, dtype=torch.int64, device=self.device)
+        for _ in range(most - own_batches):
+            with self.autocast:
+                self.model(idle)
+
     # ------------------------------------------------------------------------------------------------- checkpoint
     def checkpoint(self) -> None:
         """Flush the metrics and save a checkpoint of the current step (rank 0 writes; every rank waits)."""
         self.metrics.flush()
+        full_state = None
+        if self.sharded:  # every rank gathers the full tensors (collectives); rank 0 writes them as one file
+            keep = self.dist.is_main
+            full_state = (full_model_state(self.model, keep), full_optimizer_state(self.optimizers[0], keep))
         if self.dist.is_main:
             payload = checkpoint_payload(self.step_count, self.run_id, self.model, self.optimizers,
-                                         self.batches.state_dict(), self.device, self.loss_ema, self.wall_s())
+                                         self.batches.state_dict(), self.device, self.loss_ema, self.wall_s(),
+                                         full_state=full_state)
             rundir.save_checkpoint(self.run_dir, self.step_count, payload, keep=self.cfg.keep_checkpoints)
         self.last_checkpoint_step = self.step_count
         self.dist.barrier()
