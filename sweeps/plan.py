@@ -183,8 +183,9 @@ def memory_limits(sweep: Sweep, gpu_memory: str | None = None, gpus_per_node: in
     """The limits of the memory check: the command line's values first, else the sweep's ``slurm`` section
     (``gpu_memory``, ``gpus_per_node``, ``nodes``) when it dispatches to Slurm, else its ``executor`` section
     (``gpu_memory``, ``gpus_per_run``), else this machine's GPUs (their count and GPU 0's memory), else one GPU
-    of unknown memory. ``shard``: ``auto``, a power of two, or None: the sweep's ``training.parallel`` (``auto``;
-    ``fsdp``: all the run's GPUs; ``hsdp``: one node's; ``ddp`` or not given: 1)."""
+    of unknown memory. ``shard``: ``auto``, a power of two, or None: the sweep's ``training.parallel`` and
+    ``training.shard_degree`` (``fsdp``: that degree, else all the run's GPUs; ``hsdp``: that degree, else one
+    node's; ``ddp`` or not given: 1)."""
     slurm = sweep.slurm or {}
     executor = sweep.executor or {}
     on_slurm = executor.get("type") == "slurm" or (bool(slurm) and "type" not in executor)
@@ -216,9 +217,11 @@ def memory_limits(sweep: Sweep, gpu_memory: str | None = None, gpus_per_node: in
         node_count = _positive_int(nodes, "--nodes")
     else:
         node_count = int(slurm.get("nodes") or 1) if on_slurm else 1
-    if shard is None:  # the sweep's training.parallel, once TrainingConfig has it: auto, ddp, fsdp, hsdp
-        parallel = (sweep.training or {}).get("parallel")
-        shard = {"auto": "auto", "fsdp": per_node * node_count, "hsdp": per_node}.get(str(parallel), 1)
+    if shard is None:  # the sweep's training.parallel (ddp, fsdp, hsdp) and shard_degree (0: a node's GPUs)
+        training = sweep.training or {}
+        degree = int(training.get("shard_degree") or 0)
+        shard = {"auto": "auto", "fsdp": degree or per_node * node_count, "hsdp": degree or per_node}.get(
+            str(training.get("parallel")), 1)
     elif shard != "auto":
         try:
             shard = int(shard)

@@ -271,6 +271,9 @@ def test_shard_from_the_sweeps_training_parallel():
         assert memory_limits(given, "80GiB", 8, 2).shard == shard
         assert memory_limits(given, "80GiB", 8, 2, shard="2").shard == 2
     assert memory_limits(sweep, "80GiB", 8, 2).shard == 1
+    for parallel, shard in (("fsdp", 4), ("hsdp", 4)):  # training.shard_degree, as the trainer reads it
+        given = dataclasses.replace(sweep, training={**sweep.training, "parallel": parallel, "shard_degree": 4})
+        assert memory_limits(given, "80GiB", 8, 2).shard == shard
 
 
 @pytest.mark.parametrize("extra", [
