@@ -31,7 +31,6 @@ torchtitan the attention term counts the full ``T x T`` score matrix (no halving
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Any
 
 from embscale.models.config import ModelConfig
@@ -168,15 +167,16 @@ def count_parameters(cfg: ModelConfig) -> Accounting:
     if cfg.is_moe:
         e, z, k = cfg.n_experts, cfg.n_zero_experts, cfg.top_k
         real_min, real_max = max(0, k - z), min(k, e)
-        real_expected = Fraction(k * e, e + z)
+        # expected real experts per token k e / (e + z): the activated count as one exact fraction, an int when
+        # it divides (int / int rounds correctly, as float(Fraction) does)
+        numerator, denominator = always * (e + z) + n_layers * per_expert * k * e, e + z
     else:
         real_min = real_max = 0
-        real_expected = Fraction(0)
-    expected = always + n_layers * per_expert * real_expected
+        numerator, denominator = always, 1
     qk_dim, v_dim = attention_head_dims(cfg)
     return Accounting(
         total=total,
-        activated=int(expected) if expected.denominator == 1 else float(expected),
+        activated=numerator // denominator if numerator % denominator == 0 else numerator / denominator,
         activated_min=always + n_layers * per_expert * real_min,
         activated_max=always + n_layers * per_expert * real_max,
         groups=groups,

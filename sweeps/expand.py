@@ -155,6 +155,9 @@ class Plan:
     executor: dict[str, Any] = field(default_factory=dict)
     slurm: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
+    # the ModelConfig each run was planned from, by run id: in memory only (not in to_dict), so that what reads
+    # the models (the memory estimate) need not rebuild 10,000 of them from their sections
+    model_configs: dict[str, ModelConfig] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def total_flops(self) -> float:
@@ -644,6 +647,10 @@ class _Expander:
         return point
 
     def plan_point(self, raw: dict[str, Any]) -> PlannedRun:
+        return self.plan_point_and_model(raw)[0]
+
+    def plan_point_and_model(self, raw: dict[str, Any]) -> tuple[PlannedRun, ModelConfig]:
+        """The planned run of a point and the model config it was planned from."""
         s = self.settings(raw)
         family = s["family"]
         # the model depends on the family's own axes only (seed and lr change the run, not the model)
@@ -666,11 +673,12 @@ class _Expander:
             extra["anchor"] = self.summary(resolved.anchor, seed, lr)
         if resolved.pair is not None:
             extra["pair"] = self.summary(resolved.pair, seed, lr)
-        return PlannedRun(run_id=run_id, family=family, point=self.display_point(raw, s), config=config,
-                          accounting=info.acc.to_dict(self.seq_len), tokens=tokens, flops=flops,
-                          target_ratio=resolved.target_ratio, achieved_ratio=info.acc.ratio,
-                          ne_share=info.acc.ne_share,
-                          base_ratio=s["base_ratio"] if family in EMBEDDING_FAMILIES else None, **extra)
+        run = PlannedRun(run_id=run_id, family=family, point=self.display_point(raw, s), config=config,
+                         accounting=info.acc.to_dict(self.seq_len), tokens=tokens, flops=flops,
+                         target_ratio=resolved.target_ratio, achieved_ratio=info.acc.ratio,
+                         ne_share=info.acc.ne_share,
+                         base_ratio=s["base_ratio"] if family in EMBEDDING_FAMILIES else None, **extra)
+        return run, info.cfg
 
     def resolve(self, family: str, s: dict[str, Any]) -> _Resolved:
         """The model of a point (cached per distinct model-relevant settings), or _Skip."""
@@ -853,7 +861,7 @@ def _expand(sweep: Sweep) -> Plan:
     seen: set[str] = set()
     for raw in sweep.points():
         try:
-            run = expander.plan_point(raw)
+            run, model = expander.plan_point_and_model(raw)
         except _Skip as skip:
             s = expander.settings(raw)
             plan.skipped.append(SkippedPoint(point=expander.display_point(raw, s), reason=str(skip)))
@@ -863,6 +871,7 @@ def _expand(sweep: Sweep) -> Plan:
             continue
         seen.add(run.run_id)
         plan.runs.append(run)
+        plan.model_configs[run.run_id] = model
     return plan
 
 

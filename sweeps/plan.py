@@ -171,6 +171,8 @@ def _local_gpus() -> tuple[int, int | None]:
 
     if importlib.util.find_spec("torch") is None:
         return 0, None
+    if not any(Path(p).exists() for p in ("/dev/nvidiactl", "/proc/driver/nvidia")):
+        return 0, None  # no NVIDIA driver: spare the plan the second that importing torch takes
     import torch
 
     if not torch.cuda.is_available():
@@ -251,13 +253,20 @@ def memory_checks(plan: Plan, limits: MemoryLimits) -> dict[str, MemoryCheck]:
     """:class:`MemoryCheck` of every planned run, by run id (see :mod:`embscale.sweeps.memory`)."""
     checks: dict[str, MemoryCheck] = {}
     models: dict[str, ModelConfig] = {}
+    trainings: dict[str, TrainingConfig] = {}
     gpus, memory = limits.gpus, limits.gpu_memory
     for run in plan.runs:
-        key = json.dumps(run.config["model"], sort_keys=True, default=str)
-        if key not in models:
-            models[key] = ModelConfig.from_dict(run.config["model"])
-        cfg, groups = models[key], run.accounting["groups"]
-        training = TrainingConfig(**(run.config.get("training") or {}))
+        cfg = plan.model_configs.get(str(run.run_id))
+        if cfg is None:  # a plan put together by hand
+            key = json.dumps(run.config["model"], sort_keys=True, default=str)
+            if key not in models:
+                models[key] = ModelConfig.from_dict(run.config["model"])
+            cfg = models[key]
+        groups = run.accounting["groups"]
+        training_key = json.dumps(run.config.get("training") or {}, sort_keys=True, default=str)
+        if training_key not in trainings:
+            trainings[training_key] = TrainingConfig(**(run.config.get("training") or {}))
+        training = trainings[training_key]
         fitting = smallest_fitting(cfg, groups, training, gpus, memory) if memory else None
         if limits.shard == "auto":
             shard = fitting.shard if fitting else (shard_degrees(gpus)[-1] if memory else 1)

@@ -40,6 +40,7 @@ else a table of known GPUs (bf16 dense), else NaN (CPU).
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -220,6 +221,7 @@ def train_run(run_cfg: RunConfig, run_dir: str | Path | None = None, resume: boo
     startup = StartupClock(started_at)
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(run_cfg)
     dist = Distributed("cuda" if wants_cuda(run_cfg.training.device) else "cpu")
+    trainer = None
     try:
         trainer = Trainer.build(run_cfg, run_dir, resume, dist, planned, startup=startup)
         if trainer.stored_summary is not None:
@@ -234,6 +236,12 @@ def train_run(run_cfg: RunConfig, run_dir: str | Path | None = None, resume: boo
         dist.barrier()
         return summary
     finally:
+        if dist.enabled:
+            # free the trainer (sharded modules, optimizer state, the collectives' pending work objects, held in
+            # reference cycles) while the interpreter is whole: gloo work objects that are first freed at
+            # interpreter shutdown abort the process (SIGABRT, "terminate called without an active exception")
+            del trainer
+            gc.collect()
         dist.close()
 
 
