@@ -450,4 +450,3 @@ class RunConfig:
 __all__ = ["DataConfig", "OutputConfig", "RunConfig", "TrainingConfig", "DEVICES", "FORMATS", "NGRAM_BACKENDS",
            "PARALLEL_MODES",
            "SCHEDULES", "TABLE_OPTIMIZERS", "TOKEN_FORMATS", "data_identity", "training_identity"]
-TRACKERS = ("tensorboard", "wandb")  # output.tracking: live curves besides metrics.parquet (training/tracking.py)
