@@ -89,7 +89,7 @@ Backends (``backend=``): ``auto`` runs the Triton kernels on CUDA tensors, or an
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -608,5 +608,20 @@ class TableAdamW(torch.optim.Optimizer):
             self.state[param] = state
 
 
+def merge_pending_row_grads(tables: Sequence[Any]) -> list[Any]:
+    """Each table's pending row gradients (``sparse_grads``, one per micro-batch) merged in place into one entry
+    (:func:`merge_row_grads`); returns the merged ``values`` of the tables that have any (what gradient clipping
+    measures and scales)."""
+    values = []
+    for table in tables:
+        pending = getattr(table, "sparse_grads", None)
+        if pending:
+            merged = merge_row_grads(list(pending))
+            pending[:] = [merged]
+            values.append(merged.values)
+    return values
+
+
 __all__ = ["BACKENDS", "MODES", "MOMENTS", "PAD_ROW", "RowGrad", "TableAdamW", "collect_row_grad",
+           "merge_pending_row_grads",
            "dense_step_torch", "dense_step_triton", "merge_row_grads", "sparse_step_torch", "sparse_step_triton"]

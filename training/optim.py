@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from embscale.base.errors import ConfigError
+from embscale.kernels.table_optim import merge_pending_row_grads
 from embscale.training.config import TrainingConfig
 
 
@@ -99,16 +100,8 @@ def clip_gradients(params: list[torch.Tensor], tables: list[torch.Tensor], max_n
     reads the number of touched rows, so there is no host sync for it); both kinds are scaled by
     ``min(1, max_norm / (norm + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_`` does (scaling keeps the padding
     at zero)."""
-    from embscale.kernels.table_optim import merge_row_grads
-
     dense = [p for p in params if p.grad is not None]
-    sparse_values = []
-    for table in tables:
-        pending = getattr(table, "sparse_grads", None)
-        if pending:
-            merged = merge_row_grads(list(pending))
-            pending[:] = [merged]
-            sparse_values.append(merged.values)
+    sparse_values = merge_pending_row_grads(tables)
     grads = [p.grad for p in dense] + sparse_values
     if not grads:
         return torch.zeros(())

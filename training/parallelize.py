@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from embscale.base.errors import ConfigError
+from embscale.kernels.table_optim import merge_pending_row_grads
 from embscale.training.config import TrainingConfig
 
 SHARDED = ("fsdp", "hsdp")
@@ -148,16 +149,8 @@ def clip_sharded_gradients(params: Sequence[torch.nn.Parameter], tables: Sequenc
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.experimental import implicit_replication
 
-    from embscale.kernels.table_optim import merge_row_grads
-
     dense = [p for p in params if p.grad is not None]
-    sparse_values = []
-    for table in tables:
-        pending = getattr(table, "sparse_grads", None)
-        if pending:
-            merged = merge_row_grads(list(pending))
-            pending[:] = [merged]
-            sparse_values.append(merged.values)
+    sparse_values = merge_pending_row_grads(tables)
     squares = []
     if dense:
         norm = torch.nn.utils.get_total_norm([p.grad for p in dense], norm_type=2.0)
