@@ -201,8 +201,13 @@ class TrainingConfig:
 def training_identity(training: TrainingConfig) -> dict[str, Any]:
     """The training section as it enters the run id: every field, except the opt-in ones at their defaults
     (``embscale.sweeps.expand`` hashes the same mapping)."""
-    identity = dataclasses.asdict(training)
-    for name, default in _OPT_IN_TRAINING_DEFAULTS.items():
+    return _identity(training, _OPT_IN_TRAINING_DEFAULTS)
+
+
+def _identity(section: Any, opt_in_defaults: dict[str, Any]) -> dict[str, Any]:
+    """``asdict(section)`` without the fields added after runs were recorded, where they hold their default."""
+    identity = dataclasses.asdict(section)
+    for name, default in opt_in_defaults.items():
         if identity[name] == default:
             del identity[name]
     return identity
@@ -309,11 +314,7 @@ def data_identity(data: DataConfig) -> dict[str, Any]:
     """The data section as it enters the run id: every field, except the opt-in ones at their defaults
     (``token_column``, ``eos_token_id``), so runs recorded before they existed keep their ids
     (``embscale.sweeps.expand`` hashes the same mapping)."""
-    identity = dataclasses.asdict(data)
-    for name, default in _OPT_IN_DATA_DEFAULTS.items():
-        if identity[name] == default:
-            del identity[name]
-    return identity
+    return _identity(data, _OPT_IN_DATA_DEFAULTS)
 
 
 @dataclass(frozen=True)
