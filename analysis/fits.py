@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -28,7 +29,7 @@ class Analysis:
     param_laws: laws.ParamLaws
     crossovers: pd.DataFrame
     notes: list[str] = field(default_factory=list)
-    caveats: list[str] = field(default_factory=list)  # about the runs' data; every figure carries them
+    caveats: list[Caveat] = field(default_factory=list)  # about the runs' data; every figure carries them
 
 
 REPEATED_DATA = ("exclude", "include")
@@ -44,22 +45,30 @@ def _epochs(runs: pd.DataFrame) -> pd.Series:
     return column("epochs_seen").fillna(column("epochs"))
 
 
-def data_caveats(runs: pd.DataFrame, repeated_data: str = "exclude") -> list[str]:
-    """Lines about the runs' data that every figure of the sweep carries: runs that repeated their training data
-    (and what the fits did with them) and validation splits smaller than the runs' ``eval_tokens``."""
+class Caveat(NamedTuple):
+    """What a reader must know about the runs' data: ``text`` (a figure's footnote) and the ``runs`` it concerns."""
+
+    text: str
+    runs: int
+
+
+def data_caveats(runs: pd.DataFrame, repeated_data: str = "exclude") -> list[Caveat]:
+    """What every figure of the sweep says about the runs' data: runs that repeated their training data (and what
+    the fits did with them) and validation splits smaller than the runs' ``eval_tokens``."""
     lines = []
     if "repeated_data" in runs.columns:
         repeated = runs[runs["repeated_data"].fillna(False).astype(bool)]
         if len(repeated):
             epochs = _epochs(repeated)
             what = "excluded from fits and figures" if repeated_data == "exclude" else "included in fits"
-            lines.append(f"{len(repeated)} of {len(runs)} runs repeated their training data (up to "
-                         f"{epochs.max():.2f} epochs): {what}")
+            lines.append(Caveat(f"{len(repeated)} of {len(runs)} runs repeated their training data (up to "
+                                f"{epochs.max():.2f} epochs): {what}", len(repeated)))
     if "small_val_splits" in runs.columns:
-        names = sorted({name for value in runs["small_val_splits"].dropna().astype(str)
-                        for name in value.split(",") if name})
+        small = runs["small_val_splits"].fillna("").astype(str)
+        names = sorted({name for value in small for name in value.split(",") if name})
         if names:
-            lines.append(f"validation split(s) {', '.join(names)} smaller than eval_tokens: losses on the whole split")
+            lines.append(Caveat(f"validation split(s) {', '.join(names)} smaller than eval_tokens: losses on the "
+                                "whole split", int((small != "").sum())))
     return lines
 
 
@@ -102,7 +111,7 @@ def analyse(runs: pd.DataFrame, *, n_boot: int = 400, n_boot_param: int = 100, s
     if excluded:
         notes.append(f"{excluded} run(s) excluded from fits (failed, diverged, running, repeated data, ...): see "
                      "excluded_reason in runs.parquet")
-    notes += caveats
+    notes += [caveat.text for caveat in caveats]
     return Analysis(runs, split_names, ratio_laws, param_laws, crossings, notes, caveats)
 
 
@@ -135,11 +144,9 @@ def summary_table(result: Analysis) -> pd.DataFrame:
                      "n_runs": math.nan, "heldout_mae": math.nan, "heldout_mre": math.nan,
                      "note": "; ".join(p for p in (side, row["note"]) if p)})
     for caveat in result.caveats:
-        count = caveat.split(" ", 1)[0]
-        rows.append({"law": "data", "group": "", "split": "", "parameter": "caveat",
-                     "estimate": float(count) if count.isdigit() else math.nan, "ci_lo": math.nan,
-                     "ci_hi": math.nan, "n_runs": math.nan, "heldout_mae": math.nan, "heldout_mre": math.nan,
-                     "note": caveat})
+        rows.append({"law": "data", "group": "", "split": "", "parameter": "runs", "estimate": float(caveat.runs),
+                     "ci_lo": math.nan, "ci_hi": math.nan, "n_runs": float(caveat.runs), "heldout_mae": math.nan,
+                     "heldout_mre": math.nan, "note": caveat.text})
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
@@ -165,4 +172,5 @@ def format_summary(summary: pd.DataFrame, max_rows: int = 40) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Analysis", "SUMMARY_COLUMNS", "analyse", "format_summary", "summary_table"]
+__all__ = ["Analysis", "Caveat", "REPEATED_DATA", "SUMMARY_COLUMNS", "analyse", "apply_data_policy", "data_caveats",
+           "format_summary", "summary_table"]

@@ -141,7 +141,7 @@ def draw_figure(job: Job, inputs: _Inputs, log: Log) -> list[Path]:
     """Draw one job of :func:`figure_jobs` (PNG and PDF); returns its files (none when it is skipped)."""
     result, out_dir = inputs.result, inputs.out_dir
     name, part = job
-    with matplotlib.rc_context(STYLE), figure_caveats(result.caveats):
+    with matplotlib.rc_context(STYLE), figure_caveats([caveat.text for caveat in result.caveats]):
         if name == "fig2_loss_vs_ratio":
             sizes = None if part is None else figures.loss_vs_ratio_sizes(result)[part:part + 1]
             return figures.fig_loss_vs_ratio(result, out_dir, log, sizes=sizes)

@@ -124,13 +124,14 @@ def test_repeated_runs_are_recorded_marked_and_left_out_of_fits(tmp_path, monkey
     assert not excluded.runs["fit_ok"].any()
     assert excluded.runs["excluded_reason"].str.startswith("repeated its training data").all()
     assert excluded.ratio_laws.table.empty
-    assert excluded.caveats and "3 of 3 runs repeated their training data" in excluded.caveats[0]
+    assert excluded.caveats and "3 of 3 runs repeated their training data" in excluded.caveats[0].text
+    assert excluded.caveats[0].runs == 3
     summary = summary_table(excluded)
     assert (summary["law"] == "data").sum() == 1 and summary.loc[summary["law"] == "data", "estimate"].iloc[0] == 3
 
     included = analyse(runs, n_boot=10, n_boot_param=5, repeated_data="include")
     assert included.runs["fit_ok"].all() and not included.ratio_laws.table.empty
-    assert "included in fits" in included.caveats[0]
+    assert "included in fits" in included.caveats[0].text
 
     paths, _, _ = plot_results(runs, curves, tmp_path / "figures", n_boot=10, n_boot_param=5,
                                repeated_data="include")
