@@ -297,33 +297,50 @@ def verify_checkpoint(path: Path) -> bool:
     return digest == expected
 
 
+def _read_checkpoint(path: Path, map_location: Any) -> tuple[dict[str, Any] | None, str]:
+    """``(state, "")`` of an intact checkpoint, or ``(None, why)``: a checksum mismatch or a load error."""
+    import torch
+
+    if not verify_checkpoint(path):
+        return None, "checksum mismatch (truncated or corrupt)"
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True), ""
+    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
+        return None, f"cannot be loaded: {exc}"
+
+
 def load_latest_checkpoint(run_dir: Path, map_location: Any = "cpu") -> tuple[int, dict[str, Any]] | None:
     """``(step, state)`` of the newest intact checkpoint, or None when there is none.
 
     Corrupt or truncated checkpoints met on the way are renamed ``*.corrupt`` and reported, and temporary files of
     a save that was killed are removed."""
-    import torch
-
     folder = checkpoint_dir(run_dir)
     if folder.is_dir():
         for leftover in folder.glob(".step_*.tmp"):
             leftover.unlink(missing_ok=True)
     for step, path in reversed(list_checkpoints(run_dir)):
-        problem = None
-        if not verify_checkpoint(path):
-            problem = "checksum mismatch (truncated or corrupt)"
-        else:
-            try:
-                state = torch.load(path, map_location=map_location, weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
-                problem = f"cannot be loaded: {exc}"
-        if problem is None:
+        state, problem = _read_checkpoint(path, map_location)
+        if state is not None:
             return step, state
         log(f"checkpoint {path} is unusable ({problem}); falling back to the previous one")
         for item in (path, _checksum_path(path)):
             if item.exists():
                 os.replace(item, item.with_name(item.name + ".corrupt"))
     return None
+
+
+def read_latest_checkpoint(run_dir: Path, map_location: Any = "cpu"
+                           ) -> tuple[tuple[int, Path, dict[str, Any]] | None, list[tuple[Path, str]]]:
+    """For readers of a run that is not theirs (``embscale decode-bench``): ``(step, path, state)`` of the newest
+    intact checkpoint (None when there is none) and ``(path, why)`` of every newer one that is unusable. Nothing
+    is renamed or removed: the run's trainer decides what happens to its files."""
+    unusable = []
+    for step, path in reversed(list_checkpoints(run_dir)):
+        state, problem = _read_checkpoint(path, map_location)
+        if state is not None:
+            return (step, path, state), unusable
+        unusable.append((path, problem))
+    return None, unusable
 
 
 def remove_partial_writes(run_dir: Path) -> None:
@@ -338,7 +355,8 @@ __all__ = [
     "PLANNED_BY", "RUN_FILE", "SHOWN_STATES", "STATES", "STATUS_FILE", "TENSORBOARD_DIR", "TERMINAL_STATES",
     "WANDB_DIR", "checkpoint_dir", "checkpoint_path", "event_log_files", "is_run_dir", "list_checkpoints",
     "load_latest_checkpoint", "metrics_path", "open_event_log", "read_json_checked", "read_metrics",
-    "read_metrics_checked", "read_run_record", "read_status", "record_startup", "remove_event_files",
+    "read_latest_checkpoint", "read_metrics_checked", "read_run_record", "read_status", "record_startup",
+    "remove_event_files",
     "remove_partial_writes",
     "run_state", "save_checkpoint", "tensorboard_dir", "utc_now", "val_loss_column", "verify_checkpoint",
     "wandb_dir", "with_planned",

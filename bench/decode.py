@@ -6,12 +6,35 @@ For each batch size ``B`` (random prompts of ``prompt_len`` tokens, ``new_tokens
 - ``speculative`` (``k > 0``): ``k`` draft steps and one verification pass of ``B * (k + 1)`` tokens per round,
   the draft being a given small model or the target's own trunk on a plain token embedding.
 
-Each row has: ``tokens_per_s`` (generated tokens over the wall time of the whole generation, prefill included),
+Each row has: ``tokens_per_s`` (generated tokens over the wall time of the whole generation, prefill included;
+for ``decode`` the prefill and the steps, leaving out the graph capture and the floor's counting between steps),
 ``ms_per_step`` (the median decode step, or the mean speculative round), ``experts_per_step`` (distinct real
 experts that the target's step, or verification pass, sent at least one token to, zero experts excluded, mean
 over MoE layers and steps; NaN without routed experts), ``ngram_share`` (hashing that step's new tokens with the
 N-gram Cache plus the N-gram embedding lookups of NE and PLNE, timed alone on the same shapes, over the step
 time; 0 without N-gram tables) and ``acceptance_rate`` (speculative only).
+
+The memory floor of a decode step (``decode`` rows): the bytes the step must read at least, over the device's
+measured copy bandwidth (:func:`copy_bandwidth`). Counted per step (:class:`WeightLayout`), then averaged over
+the steps:
+
+- ``dense_bytes``: every parameter read whole by every step: attention, dense MLPs, norms, routers, shared
+  experts, the N-gram projections, the LM head (a tied head reads the whole token table);
+- ``expert_bytes``: the real experts the step routed at least one token to (zero experts excluded), in every
+  MoE layer, times the bytes of one expert (gate, up and down matrices);
+- ``ngram_row_bytes``: the distinct N-gram table rows the step gathered (NE and every PLNE table), times the
+  row bytes; ``token_row_bytes``: the distinct token ids of the step times the row bytes of every untied table
+  indexed by token id (E0, the PLE and PLNE token tables);
+- ``kv_bytes``: the KV cache of every token the sequences hold after the step (the new one included), which the
+  step's attention reads (this implementation reads the whole preallocated cache, masked: more than the floor).
+
+``floor_ms`` is their sum over the bandwidth and ``floor_ratio`` = ``ms_per_step / floor_ms`` (1 would be a step
+that only streams its bytes once at copy speed). Activations and the logits are not counted (small next to the
+weights at decode batch sizes). Speculative rows have no floor (NaN): a round mixes draft steps and a
+verification pass; their time per round is reported as is.
+
+On CUDA the decode step is replayed from a CUDA graph (:mod:`embscale.inference.cuda_graph`) unless
+``cuda_graph=False``; the speculative rounds run eagerly.
 
 Weights are random (``seed``) unless the caller loads some: speeds and expert counts are those of the shapes, but
 an acceptance rate of random weights says nothing about a trained pair. Times come from ``time.perf_counter``
@@ -23,7 +46,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -34,6 +57,7 @@ from embscale.inference.ngram_cache import NgramCaches
 from embscale.inference.speculative import speculative_generate
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+FLOOR_PARTS = ("dense_bytes", "expert_bytes", "ngram_row_bytes", "token_row_bytes", "kv_bytes")
 
 
 @dataclass
@@ -46,6 +70,16 @@ class DecodeRow:
     experts_per_step: float
     ngram_share: float
     acceptance_rate: float
+    cuda_graph: bool = False  # the step was replayed from a CUDA graph
+    # the memory floor (decode rows; NaN for speculative ones): mean bytes per step by part, and the time
+    dense_bytes: float = math.nan
+    expert_bytes: float = math.nan
+    ngram_row_bytes: float = math.nan
+    token_row_bytes: float = math.nan
+    kv_bytes: float = math.nan
+    floor_bytes: float = math.nan
+    floor_ms: float = math.nan
+    floor_ratio: float = math.nan  # ms_per_step / floor_ms
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,6 +88,88 @@ class DecodeRow:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device | str, nbytes: int | None = None, reps: int = 5) -> float:
+    """Bytes per second the device moves in a large tensor copy: ``2 * nbytes`` (read and written) over the best
+    of ``reps`` timed ``copy_`` calls (after one untimed). Default size 1 GiB on CUDA, 256 MiB elsewhere."""
+    device = torch.device(device)
+    if nbytes is None:
+        nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    source = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    best = math.inf
+    for _ in range(reps):
+        _sync(device)
+        start = time.perf_counter()
+        target.copy_(source)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+@dataclass
+class WeightLayout:
+    """What a decode step of ``model`` reads: the parameters read whole, the bytes of one expert per MoE layer,
+    the row bytes of the tables indexed by token id and of the N-gram tables of each hash role, and the KV cache
+    bytes per token (the module docstring says how each is counted)."""
+
+    dense_bytes: int
+    expert_bytes: list[int]  # per MoE layer: one real expert (gate, up, down)
+    token_row_bytes: int  # one token id's row in every untied table indexed by token id
+    ngram_row_bytes: dict[str, int] = field(default_factory=dict)  # role -> one row id's bytes over its tables
+    kv_bytes_per_token: int = 0
+
+    def step_bytes(self, model: nn.Module, ids: torch.Tensor, rows: dict[str, torch.Tensor],
+                   tokens_held: int) -> dict[str, int]:
+        """The floor's parts for a step that fed ``ids (B, T)`` with N-gram row ids ``rows`` (``{role}_rows``, as
+        the N-gram Cache returns them), after which the sequences hold ``tokens_held`` tokens together; reads
+        the experts touched from each MoE layer's ``last_counts``."""
+        experts = sum(int((moe.last_counts[: moe.n_experts] > 0).sum()) * size
+                      for moe, size in zip(model.moe_layers(), self.expert_bytes, strict=True))
+        ngram = sum(int(torch.unique(rows[f"{role}_rows"]).numel()) * size
+                    for role, size in self.ngram_row_bytes.items())
+        tokens = int(torch.unique(ids).numel()) * self.token_row_bytes if self.token_row_bytes else 0
+        return {"dense_bytes": self.dense_bytes, "expert_bytes": experts, "ngram_row_bytes": ngram,
+                "token_row_bytes": tokens, "kv_bytes": tokens_held * self.kv_bytes_per_token}
+
+
+def _bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def weight_layout(model: nn.Module) -> WeightLayout:
+    """Sort ``model``'s parameters into read whole, per expert, per token id and per N-gram row."""
+    from embscale.models.ngram import NgramEmbedding
+
+    tied = model.lm_head is None  # the head reads the whole token table at every step
+    gathered: set[int] = set()
+    token_rows = 0
+    ngram_rows: dict[str, int] = {}
+    role_of = {id(module): role for role, module in model.ngram_specs().items()}
+    embeddings = [("embed", model.embed)] + [("per_layer", m) for m in
+                                             (model.per_layer.values() if model.per_layer is not None else ())]
+    for role, module in embeddings:
+        tables = [module.token.weight] if hasattr(module, "token") else [module.weight]
+        if not (tied and role == "embed"):
+            for table in tables:
+                if id(table) not in gathered:
+                    gathered.add(id(table))
+                    token_rows += table.shape[1] * table.element_size()
+        if isinstance(module, NgramEmbedding):
+            weight = module.tables.weight
+            if id(weight) not in gathered:
+                gathered.add(id(weight))
+                key = role if role == "embed" else role_of.get(id(module), "per_layer")
+                ngram_rows[key] = ngram_rows.get(key, 0) + weight.shape[1] * weight.element_size()
+    experts = []
+    for moe in model.moe_layers():
+        gathered.update((id(moe.w_gate_up), id(moe.w_down)))
+        experts.append(_bytes(moe.w_gate_up[0]) + _bytes(moe.w_down[0]))
+    dense = sum(_bytes(p) for p in model.parameters() if id(p) not in gathered)
+    return WeightLayout(dense_bytes=dense, expert_bytes=experts, token_row_bytes=token_rows,
+                        ngram_row_bytes=ngram_rows, kv_bytes_per_token=model.new_cache(1, 1).bytes_per_token())
 
 
 def distinct_experts(model: nn.Module) -> float:
@@ -90,29 +206,67 @@ def ngram_seconds(model: nn.Module, batch: int, width: int, reps: int = 5) -> fl
     return statistics.median(times)
 
 
+class _EagerStep:
+    """``Decoder.feed`` of one token per sequence, keeping the step's N-gram row ids (for the floor)."""
+
+    def __init__(self, decoder: Decoder):
+        self.decoder = decoder
+        self.rows: dict[str, torch.Tensor] = {}
+        self.next_token: torch.Tensor | None = None
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        decoder = self.decoder
+        self.rows = decoder.ngrams.step(ids) if decoder.ngrams is not None else {}
+        logits = decoder.model.forward_cached(ids, decoder.kv, **self.rows)
+        self.next_token = logits[:, -1].argmax(dim=-1)
+        return logits
+
+
 @torch.no_grad()
 def measure_decode(model: nn.Module, batch: int, prompt_len: int, new_tokens: int,
-                   generator: torch.Generator) -> DecodeRow:
+                   generator: torch.Generator, *, cuda_graph: bool = False, bandwidth: float | None = None,
+                   layout: WeightLayout | None = None) -> DecodeRow:
+    """Plain greedy decoding of ``batch`` random prompts; ``bandwidth`` (bytes/s) adds the memory floor."""
     device = model.norm.weight.device
+    layout = layout or weight_layout(model)
     prompts = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len), generator=generator).to(device)
     _sync(device)
     start = time.perf_counter()
     decoder = Decoder(model, batch, prompt_len + new_tokens)
     token = decoder.prefill(list(prompts)).argmax(-1)
-    steps, experts = [], []
+    _sync(device)
+    prefill_s = time.perf_counter() - start
+    step = _EagerStep(decoder)
+    if cuda_graph and new_tokens > 1:
+        from embscale.inference.cuda_graph import GraphedDecodeStep
+
+        step = GraphedDecodeStep(decoder)
+    steps, experts, parts = [], [], []
+    held = batch * prompt_len
     for _ in range(new_tokens - 1):
+        fed = token.unsqueeze(1).clone()  # the graph overwrites next_token in place
         _sync(device)
         t0 = time.perf_counter()
-        token = decoder.feed(token.unsqueeze(1))[:, 0].argmax(-1)
+        step(fed)
+        token = step.next_token
         _sync(device)
         steps.append(time.perf_counter() - t0)
+        held += batch
         experts.append(distinct_experts(model))
-    total = time.perf_counter() - start
-    step = statistics.median(steps) if steps else float("nan")
-    return DecodeRow(mode="decode", batch=batch, tokens_per_s=batch * new_tokens / total, ms_per_step=1e3 * step,
-                     tokens_per_step=batch, experts_per_step=_mean(experts),
-                     ngram_share=ngram_seconds(model, batch, 1) / step if steps else float("nan"),
-                     acceptance_rate=float("nan"))
+        if bandwidth is not None:
+            parts.append(layout.step_bytes(model, fed, step.rows, held))
+    median = statistics.median(steps) if steps else float("nan")
+    row = DecodeRow(mode="decode", batch=batch, tokens_per_s=batch * new_tokens / (prefill_s + sum(steps)),
+                    ms_per_step=1e3 * median, tokens_per_step=batch, experts_per_step=_mean(experts),
+                    ngram_share=ngram_seconds(model, batch, 1) / median if steps else float("nan"),
+                    acceptance_rate=float("nan"), cuda_graph=not isinstance(step, _EagerStep))
+    if parts:
+        for name in FLOOR_PARTS:
+            setattr(row, name, sum(p[name] for p in parts) / len(parts))
+        row.floor_bytes = sum(getattr(row, name) for name in FLOOR_PARTS)
+        row.floor_ms = 1e3 * row.floor_bytes / bandwidth
+        row.floor_ratio = row.ms_per_step / row.floor_ms
+    return row
 
 
 @torch.no_grad()
@@ -141,26 +295,31 @@ def _mean(values: list[float]) -> float:
 
 def run_decode_bench(model: nn.Module, *, batch_sizes: tuple[int, ...] = BATCH_SIZES, prompt_len: int = 16,
                      new_tokens: int = 16, k: int = 4, draft: nn.Module | None = None, seed: int = 0,
-                     show_progress: bool = True) -> list[DecodeRow]:
-    """Every row (``decode`` for each batch size, then ``speculative`` when ``k > 0``)."""
+                     show_progress: bool = True, cuda_graph: bool = False, bandwidth: float | None = None,
+                     label: str = "decode-bench") -> list[DecodeRow]:
+    """Every row (``decode`` for each batch size, then ``speculative`` when ``k > 0``); ``bandwidth`` (bytes/s,
+    :func:`copy_bandwidth`) adds the memory floor to the decode rows; ``cuda_graph`` replays their steps from a
+    CUDA graph. The prompts depend on ``seed`` only, so two models of one vocabulary see the same ones."""
     model.eval()
     if draft is not None:
         draft.eval()
     generator = torch.Generator().manual_seed(seed)
     modes = ["decode"] + (["speculative"] if k > 0 else [])
     rows = []
-    progress = Progress(len(batch_sizes) * len(modes), "decode-bench", unit="run",
+    layout = weight_layout(model)
+    progress = Progress(len(batch_sizes) * len(modes), label, unit="run",
                         mode=None if show_progress else "off")
     with progress:
         for mode in modes:
             for batch in batch_sizes:
                 if mode == "decode":
-                    rows.append(measure_decode(model, batch, prompt_len, new_tokens, generator))
+                    rows.append(measure_decode(model, batch, prompt_len, new_tokens, generator, cuda_graph=cuda_graph,
+                                               bandwidth=bandwidth, layout=layout))
                 else:
                     rows.append(measure_speculative(model, draft, batch, prompt_len, new_tokens, k, generator))
                 progress.update(1, mode=mode, batch=batch, tokens_per_s=round(rows[-1].tokens_per_s, 1))
     return rows
 
 
-__all__ = ["BATCH_SIZES", "DecodeRow", "distinct_experts", "measure_decode", "measure_speculative",
-           "ngram_seconds", "run_decode_bench"]
+__all__ = ["BATCH_SIZES", "FLOOR_PARTS", "DecodeRow", "WeightLayout", "copy_bandwidth", "distinct_experts",
+           "measure_decode", "measure_speculative", "ngram_seconds", "run_decode_bench", "weight_layout"]

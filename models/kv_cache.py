@@ -92,6 +92,9 @@ class KVCache:
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)
         self.layers = [[AttentionCache(self, s, batch, capacity, device, dtype) for s in layer] for layer in shapes]
         self._step: CacheStep | None = None
+        # begin()'s capacity check reads the lengths on the host; a step captured in a CUDA graph must not, so
+        # its runner turns the check off and keeps to the capacity itself (embscale.inference.cuda_graph)
+        self.check_capacity = True
 
     @property
     def step(self) -> CacheStep:
@@ -107,7 +110,7 @@ class KVCache:
         ``ValueError`` when a sequence would outgrow the capacity."""
         if self._step is not None:
             raise RuntimeError("a step is already in progress (commit it first)")
-        if int((self.lengths + n_new).max()) > self.capacity:  # one host sync per step: never write past the end
+        if self.check_capacity and int((self.lengths + n_new).max()) > self.capacity:  # one host sync per step
             raise ValueError(f"KV cache capacity {self.capacity} exceeded")
         offsets = torch.arange(width, device=self.lengths.device)
         positions = self.lengths.unsqueeze(1) + offsets  # (B, T)

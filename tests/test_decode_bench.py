@@ -24,15 +24,16 @@ def config_file(tmp_path):
 
 def test_decode_bench_json_rows(config_file, capsys, monkeypatch):
     monkeypatch.setenv("EMBSCALE_PROGRESS", "off")
-    code = main(["decode-bench", str(config_file), "--batch-sizes", "1,3", "--prompt-len", "5",
+    code = main(["decode-bench", str(config_file), "--batch-sizes", "1,3", "--prompt-len", "5", "--copy-mib", "4",
                  "--new-tokens", "6", "--k", "2", "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
-    rows = report["rows"]
+    (model,) = report["models"]
+    rows = model["rows"]
     assert [(r["mode"], r["batch"]) for r in rows] == [("decode", 1), ("decode", 3), ("speculative", 1),
                                                        ("speculative", 3)]
     # 2 layers x 2 attentions x (k + v) x 2 heads x 12 x 4 bytes
-    assert report["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 2 * 12 * 4
+    assert model["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 2 * 12 * 4
     for row in rows:
         assert row["tokens_per_s"] > 0 and row["ms_per_step"] > 0
         assert 0 < row["ngram_share"]  # NE and PLNE lookups take some of every step
@@ -48,7 +49,7 @@ def test_decode_bench_table_with_a_draft_model(config_file, tmp_path, capsys, mo
     monkeypatch.setenv("EMBSCALE_PROGRESS", "off")
     draft = tmp_path / "draft.yaml"
     draft.write_text(yaml.safe_dump(dict(vocab_size=97, d_model=16, n_layers=1, n_heads=2, dense_hidden=16)))
-    assert main(["decode-bench", str(config_file), "--draft", str(draft), "--batch-sizes", "2",
+    assert main(["decode-bench", str(config_file), "--draft", str(draft), "--batch-sizes", "2", "--copy-mib", "4",
                  "--prompt-len", "3", "--new-tokens", "4", "--k", "1"]) == 0
     out = capsys.readouterr().out
     assert "tokens/s" in out and "speculative" in out and "decode" in out
