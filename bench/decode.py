@@ -30,8 +30,11 @@ the steps:
 
 ``floor_ms`` is their sum over the bandwidth and ``floor_ratio`` = ``ms_per_step / floor_ms`` (1 would be a step
 that only streams its bytes once at copy speed). Activations and the logits are not counted (small next to the
-weights at decode batch sizes). Speculative rows have no floor (NaN): a round mixes draft steps and a
-verification pass; their time per round is reported as is.
+weights at decode batch sizes). A speculative row's floor is that of a round: the sum over its ``k`` draft feeds
+(the draft reads its plain token embedding: no N-gram table or projection) and its verification pass, each
+counted as above (the KV part: the draft's cache, then the target's); its ``ms_per_step`` is the mean round, the
+prefill and the host's acceptance work included, timed in a run of its own (the counting run repeats the same
+greedy rounds).
 
 On CUDA the decode step is replayed from a CUDA graph (:mod:`embscale.inference.cuda_graph`) unless
 ``cuda_graph=False``; the speculative rounds run eagerly.
@@ -51,7 +54,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from embscale.base.progress import Progress
+from embscale.base.progress import Progress, log
 from embscale.inference.decode import Decoder
 from embscale.inference.ngram_cache import NgramCaches
 from embscale.inference.speculative import speculative_generate
@@ -71,7 +74,7 @@ class DecodeRow:
     ngram_share: float
     acceptance_rate: float
     cuda_graph: bool = False  # the step was replayed from a CUDA graph
-    # the memory floor (decode rows; NaN for speculative ones): mean bytes per step by part, and the time
+    # the memory floor: mean bytes per step (or round) by part, and the time
     dense_bytes: float = math.nan
     expert_bytes: float = math.nan
     ngram_row_bytes: float = math.nan
@@ -139,8 +142,9 @@ def _bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def weight_layout(model: nn.Module) -> WeightLayout:
-    """Sort ``model``'s parameters into read whole, per expert, per token id and per N-gram row."""
+def weight_layout(model: nn.Module, plain_embedding: bool = False) -> WeightLayout:
+    """Sort ``model``'s parameters into read whole, per expert, per token id and per N-gram row.
+    ``plain_embedding``: as a draft reading ``finish(E0(t))`` uses it: no N-gram table or projection is read."""
     from embscale.models.ngram import NgramEmbedding
 
     tied = model.lm_head is None  # the head reads the whole token table at every step
@@ -157,7 +161,9 @@ def weight_layout(model: nn.Module) -> WeightLayout:
                 if id(table) not in gathered:
                     gathered.add(id(table))
                     token_rows += table.shape[1] * table.element_size()
-        if isinstance(module, NgramEmbedding):
+        if isinstance(module, NgramEmbedding) and plain_embedding:
+            gathered.update((id(module.tables.weight), id(module.projection.weight)))  # never read
+        elif isinstance(module, NgramEmbedding):
             weight = module.tables.weight
             if id(weight) not in gathered:
                 gathered.add(id(weight))
@@ -240,7 +246,18 @@ def measure_decode(model: nn.Module, batch: int, prompt_len: int, new_tokens: in
     if cuda_graph and new_tokens > 1:
         from embscale.inference.cuda_graph import GraphedDecodeStep
 
-        step = GraphedDecodeStep(decoder)
+        try:
+            step = GraphedDecodeStep(decoder)
+        except Exception as exc:  # noqa: BLE001 - any capture failure: measure the eager step instead
+            log(f"decode-bench: the CUDA graph capture failed at batch {batch} ({type(exc).__name__}: {exc}); "
+                "this row runs the eager step (cuda_graph false)")
+            _sync(device)
+            start = time.perf_counter()
+            decoder = Decoder(model, batch, prompt_len + new_tokens)  # the failed capture may have left state
+            token = decoder.prefill(list(prompts)).argmax(-1)
+            _sync(device)
+            prefill_s = time.perf_counter() - start
+            step = _EagerStep(decoder)
     steps, experts, parts = [], [], []
     held = batch * prompt_len
     for _ in range(new_tokens - 1):
@@ -260,32 +277,61 @@ def measure_decode(model: nn.Module, batch: int, prompt_len: int, new_tokens: in
                     ms_per_step=1e3 * median, tokens_per_step=batch, experts_per_step=_mean(experts),
                     ngram_share=ngram_seconds(model, batch, 1) / median if steps else float("nan"),
                     acceptance_rate=float("nan"), cuda_graph=not isinstance(step, _EagerStep))
-    if parts:
-        for name in FLOOR_PARTS:
-            setattr(row, name, sum(p[name] for p in parts) / len(parts))
-        row.floor_bytes = sum(getattr(row, name) for name in FLOOR_PARTS)
-        row.floor_ms = 1e3 * row.floor_bytes / bandwidth
-        row.floor_ratio = row.ms_per_step / row.floor_ms
+    _set_floor(row, parts, bandwidth)
     return row
 
 
 @torch.no_grad()
 def measure_speculative(model: nn.Module, draft: nn.Module | None, batch: int, prompt_len: int, new_tokens: int,
-                        k: int, generator: torch.Generator) -> DecodeRow:
+                        k: int, generator: torch.Generator, *, bandwidth: float | None = None,
+                        layout: WeightLayout | None = None) -> DecodeRow:
+    """Greedy speculative decoding of ``batch`` random prompts, timed alone; then the same generation again
+    (greedy: the same rounds) counting the experts of each verification pass and, with ``bandwidth``, the
+    bytes of every draft step and verification pass (the floor of a round is their sum)."""
     device = model.norm.weight.device
-    prompts = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len), generator=generator).to(device)
-    experts: list[float] = []
+    prompts = list(torch.randint(0, model.cfg.vocab_size, (batch, prompt_len), generator=generator).to(device))
     _sync(device)
     start = time.perf_counter()
-    _, stats = speculative_generate(model, list(prompts), new_tokens, k=k, draft=draft,
-                                    on_verify=lambda: experts.append(distinct_experts(model)))
+    _, stats = speculative_generate(model, prompts, new_tokens, k=k, draft=draft)
     _sync(device)
     total = time.perf_counter() - start
     round_s = total / max(stats.rounds, 1)
-    return DecodeRow(mode="speculative", batch=batch, tokens_per_s=batch * new_tokens / total,
-                     ms_per_step=1e3 * round_s, tokens_per_step=batch * (k + 1), experts_per_step=_mean(experts),
-                     ngram_share=ngram_seconds(model, batch, k + 1) / round_s,
-                     acceptance_rate=stats.acceptance_rate)
+
+    layouts = {"verify": layout or weight_layout(model),
+               "draft": weight_layout(draft if draft is not None else model, plain_embedding=True)}
+    experts: list[float] = []
+    rounds: list[dict[str, int]] = []
+    current: dict[str, int] = dict.fromkeys(FLOOR_PARTS, 0)
+
+    def on_feed(role: str, decoder: Decoder, ids: torch.Tensor) -> None:
+        if bandwidth is None:
+            return
+        held = int(decoder.lengths.sum())
+        for name, value in layouts[role].step_bytes(decoder.model, ids, decoder.last_rows, held).items():
+            current[name] += value
+        if role == "verify":
+            rounds.append(dict(current))
+            current.update(dict.fromkeys(FLOOR_PARTS, 0))
+
+    speculative_generate(model, prompts, new_tokens, k=k, draft=draft, on_feed=on_feed,
+                         on_verify=lambda: experts.append(distinct_experts(model)))
+    row = DecodeRow(mode="speculative", batch=batch, tokens_per_s=batch * new_tokens / total,
+                    ms_per_step=1e3 * round_s, tokens_per_step=batch * (k + 1), experts_per_step=_mean(experts),
+                    ngram_share=ngram_seconds(model, batch, k + 1) / round_s,
+                    acceptance_rate=stats.acceptance_rate)
+    _set_floor(row, rounds, bandwidth)
+    return row
+
+
+def _set_floor(row: DecodeRow, parts: list[dict[str, int]], bandwidth: float | None) -> None:
+    """Put the mean of each floor part over ``parts`` (one dict per step or round) and the floor into ``row``."""
+    if not parts or bandwidth is None:
+        return
+    for name in FLOOR_PARTS:
+        setattr(row, name, sum(p[name] for p in parts) / len(parts))
+    row.floor_bytes = sum(getattr(row, name) for name in FLOOR_PARTS)
+    row.floor_ms = 1e3 * row.floor_bytes / bandwidth
+    row.floor_ratio = row.ms_per_step / row.floor_ms
 
 
 def _mean(values: list[float]) -> float:
@@ -316,7 +362,8 @@ def run_decode_bench(model: nn.Module, *, batch_sizes: tuple[int, ...] = BATCH_S
                     rows.append(measure_decode(model, batch, prompt_len, new_tokens, generator, cuda_graph=cuda_graph,
                                                bandwidth=bandwidth, layout=layout))
                 else:
-                    rows.append(measure_speculative(model, draft, batch, prompt_len, new_tokens, k, generator))
+                    rows.append(measure_speculative(model, draft, batch, prompt_len, new_tokens, k, generator,
+                                                    bandwidth=bandwidth, layout=layout))
                 progress.update(1, mode=mode, batch=batch, tokens_per_s=round(rows[-1].tokens_per_s, 1))
     return rows
 

@@ -41,7 +41,7 @@ class GraphedDecodeStep:
         spare = Decoder(decoder.model, batch, max(capacity, width), plain_embedding=decoder.plain_embedding)
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), torch.no_grad():
             for _ in range(warmup):
                 spare.feed(self.ids)
                 spare.rollback(width)
@@ -53,7 +53,7 @@ class GraphedDecodeStep:
         self.graph = torch.cuda.CUDAGraph()
         decoder.kv.check_capacity = False
         try:
-            with torch.cuda.graph(self.graph):
+            with torch.no_grad(), torch.cuda.graph(self.graph):
                 self.logits, self.rows = self._step(caches)
                 self.next_token = self.logits[:, -1].argmax(dim=-1)  # (B,): greedy, on the device
         finally:

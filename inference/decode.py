@@ -62,6 +62,7 @@ class Decoder:
         device = model.norm.weight.device
         self.kv = model.new_cache(batch, capacity)
         self.ngrams = None if plain_embedding else NgramCaches(model, batch, device)
+        self.last_rows: dict[str, torch.Tensor] = {}  # the N-gram row ids of the last feed (for benchmarks)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -72,6 +73,7 @@ class Decoder:
         """Feed ``ids (B, T)`` (right-padded; ``n_new (B,)`` real tokens per row, all when None); return the
         logits ``(B, T, V)``."""
         rows = self.ngrams.step(ids, n_new) if self.ngrams is not None else {}
+        self.last_rows = rows
         return self.model.forward_cached(ids, self.kv, n_new, plain_embedding=self.plain_embedding, **rows)
 
     def prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:

@@ -86,13 +86,17 @@ def accept_sampling(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
 def speculative_generate(target: nn.Module, prompts: list[torch.Tensor], max_new_tokens: int, *, k: int = 4,
                          draft: nn.Module | None = None, temperature: float = 0.0,
                          generator: torch.Generator | None = None,
-                         on_verify: Callable[[], None] | None = None) -> tuple[torch.Tensor, SpeculativeStats]:
+                         on_verify: Callable[[], None] | None = None,
+                         on_feed: Callable[[str, Decoder, torch.Tensor], None] | None = None
+                         ) -> tuple[torch.Tensor, SpeculativeStats]:
     """``(B, max_new_tokens)`` tokens after each prompt and the round counts, ``k`` draft tokens per round.
 
     ``draft``: a model sharing the target's vocabulary, read with its plain token embedding; None: the target's
     own trunk with ``finish(E0(t))`` for its N-gram embeddings. ``temperature == 0``: greedy (the tokens of
     :func:`embscale.inference.decode.generate`); otherwise sampling with the rejection rule. ``on_verify`` is
-    called right after each verification pass (a benchmark reads the MoE layers' loads of that pass then).
+    called right after each verification pass (a benchmark reads the MoE layers' loads of that pass then);
+    ``on_feed(role, decoder, ids)`` right after every feed of a round, ``role`` ``draft`` or ``verify`` (a
+    benchmark counts the bytes each one read).
     """
     if k < 1:
         raise ValueError(f"k: need at least one draft token per round, got {k}")
@@ -114,16 +118,23 @@ def speculative_generate(target: nn.Module, prompts: list[torch.Tensor], max_new
         done = torch.tensor([len(e) >= max_new_tokens for e in emitted], device=device)
         # k draft steps: the first feeds the pending tokens, the next ones feed d_1 .. d_{k-1}
         q_logits = last_real(drafter.feed(pending, pending_n), pending_n)  # (B, V)
+        if on_feed is not None:
+            on_feed("draft", drafter, pending)
         drafts, q_steps = [], []
         for i in range(k):
             if i > 0:
                 q_logits = drafter.feed(drafts[-1].unsqueeze(1))[:, 0]
+                if on_feed is not None:
+                    on_feed("draft", drafter, drafts[-1].unsqueeze(1))
             q_steps.append(q_logits)
             drafts.append(choose(q_logits, temperature, generator))
         draft_ids = torch.stack(drafts, dim=1)  # (B, k)
 
         # one verification pass over [y, d_1 .. d_k]
-        p_logits = verifier.feed(torch.cat((token.unsqueeze(1), draft_ids), dim=1))  # (B, k+1, V)
+        verify_ids = torch.cat((token.unsqueeze(1), draft_ids), dim=1)
+        p_logits = verifier.feed(verify_ids)  # (B, k+1, V)
+        if on_feed is not None:
+            on_feed("verify", verifier, verify_ids)
         if on_verify is not None:
             on_verify()
         if temperature == 0:

@@ -25,6 +25,7 @@ from tests.train_helpers import train_briefly
 MOE = dict(vocab_size=61, d_model=16, n_layers=1, n_heads=2, layer_type="standard", attention="mha",
            n_experts=4, n_zero_experts=2, top_k=2, expert_hidden=8, eos_token_id=3, max_seq_len=64)
 NE = {**MOE, "n_experts": 2, "n_zero_experts": 1, "ngram": dict(n=3, k=2, ratio=2.0)}
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only oversubscribe a busy CI box
 FAST = ["--batch-sizes", "1,2", "--prompt-len", "3", "--new-tokens", "3", "--k", "1", "--copy-mib", "4"]
 
 
@@ -71,13 +72,15 @@ def test_pair_of_configs_rows_floor_and_figures(tmp_path, capsys):
         assert model["weights"] == "random"
         assert [(r["mode"], r["batch"]) for r in model["rows"]] == [("decode", 1), ("decode", 2),
                                                                     ("speculative", 1), ("speculative", 2)]
-        for row in model["rows"][:2]:
+        for row in model["rows"]:
             parts = [row[p] for p in ("dense_bytes", "expert_bytes", "ngram_row_bytes", "token_row_bytes",
                                       "kv_bytes")]
             assert row["floor_bytes"] == pytest.approx(sum(parts))
             assert row["floor_ms"] > 0 and row["floor_ratio"] == pytest.approx(row["ms_per_step"] / row["floor_ms"])
-        for row in model["rows"][2:]:
-            assert row["floor_ms"] is None  # no floor for a speculative round (NaN written as null)
+        decode, speculative = model["rows"][1], model["rows"][3]  # batch 2
+        # a round (k = 1) reads the dense weights in a draft step and the verification pass; the draft's
+        # plain embedding reads no N-gram rows
+        assert speculative["dense_bytes"] > decode["dense_bytes"]
     ne_rows, moe_rows = report["models"][0]["rows"], report["models"][1]["rows"]
     assert ne_rows[0]["ngram_row_bytes"] > 0 and moe_rows[0]["ngram_row_bytes"] == 0
     assert ne_rows[0]["experts_per_step"] <= 2 and moe_rows[0]["experts_per_step"] <= 2
@@ -132,6 +135,9 @@ def test_memory_floor_matches_a_hand_count():
     assert layout.expert_bytes == [4 * 3 * D * H]
     assert layout.token_row_bytes == 4 * D and layout.ngram_row_bytes == {"embed": 4 * d}
     assert layout.kv_bytes_per_token == 4 * 2 * D
+    plain = weight_layout(model, plain_embedding=True)  # a draft of the trunk: no N-gram projection or rows
+    assert plain.dense_bytes == 4 * (dense - S * d * D) and plain.ngram_row_bytes == {}
+    assert plain.token_row_bytes == 4 * D
 
     prompts = torch.tensor([[5, 7, 9], [5, 3, 8]])
     fed = torch.tensor([[7], [7]])
@@ -162,6 +168,8 @@ def test_bad_input_exits_2_naming_the_file_or_field(tmp_path, capsys):
     assert "vocab_size" in err and "other.yaml" in err
     assert main(["decode-bench", str(moe), str(moe), str(moe)]) == 2
     assert "one or two models" in capsys.readouterr().err
+    assert main(["decode-bench", str(moe), "--cuda-graph"]) == 2  # the default device is the CPU
+    assert "--cuda-graph: needs a CUDA device" in capsys.readouterr().err
 
     run_dir, _ = _run_folder(tmp_path / "results", "run", MOE, seed=0)
     checkpoint = rundir.checkpoint_path(run_dir, 3)
