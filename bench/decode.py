@@ -11,10 +11,10 @@ for ``decode`` the prefill and the steps, leaving out the graph capture and the 
 ``ms_per_step`` (the median decode step, or the mean speculative round), ``experts_per_step`` (distinct real
 experts that the target's step, or verification pass, sent at least one token to, zero experts excluded, mean
 over MoE layers and steps; NaN without routed experts), ``ngram_share`` (hashing that step's new tokens with the
-N-gram Cache plus the N-gram embedding lookups of NE and PLNE, timed alone on the same shapes, over the step
-time; 0 without N-gram tables) and ``acceptance_rate`` (speculative only).
+N-gram Cache plus the N-gram embedding lookups of NE and PLNE, timed alone on the same shapes, from a CUDA graph
+when the step is, over the step time; 0 without N-gram tables) and ``acceptance_rate`` (speculative only).
 
-The memory floor of a decode step (``decode`` rows): the bytes the step must read at least, over the device's
+The memory floor of a decode step: the bytes the step must read at least, over the device's
 measured copy bandwidth (:func:`copy_bandwidth`). Counted per step (:class:`WeightLayout`), then averaged over
 the steps:
 
@@ -187,9 +187,10 @@ def distinct_experts(model: nn.Module) -> float:
 
 
 @torch.no_grad()
-def ngram_seconds(model: nn.Module, batch: int, width: int, reps: int = 5) -> float:
+def ngram_seconds(model: nn.Module, batch: int, width: int, reps: int = 5, cuda_graph: bool = False) -> float:
     """Median time to hash ``batch x width`` new tokens with the N-gram Cache and look up every N-gram embedding
-    (NE and each PLNE slot) for them; 0 for a model without N-gram tables."""
+    (NE and each PLNE slot) for them; 0 for a model without N-gram tables. ``cuda_graph``: the piece is replayed
+    from a CUDA graph of its own, as the decode step it is compared with (eager if the capture fails)."""
     specs = model.ngram_specs()
     if not specs:
         return 0.0
@@ -198,15 +199,30 @@ def ngram_seconds(model: nn.Module, batch: int, width: int, reps: int = 5) -> fl
     ids = torch.randint(0, model.cfg.vocab_size, (batch, width), device=device)
     per_layer = [m for m in (model.per_layer.values() if model.per_layer is not None else ())
                  if hasattr(m, "row_ids")]
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        start = time.perf_counter()
+
+    def lookups() -> None:
         rows = caches.step(ids)
         if "embed_rows" in rows:
             model.embed(ids, rows["embed_rows"])
         for module in per_layer:
             module(ids, rows["per_layer_rows"])
+
+    run = lookups
+    if cuda_graph and device.type == "cuda":
+        try:
+            lookups()  # warm-up (the caches' state is of no interest here: the same work every replay)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                lookups()
+            run = graph.replay
+        except Exception as exc:  # noqa: BLE001 - time the eager lookups instead
+            log(f"decode-bench: the N-gram lookups could not be captured ({type(exc).__name__}: {exc}); timed "
+                "eagerly")
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        start = time.perf_counter()
+        run()
         _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -274,9 +290,9 @@ def measure_decode(model: nn.Module, batch: int, prompt_len: int, new_tokens: in
             parts.append(layout.step_bytes(model, fed, step.rows, held))
     median = statistics.median(steps) if steps else float("nan")
     row = DecodeRow(mode="decode", batch=batch, tokens_per_s=batch * new_tokens / (prefill_s + sum(steps)),
-                    ms_per_step=1e3 * median, tokens_per_step=batch, experts_per_step=_mean(experts),
-                    ngram_share=ngram_seconds(model, batch, 1) / median if steps else float("nan"),
+                    ms_per_step=1e3 * median, tokens_per_step=batch, experts_per_step=_mean(experts), ngram_share=0.0,
                     acceptance_rate=float("nan"), cuda_graph=not isinstance(step, _EagerStep))
+    row.ngram_share = ngram_seconds(model, batch, 1, cuda_graph=row.cuda_graph) / median if steps else math.nan
     _set_floor(row, parts, bandwidth)
     return row
 
@@ -344,7 +360,7 @@ def run_decode_bench(model: nn.Module, *, batch_sizes: tuple[int, ...] = BATCH_S
                      show_progress: bool = True, cuda_graph: bool = False, bandwidth: float | None = None,
                      label: str = "decode-bench") -> list[DecodeRow]:
     """Every row (``decode`` for each batch size, then ``speculative`` when ``k > 0``); ``bandwidth`` (bytes/s,
-    :func:`copy_bandwidth`) adds the memory floor to the decode rows; ``cuda_graph`` replays their steps from a
+    :func:`copy_bandwidth`) adds the memory floor to every row; ``cuda_graph`` replays their steps from a
     CUDA graph. The prompts depend on ``seed`` only, so two models of one vocabulary see the same ones."""
     model.eval()
     if draft is not None:

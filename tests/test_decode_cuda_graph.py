@@ -76,3 +76,4 @@ def test_graphed_decode_bench_rows_on_cuda():
                          bandwidth=copy_bandwidth("cuda", 64 << 20))
     assert row.cuda_graph and row.ms_per_step > 0 and row.floor_ratio > 0
     assert 1 <= row.experts_per_step <= 8
+    assert 0 < row.ngram_share < 1  # the N-gram lookups, from a graph of their own, are part of the step
