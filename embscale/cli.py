@@ -28,7 +28,7 @@ COMMANDS: dict[str, str] = {
     "plots": "fit and regenerate a sweep's figures",
     "collisions": "n-gram hash hit and collision rates against table size",
     "bench": "GPU benchmarks into BENCHMARKS.md",
-    "decode-bench": "decoding speed over batch sizes: KV and N-gram caches, speculative decoding",
+    "decode-bench": "decoding speed of a model or an NE/MoE pair over batch sizes, against its memory floor",
 }
 
 

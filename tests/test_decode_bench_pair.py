@@ -116,6 +116,11 @@ def test_sweep_pair_by_point_and_ambiguous_selector(tmp_path, capsys):
     assert all(m["weights"] == "random" for m in report["models"])  # no run folders under tmp_path
     totals = [m["parameters"] for m in report["models"]]
     assert abs(totals[0] / totals[1] - 1) < 0.05  # a matched pair: about equal totals
+    moe_run_id = report["models"][1]["source"].rsplit(": ", 1)[1]
+    assert main(["decode-bench", "--sweep", str(sweep), "--pair", moe_run_id[:10], "--results", str(tmp_path),
+                 "--batch-sizes", "1", "--prompt-len", "2", "--new-tokens", "2", "--k", "0", "--copy-mib", "1",
+                 "--json"]) == 0  # the same pair, picked by its MoE member's run id
+    assert [m["source"] for m in _report(capsys)["models"]] == [m["source"] for m in report["models"]]
     assert main(["decode-bench", "--sweep", str(sweep), "--pair", "seed=0", "--results", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "3 pairs match" in err and "tiny.yaml" in err
