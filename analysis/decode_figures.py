@@ -52,12 +52,13 @@ def _subtitle(report: dict[str, Any]) -> str:
 
 
 def experts_figure(report: dict[str, Any], out_dir: Path) -> list[Path]:
-    models = [m for m in report["models"] if m.get("n_experts", 0) > 0]
+    colored = zip(report["models"], _colors(report["models"]), strict=True)  # the colours of the other figure
+    models, colors = zip(*[(m, c) for m, c in colored if m.get("n_experts", 0) > 0], strict=True)
     fig, axes = subplots(1, 1, panel=(4.2, 2.9), right=2.0, top=0.45)
     ax = axes[0, 0]
     batches: list[int] = []
     k = report.get("k", 0)
-    for model, color in zip(models, _colors(models), strict=True):
+    for model, color in zip(models, colors, strict=True):
         x, y = _series(model["rows"], "decode", "experts_per_step")
         ax.plot(x, y, "o-", color=color, label=f"{model['label']}: decode")
         batches += x

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from train_helpers import train_briefly
 
 from embscale.base import rundir
 from embscale.bench.decode import copy_bandwidth, measure_decode, weight_layout
@@ -20,7 +21,6 @@ from embscale.models.config import CONFIG_DIR, ModelConfig
 from embscale.models.model import build_model
 from embscale.models.ngram import ngram_row_ids
 from embscale.training.checkpoint import checkpoint_payload
-from tests.train_helpers import train_briefly
 
 MOE = dict(vocab_size=61, d_model=16, n_layers=1, n_heads=2, layer_type="standard", attention="mha",
            n_experts=4, n_zero_experts=2, top_k=2, expert_hidden=8, eos_token_id=3, max_seq_len=64)
