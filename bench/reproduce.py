@@ -8,19 +8,22 @@
 Each call works through the manifest (default ``sweeps/reproduction/manifest.yaml``; README.md beside it says what
 each sweep tests and what it costs) as far as its time allows, and can be called again until everything is done:
 
-1. ``--restore`` a ``results.tar.gz`` of an earlier call (a fresh machine has none of the earlier run folders);
-   run folders already here win;
+1. ``--restore`` a ``results.tar.gz`` of an earlier call (a fresh machine has none of the earlier run folders,
+   nor the trained tokenizer, which the archive carries so that every call tokenises alike); files already here
+   win;
 2. the corpus of the sweeps: its tokenizer and shards are built once (cached under ``EMBSCALE_CACHE``); a
    sweep whose runs would train on more than 95% of its training split stops the call here (exit 2), before any
    run starts;
 3. the learning rate of each model size: ``embscale tune`` of every ``tune:`` sweep of the manifest (the MoE
-   baseline of that size), all at once; a study that has written its ``tuned.yaml`` is done; a re-call continues
-   the studies (their Optuna journal is in the results);
-4. the reproduction sweeps, once every size has its learning rate: each is written out resolved
+   baseline of that size), each with its ``tune.parallel`` trials at once; a study that has written its
+   ``tuned.yaml`` is done; a re-call continues the studies (their Optuna journal is in the results);
+4. each reproduction sweep as soon as every size it trains has its learning rate: written out resolved
    (``results/reproduction/<sweep file>``, ``extends`` merged, the tuned rate of each size in place of the
    placeholder: ``training.lr`` for one size, an ``lr`` axis zipped with ``width``/``depth`` for several) and
-   submitted with ``embscale submit``, all sweeps at once, the ``--runs-per-gpu`` slots shared between them in
-   proportion to their unfinished runs; completed runs are skipped, so a re-call continues;
+   submitted with ``embscale submit``. The ``--runs-per-gpu`` slots are shared by all drivers (:class:`Scheduler`):
+   tunes first, sweeps in proportion to their runs to go, and the slots of a driver that finished go to a running
+   sweep (its driver is restarted with more; its jobs are adopted). Completed runs are skipped, so a re-call
+   continues;
 5. near the end of the budget, no run is started any more (the drivers get SIGTERM, their running jobs go on),
    the runs in flight are waited for, and those still running at ``--budget-s`` minus the packing reserve are
    cancelled (they run again in the next call);
@@ -28,7 +31,9 @@ each sweep tests and what it costs) as far as its time allows, and can be called
    ``summary.csv``) and ``--out`` receives three files: ``results.tar.gz`` (the run folders without checkpoints
    or code snapshots, tune journals and tuned files, resolved sweeps, collected tables: what the next call's
    ``--restore`` and the repository need), ``progress.json`` (per sweep: runs planned, completed, failed, to
-   go; the tuned rates; this call's phases and the seconds of every call so far) and ``reproduce.log``.
+   go; the tuned rates; the corpus's token counts and tokenizer hash; each driver's slots and seconds; this call's
+   phases and the seconds of every call so far) and ``reproduce.log`` (the drivers' own logs are in the archive,
+   ``reproduction/logs/``).
 
 Nothing is retried by hand: a failed run stays failed (``embscale submit --retry-failed`` reruns it) and is
 reported in ``progress.json``. ``--executor debug`` / ``--cpu-jobs`` run the same control flow on a CPU (the test).
@@ -47,21 +52,25 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from embscale.base.datafile import read_yaml
 from embscale.base.errors import ConfigError, UserError
 from embscale.base.files import atomic_file, atomic_write_json, atomic_write_text
+from embscale.sweeps.sweepfile import SWEEP_DIR, load_sweep_mapping
 
-REPRODUCTION_DIR = Path(__file__).resolve().parent.parent / "sweeps" / "reproduction"
-DEFAULT_MANIFEST = REPRODUCTION_DIR / "manifest.yaml"
+DEFAULT_MANIFEST = SWEEP_DIR / "reproduction" / "manifest.yaml"
 RESOLVED_DIR = "reproduction"  # under the results root: the sweep files as submitted
 SKIPPED_PARTS = {"checkpoints", "code", "submitit", "tensorboard", "wandb", "__pycache__"}
 SKIPPED_NAMES = {"jobs.json"}  # job records: their processes do not outlive the machine
 MAX_PACKED_FILE_BYTES = 4 << 20  # larger files (logs gone wild) stay behind
 PROGRESS_FILE = "progress.json"
+CACHE_PREFIX = "_cache"  # archive members restored into the embscale cache (the trained tokenizer)
 MAX_EPOCHS = 0.95  # a run may see at most this share of its training split: no repeated data, with a margin
 
 
@@ -204,47 +213,131 @@ def _command(*args: str) -> list[str]:
     return [sys.executable, "-m", "embscale", *args]
 
 
-def run_drivers(call: Call, commands: dict[str, list[str]], env: dict[str, str],
-                cancel: dict[str, list[str]]) -> dict[str, int | None]:
-    """Run the driver ``commands`` (name -> argv) at once; at :meth:`Call.stop_launching_at` send them SIGTERM
-    (they start nothing more; their jobs run on), wait for the jobs in flight, and at :meth:`Call.cancel_at` run
-    the ``cancel`` commands of the sweeps still busy. Returns each driver's exit code (None when stopped)."""
-    from embscale.base import rundir
+@dataclass
+class Work:
+    """One driver the runbook may start: a tune study (``tune``) or a sweep's submission (``submit``).
 
-    logs = call.results / RESOLVED_DIR / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    procs = {}
-    for name, argv in commands.items():
-        handle = open(logs / f"{name}.log", "a")  # noqa: SIM115 (closed below)
-        procs[name] = (subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env), handle)
-        call.log(f"started {' '.join(argv[2:])}")
-    stopped: set[str] = set()
-    codes: dict[str, int | None] = {}
-    while len(codes) < len(procs):
-        for name, (proc, handle) in procs.items():
-            if name not in codes and proc.poll() is not None:
-                codes[name] = None if name in stopped else proc.returncode
-                handle.close()
-                call.log(f"{name}: driver exited with code {proc.returncode}")
-        if call.elapsed() >= call.stop_launching_at():
-            for name, (proc, _) in procs.items():
-                if name not in codes and name not in stopped:
-                    proc.send_signal(signal.SIGTERM)
-                    stopped.add(name)
-                    call.log(f"{name}: no more runs start in this call (SIGTERM to its driver)")
-        time.sleep(0.5)
-    if not stopped:
-        return codes
-    # The stopped drivers' jobs run on: wait for them, cancel what is still running at the cancel time.
-    busy = {name for name in stopped if name in cancel}
-    while busy and call.elapsed() < call.cancel_at():
-        busy = {name for name in busy if _in_flight(call.results / name, rundir)}
-        time.sleep(1.0)
-    for name in sorted(busy):
-        call.log(f"{name}: runs still in flight at {call.elapsed():.0f}s: cancelling them (they rerun next call)")
-        subprocess.run(cancel[name], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, check=False,
-                       timeout=max(30.0, call.budget_s - call.elapsed()))
-    return codes
+    ``command(slots)`` is its argv for that many runs at once; ``ready()`` says whether it may start (a sweep:
+    every size it trains has its learning rate); ``to_go()`` how many runs it still has to train."""
+
+    name: str
+    kind: str
+    command: Callable[[int], list[str]]
+    cancel: list[str]
+    ready: Callable[[], bool]
+    to_go: Callable[[], int]
+    fixed_slots: int | None = None  # a tune runs its `parallel` trials at once; a sweep takes a share
+    slots: int = 0
+    proc: subprocess.Popen | None = None
+    handle: Any = None
+    started_s: float = 0.0
+    grow_to: int | None = None  # relaunch with this many slots once the stopped driver has exited
+    finished: bool = False  # exited in this call: not started again
+    record: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Scheduler:
+    """Runs the drivers of :class:`Work` items on ``total_slots`` runs at once, work-conserving: tunes first,
+    each sweep as soon as its sizes are tuned, with a share of the free slots in proportion to its runs to go; a
+    driver whose sweep finished gives its slots to the others (a running driver grows by being stopped and
+    started again with more: its running jobs are adopted, nothing is lost). At :meth:`Call.stop_launching_at`
+    every driver gets SIGTERM (it starts nothing more; its jobs run on); the runs in flight are waited for, and
+    those still running at :meth:`Call.cancel_at` are cancelled."""
+
+    MIN_AGE_S = 15.0  # a driver is not stopped to grow before it has started its jobs
+    LAST_LAUNCH_S = 10.0  # no driver starts this close to the stop time
+
+    def __init__(self, call: Call, env: dict[str, str], total_slots: int):
+        self.call, self.env, self.total = call, env, max(1, total_slots)
+        self.logs = call.results / RESOLVED_DIR / "logs"
+        self.stopped = False
+
+    def run(self, works: list[Work]) -> None:
+        from embscale.base import rundir
+
+        self.logs.mkdir(parents=True, exist_ok=True)
+        call = self.call
+        free = self.total
+        next_look = 0.0
+        while True:
+            running = [w for w in works if w.proc is not None]
+            for work in running:
+                if work.proc.poll() is None:
+                    continue
+                code = work.proc.returncode
+                work.handle.close()
+                work.record[-1].update(ended_s=round(call.elapsed(), 1), exit=code)
+                work.proc = None
+                if work.grow_to is not None and not self.stopped:  # its slots and the reserved extra
+                    self._start(work, work.grow_to)
+                    work.grow_to = None
+                    continue
+                free += work.slots + (work.grow_to - work.slots if work.grow_to else 0)
+                work.grow_to, work.slots, work.finished = None, 0, True
+                call.log(f"{work.name}: driver exited with code {code}")
+            if not self.stopped and call.elapsed() >= call.stop_launching_at():
+                self.stopped = True
+                for work in works:
+                    if work.proc is not None:
+                        work.proc.send_signal(signal.SIGTERM)
+                        call.log(f"{work.name}: no more runs start in this call (SIGTERM to its driver)")
+            if not self.stopped and call.elapsed() >= next_look:
+                next_look = call.elapsed() + 2.0
+                free = self._launch(works, free)
+            alive = [w for w in works if w.proc is not None]
+            waiting = [w for w in works if not w.finished and w.proc is None and w.to_go() > 0
+                       and (w.ready() or any(t.kind == "tune" and t.proc is not None for t in works))]
+            if not alive and (self.stopped or not waiting):
+                break
+            time.sleep(0.5)
+        # The stopped drivers' jobs run on: wait for them, cancel what is still running at the cancel time.
+        busy = {w.name: w for w in works if w.record}
+        while True:
+            busy = {name: w for name, w in busy.items() if _in_flight(call.results / name, rundir)}
+            if not busy or call.elapsed() >= call.cancel_at():
+                break
+            time.sleep(1.0)
+        for name, work in sorted(busy.items()):
+            call.log(f"{name}: runs still in flight at {call.elapsed():.0f}s: cancelling them (they rerun next call)")
+            subprocess.run(work.cancel, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                           check=False, timeout=max(30.0, call.budget_s - call.elapsed()))
+
+    def _launch(self, works: list[Work], free: int) -> int:
+        """Start what may start with the free slots, else grow a running sweep; returns the slots left free."""
+        if self.call.elapsed() >= self.call.stop_launching_at() - self.LAST_LAUNCH_S:
+            return free
+        idle = [w for w in works if w.proc is None and not w.finished and w.ready() and w.to_go() > 0]
+        for work in [w for w in idle if w.fixed_slots]:  # tunes: their trials at once
+            if free >= 1:
+                slots = min(work.fixed_slots, free)
+                self._start(work, slots)
+                free -= slots
+        sweeps = {w.name: w.to_go() for w in idle if not w.fixed_slots}
+        if sweeps and free >= 1:
+            for name, slots in share(free, sweeps).items():
+                work = next(w for w in idle if w.name == name)
+                if free >= slots >= 1:
+                    self._start(work, slots)
+                    free -= slots
+        elif free >= 1:  # nothing left to start: give the free slots to the sweep with the most runs per slot
+            candidates = [w for w in works if w.proc is not None and not w.fixed_slots and w.grow_to is None
+                          and self.call.elapsed() - w.started_s >= self.MIN_AGE_S and w.to_go() > w.slots]
+            if candidates:
+                work = max(candidates, key=lambda w: w.to_go() / w.slots)
+                extra = min(free, work.to_go() - work.slots)
+                work.grow_to = work.slots + extra
+                free -= extra
+                work.proc.send_signal(signal.SIGTERM)
+                self.call.log(f"{work.name}: {extra} more slots free; restarting its driver with {work.grow_to}")
+        return free
+
+    def _start(self, work: Work, slots: int) -> None:
+        argv = work.command(slots)
+        work.handle = open(self.logs / f"{work.name}.log", "a")  # noqa: SIM115 (closed when it exits)
+        work.proc = subprocess.Popen(argv, stdout=work.handle, stderr=subprocess.STDOUT, env=self.env)
+        work.slots, work.started_s = slots, self.call.elapsed()
+        work.record.append({"slots": slots, "started_s": round(work.started_s, 1)})
+        self.call.log(f"started {' '.join(argv[3:])} ({slots} at once, {work.to_go()} to go)")
 
 
 def _in_flight(sweep_dir: Path, rundir: Any) -> bool:
@@ -271,12 +364,15 @@ def restore(call: Call, archive: Path) -> None:
     """Unpack an earlier call's ``results.tar.gz`` into the results root, keeping files already here."""
     if not archive.is_file():
         raise UserError(f"--restore: {archive} is not a file")
+    from embscale.training.data.tokenizer import cache_root
+
     kept = added = 0
     with tarfile.open(archive, "r:gz") as tar:
         for member in tar.getmembers():
-            target = call.results / member.name
             if not member.isfile() or member.name.startswith("/") or ".." in Path(member.name).parts:
                 continue
+            cached = member.name.startswith(CACHE_PREFIX + "/")
+            target = (cache_root() / member.name[len(CACHE_PREFIX) + 1:]) if cached else call.results / member.name
             if target.exists():
                 kept += 1
                 continue
@@ -287,13 +383,20 @@ def restore(call: Call, archive: Path) -> None:
     call.log(f"restored {added} files from {archive} ({kept} already here)")
 
 
-def pack(call: Call, names: list[str]) -> Path:
+def pack(call: Call, names: list[str], tokenizers: list[Path] = ()) -> Path:
     """``results.tar.gz`` of the named sweep folders (and the resolved sweeps), without checkpoints, code
-    snapshots, job logs or files over 4 MB."""
+    snapshots, job logs or files over 4 MB; with the ``tokenizers`` folders of the cache under ``_cache/``, so
+    that a fresh machine tokenises with the very same BPE."""
+    from embscale.training.data.tokenizer import cache_root
+
     target = call.out / "results.tar.gz"
     buffer = io.BytesIO()
     files = 0
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for folder in tokenizers:
+            for path in sorted(Path(folder).glob("*.json")):
+                tar.add(path, arcname=f"{CACHE_PREFIX}/{path.relative_to(cache_root()).as_posix()}")
+                files += 1
         for name in sorted(set(names)) + [RESOLVED_DIR]:
             folder = call.results / name
             if not folder.is_dir():
@@ -315,7 +418,6 @@ def pack(call: Call, names: list[str]) -> Path:
 def reproduce(args: argparse.Namespace) -> dict[str, Any]:
     """The runbook's one call (module docstring); returns what ``progress.json`` holds."""
     from embscale.sweeps.plan import load_plan
-    from embscale.sweeps.sweepfile import load_sweep_mapping
 
     call = Call(out=Path(args.out), results=Path(args.results).resolve(), budget_s=args.budget_s,
                 reserve_s=args.reserve_s, run_wall_s=args.run_wall_s)
@@ -339,58 +441,85 @@ def reproduce(args: argparse.Namespace) -> dict[str, Any]:
     corpora = {}
     for mapping in [*tune_maps.values(), *sweep_maps.values()]:
         corpora[json.dumps(mapping.get("data") or {}, sort_keys=True)] = mapping.get("data") or {}
+    tokenizers = []
+    earlier = {c.get("corpus_id"): c.get("tokenizer_sha256") for c in previous.get("corpora", [])}
     for data in corpora.values():
         corpora_info = _prepare(data)
+        tokenizer_dir = corpora_info.pop("tokenizer_dir")
         call.log(f"corpus {data.get('corpus')}: {corpora_info}")
+        if earlier.get(corpora_info["corpus_id"]) not in (None, corpora_info["tokenizer_sha256"]):
+            raise UserError(f"corpus {corpora_info['corpus_id']}: the tokenizer differs from the one of the earlier "
+                            "calls; restore their results.tar.gz (--restore), which carries it")
         progress.setdefault("corpora", []).append(corpora_info)
+        if tokenizer_dir:
+            tokenizers.append(Path(tokenizer_dir))
     call.phases["corpus"] = round(time.monotonic() - started, 1)
     _check_under_one_epoch([*tune_maps.values(), *sweep_maps.values()], progress.get("corpora", []))
 
-    # 3. the learning rate of each size
+    # 3-5. the learning rate of each size, then the reproduction sweeps, on the shared slots
     started = time.monotonic()
-    pending = {path: m for path, m in tune_maps.items() if tuned_rate(call.results, m) is None}
-    if pending and call.elapsed() < call.stop_launching_at():
-        commands = {str(m["name"]): _command("tune", str(path), *executor) for path, m in pending.items()}
-        cancels = {str(m["name"]): _command("cancel", str(path)) for path, m in pending.items()}
-        run_drivers(call, commands, env, cancels)
     rates: dict[tuple[int, int], float] = {}
-    for mapping in tune_maps.values():
-        rate = tuned_rate(call.results, mapping)
-        size = model_size(mapping)
-        progress["learning_rates"][f"{size[0]}x{size[1]}"] = rate
-        if rate is not None:
-            rates[size] = rate
-    call.phases["tune"] = round(time.monotonic() - started, 1)
-    call.log(f"learning rates (width x depth): {progress['learning_rates']}")
 
-    # 4. the reproduction sweeps, once every size has its rate
-    started = time.monotonic()
+    def refresh_rates() -> dict[tuple[int, int], float]:
+        for mapping in tune_maps.values():
+            rate = tuned_rate(call.results, mapping)
+            if rate is not None:
+                rates[model_size(mapping)] = rate
+        return rates
+
+    works: list[Work] = []
+    for path, mapping in tune_maps.items():
+        parallel = int((mapping.get("tune") or {}).get("parallel") or 1)
+        works.append(Work(
+            name=str(mapping["name"]), kind="tune", fixed_slots=parallel,
+            command=lambda slots, path=path: _command("tune", str(path), *executor, "--parallel", str(slots)),
+            cancel=_command("cancel", str(path)), ready=lambda: True,
+            to_go=lambda mapping=mapping: int(tuned_rate(call.results, mapping) is None)))
+    plans: dict[str, Any] = {}
     resolved: dict[str, Path] = {}
-    if not manifest.tune or len(rates) == len(tune_maps):
-        for path, mapping in sweep_maps.items():
-            sized = with_learning_rates(mapping, rates) if manifest.tune else mapping
-            target = call.results / RESOLVED_DIR / path.name
-            text = (f"# {path.name} as the runbook submitted it: extends merged, the tuned learning rate of each "
-                    "size filled in\n")
-            import yaml
 
-            atomic_write_text(target, text + yaml.safe_dump(sized, sort_keys=False))
-            resolved[str(mapping["name"])] = target
-        plans = {name: load_plan(target, call.results) for name, target in resolved.items()}
-        todo = {name: sweep_counts(call.results, plan)["to_go"] for name, plan in plans.items()}
-        todo = {name: count for name, count in todo.items() if count}
-        if todo and call.elapsed() < call.stop_launching_at():
-            slots = _share(args.runs_per_gpu, todo)
-            commands = {name: _command("submit", str(resolved[name]), *executor, "--runs-per-gpu", str(slots[name]))
-                        for name in todo}
-            cancels = {name: _command("cancel", str(resolved[name])) for name in todo}
-            call.log(f"runs to go: {todo}; slots per GPU: {slots}")
-            run_drivers(call, commands, env, cancels)
-        for name, plan in plans.items():
-            progress["sweeps"][name] = sweep_counts(call.results, plan)
-    else:
-        call.log("reproduction sweeps wait for every size's learning rate")
-    call.phases["sweeps"] = round(time.monotonic() - started, 1)
+    def resolve(path: Path, mapping: dict[str, Any]) -> bool:
+        """Write the sweep with its tuned rates once every size has one; whether it is resolved."""
+        name = str(mapping["name"])
+        if name in resolved:
+            return True
+        if manifest.tune and not all(size in refresh_rates() for size in sweep_sizes(mapping)):
+            return False
+        sized = with_learning_rates(mapping, rates) if manifest.tune else mapping
+        target = call.results / RESOLVED_DIR / path.name
+        header = f"# {path.name} as the runbook submitted it: extends merged, each size's tuned learning rate in\n"
+        atomic_write_text(target, header + yaml.safe_dump(sized, sort_keys=False))
+        plans[name] = load_plan(target, call.results)
+        resolved[name] = target
+        used = sorted({rate for size, rate in rates.items() if size in sweep_sizes(mapping)})
+        call.log(f"{name}: resolved with learning rates {used}")
+        return True
+
+    for path, mapping in sweep_maps.items():
+        name = str(mapping["name"])
+        works.append(Work(
+            name=name, kind="submit",
+            command=lambda slots, name=name: _command("submit", str(resolved[name]), *executor, "--runs-per-gpu",
+                                                      str(slots)),
+            cancel=_command("cancel", str(call.results / RESOLVED_DIR / path.name)),
+            ready=lambda path=path, mapping=mapping: resolve(path, mapping),
+            to_go=lambda name=name: sweep_counts(call.results, plans[name])["to_go"] if name in plans else 1))
+    if call.elapsed() < call.stop_launching_at():
+        Scheduler(call, env, args.runs_per_gpu).run(works)
+    for work in works:
+        if work.kind == "tune" and work.record and work.record[-1].get("exit") not in (None, 0) \
+                and work.to_go():
+            call.log(f"{work.name}: the tuner ended (exit {work.record[-1]['exit']}) without a learning rate; see "
+                     f"{call.results / work.name / 'tune'} and {self_log(call, work.name)}")
+    for mapping in tune_maps.values():
+        size = model_size(mapping)
+        progress["learning_rates"][f"{size[0]}x{size[1]}"] = tuned_rate(call.results, mapping)
+    for path, mapping in sweep_maps.items():
+        if resolve(path, mapping):
+            progress["sweeps"][str(mapping["name"])] = sweep_counts(call.results, plans[str(mapping["name"])])
+    progress["drivers"] = {work.name: work.record for work in works if work.record}
+    call.phases["runs"] = round(time.monotonic() - started, 1)
+    call.log(f"learning rates (width x depth): {progress['learning_rates']}")
 
     # 6. collect and pack
     started = time.monotonic()
@@ -403,9 +532,10 @@ def reproduce(args: argparse.Namespace) -> dict[str, Any]:
     call.phases["collect"] = round(time.monotonic() - started, 1)
     progress["calls"].append({"wall_s": round(call.elapsed(), 1), "phases": call.phases})
     progress["device_s_so_far"] = round(sum(c["wall_s"] for c in progress["calls"]), 1)
-    progress["done"] = bool(resolved) and all(c["to_go"] == 0 for c in progress["sweeps"].values())
+    progress["done"] = (len(progress["sweeps"]) == len(sweep_maps)
+                        and all(c["to_go"] == 0 for c in progress["sweeps"].values()))
     atomic_write_json(call.results / RESOLVED_DIR / PROGRESS_FILE, progress)
-    pack(call, names)
+    pack(call, names, tokenizers)
     atomic_write_json(call.out / PROGRESS_FILE, progress)
     call.log(f"done: {progress['done']}; this call {call.elapsed():.0f}s, all calls {progress['device_s_so_far']}s")
     atomic_write_text(call.out / "reproduce.log", "\n".join(call.lines) + "\n")
@@ -425,11 +555,23 @@ def _check_under_one_epoch(mappings: list[dict[str, Any]], corpora: list[dict[st
                             "so that no run repeats its data")
 
 
-def _share(slots: int, todo: dict[str, int]) -> dict[str, int]:
-    """``slots`` runs per GPU shared between sweeps in proportion to their runs to go (at least one each, never
-    more than a sweep has)."""
+def share(slots: int, todo: dict[str, int]) -> dict[str, int]:
+    """``slots`` shared between sweeps in proportion to their runs to go: at least one each while slots last
+    (the sweeps with most to go first), never more than a sweep has, never more than ``slots`` in all."""
+    order = sorted(todo, key=lambda name: -todo[name])
     total = sum(todo.values())
-    return {name: max(1, min(count, round(slots * count / total))) for name, count in todo.items()}
+    out, left = {}, slots
+    for name in order:
+        if left < 1:
+            break
+        want = max(1, min(todo[name], math.floor(slots * todo[name] / total)))
+        out[name] = min(want, left)
+        left -= out[name]
+    for name in order:  # what rounding down left over, to those with runs beyond their share
+        extra = min(left, todo[name] - out.get(name, 0)) if name in out else 0
+        out[name] = out.get(name, 0) + extra if name in out else out.get(name, 0)
+        left -= extra
+    return {name: count for name, count in out.items() if count}
 
 
 def _prepare(data: dict[str, Any]) -> dict[str, Any]:
@@ -438,9 +580,17 @@ def _prepare(data: dict[str, Any]) -> dict[str, Any]:
 
     started = time.monotonic()
     tokenizer, shards = prepare_data(DataConfig(**data), report=None)
+    trained = tokenizer.source == "trained"
     return {"corpus": data.get("corpus"), "corpus_id": shards.corpus_id, "train_tokens": shards.train.n_tokens,
             "val_tokens": {name: shard.n_tokens for name, shard in shards.val.items()},
-            "vocab_size": tokenizer.vocab_size, "seconds": round(time.monotonic() - started, 1)}
+            "vocab_size": tokenizer.vocab_size, "tokenizer_sha256": tokenizer.fingerprint,
+            "tokenizer_dir": str(Path(tokenizer.path).parent) if trained else None,
+            "seconds": round(time.monotonic() - started, 1)}
+
+
+def self_log(call: Call, name: str) -> Path:
+    """The log file of a driver."""
+    return call.results / RESOLVED_DIR / "logs" / f"{name}.log"
 
 
 def _previous_progress(results: Path) -> dict[str, Any]:

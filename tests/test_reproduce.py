@@ -108,6 +108,7 @@ def _call(tmp_path: Path, manifest: Path, results: Path, out: Path, *extra: str)
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
 
 
+@pytest.mark.slow  # three calls of the runbook, each starting tune / submit / collect processes (about 40 s)
 def test_runbook_tunes_runs_collects_packs_and_resumes_from_its_archive(tmp_path):
     manifest = _tiny_manifest(tmp_path)
     # No time for anything: nothing starts, the call still reports and packs, and says it is not done (exit 3).
@@ -133,6 +134,7 @@ def test_runbook_tunes_runs_collects_packs_and_resumes_from_its_archive(tmp_path
     assert "tiny_one/runs.parquet" in names and "tiny_one/curves.parquet" in names
     assert "tiny_tune/tuned.yaml" in names and "tiny_tune/tune/optuna.journal" in names
     assert not [n for n in names if "/checkpoints/" in n or n.endswith("jobs.json")]
+    assert any(n.startswith("_cache/tokenizers/") and n.endswith("/tokenizer.json") for n in names)
 
     # A fresh machine: restored from the archive, nothing runs again and the calls add up.
     second = _call(tmp_path, manifest, tmp_path / "r2", tmp_path / "o2", "--restore", str(out / "results.tar.gz"))
@@ -141,6 +143,8 @@ def test_runbook_tunes_runs_collects_packs_and_resumes_from_its_archive(tmp_path
     assert again["learning_rates"]["16x1"] == rate
     assert again["sweeps"]["tiny_one"]["completed"] == 2 and len(again["calls"]) == 2
     assert "started" not in (tmp_path / "o2" / "reproduce.log").read_text()
+    # the fresh machine tokenised with the first call's BPE, restored from the archive, not a new one
+    assert again["corpora"][0]["tokenizer_sha256"] == progress["corpora"][0]["tokenizer_sha256"]
 
 
 def test_a_sweep_that_would_repeat_its_data_is_refused_before_anything_runs():
@@ -150,3 +154,71 @@ def test_a_sweep_that_would_repeat_its_data_is_refused_before_anything_runs():
     _check_under_one_epoch([{"name": "fits", "training": {"tokens": 16_384_000}}], corpora)
     with pytest.raises(UserError, match=r"too_long: 19,660,800 training tokens per run is 0.98 epochs"):
         _check_under_one_epoch([{"name": "too_long", "training": {"tokens": 19_660_800}}], corpora)
+
+
+DRIVER = ("import signal, sys, time, pathlib\n"
+          "def stop(*_):\n"
+          "    with open(sys.argv[1], 'a') as f: f.write('stopped\\n')\n"
+          "    sys.exit(0)\n"
+          "signal.signal(signal.SIGTERM, stop)\n"
+          "time.sleep(float(sys.argv[2]))\n")
+
+
+def _work(tmp_path, name, to_go, sleep_s=60.0, **kwargs):
+    from embscale.bench.reproduce import Work
+
+    cancel = f"import pathlib; pathlib.Path({str(tmp_path / (name + '.cancelled'))!r}).write_text('yes')"
+    return Work(name=name, kind="submit", ready=lambda: True, to_go=to_go, cancel=[sys.executable, "-c", cancel],
+                command=lambda slots: [sys.executable, "-c", DRIVER, str(tmp_path / f"{name}.stop"), str(sleep_s),
+                                       str(slots)], **kwargs)
+
+
+def test_slots_are_shared_in_proportion_to_the_runs_to_go():
+    from embscale.bench.reproduce import share
+
+    shares = share(9, {"fig2": 18, "fig4": 14, "fig5": 6, "fig9": 8, "fig67": 24})
+    assert sum(shares.values()) == 9 and min(shares.values()) >= 1 and shares["fig67"] >= shares["fig2"] >= 2
+    assert share(4, {"a": 1, "b": 10}) == {"b": 3, "a": 1}  # never more than a sweep has
+    assert sum(share(2, {"a": 5, "b": 5, "c": 5}).values()) == 2  # more sweeps than slots: some wait
+
+
+def test_drivers_stop_launching_then_runs_still_in_flight_are_cancelled(tmp_path):
+    """Near the end of the budget every driver gets SIGTERM (it starts nothing more); its runs in flight are
+    waited for, and those still running at the cancel time are cancelled with the sweep's cancel command."""
+    from embscale.base import rundir
+    from embscale.bench.reproduce import Call, Scheduler
+
+    results = tmp_path / "results"
+    run_dir = results / "busy" / "run1"
+    run_dir.mkdir(parents=True)
+    rundir.write_status(run_dir, "running")  # a job of the driver that outlives it
+    (results / "idle").mkdir()
+    call = Call(out=tmp_path / "out", results=results, budget_s=4.0, reserve_s=1.0, run_wall_s=1.0)
+    scheduler = Scheduler(call, dict(os.environ), total_slots=3)
+    scheduler.LAST_LAUNCH_S = 0.0
+    works = [_work(tmp_path, "busy", lambda: 2), _work(tmp_path, "idle", lambda: 2)]
+    scheduler.run(works)
+    assert [w.record[0]["slots"] for w in works] == [2, 1]  # 3 slots, 2 runs to go each
+    assert all(w.record[0]["exit"] == 0 for w in works)
+    assert (tmp_path / "busy.stop").read_text() == "stopped\n" == (tmp_path / "idle.stop").read_text()
+    assert (tmp_path / "busy.cancelled").read_text() == "yes"  # busy still ran at the cancel time
+    assert not (tmp_path / "idle.cancelled").exists()
+    assert 3.0 <= call.elapsed() < 30
+
+
+def test_a_finished_sweep_gives_its_slots_to_a_running_one(tmp_path):
+    from embscale.bench.reproduce import Call, Scheduler
+
+    call = Call(out=tmp_path / "out", results=tmp_path / "results", budget_s=9.0, reserve_s=1.0, run_wall_s=1.0)
+    (tmp_path / "results").mkdir()
+    scheduler = Scheduler(call, dict(os.environ), total_slots=4)
+    scheduler.LAST_LAUNCH_S = scheduler.MIN_AGE_S = 0.0
+    quick_done = []
+    quick = _work(tmp_path, "quick", lambda: 0 if quick_done else 2, sleep_s=1.0)
+    long = _work(tmp_path, "long", lambda: 6)
+    original = quick.command
+    quick.command = lambda slots: quick_done.append(1) or original(slots)
+    scheduler.run([quick, long])
+    assert quick.record[0]["slots"] == 1 and len(quick.record) == 1
+    assert [r["slots"] for r in long.record] == [3, 4]  # restarted with the freed slot
+    assert long.record[0]["exit"] == 0 and (tmp_path / "long.stop").read_text() == "stopped\nstopped\n"
