@@ -424,12 +424,15 @@ class SystemCorpus(Corpus):
 
 def _system_fingerprint(files: list[tuple[str, Path]]) -> dict[str, Any]:
     """The content fingerprint of :class:`SystemCorpus`'s candidate files, with each file's size and the keys
-    left out (over the size limit, empty, binary, or a duplicate of an earlier key)."""
+    left out (over the size limit, empty or unreadable, binary, or a duplicate of an earlier key)."""
     listing, contents, total = hashlib.sha256(), hashlib.sha256(), 0
     seen: set[str] = set()
     dropped, sizes = [], []
     for key, path in files:
-        raw = path.read_bytes()
+        try:
+            raw = path.read_bytes()
+        except OSError:  # unreadable (permissions, a file that went away): left out
+            raw = b""
         total += len(raw)
         sizes.append(len(raw))
         listing.update(f"{key}\t{len(raw)}\n".encode())
