@@ -280,6 +280,7 @@ class Scheduler:
                 for work in works:
                     if work.proc is not None:
                         work.proc.send_signal(signal.SIGTERM)
+                        work.record[-1]["stopped"] = True
                         call.log(f"{work.name}: no more runs start in this call (SIGTERM to its driver)")
             if not self.stopped and call.elapsed() >= next_look:
                 next_look = call.elapsed() + 2.0
@@ -507,8 +508,7 @@ def reproduce(args: argparse.Namespace) -> dict[str, Any]:
     if call.elapsed() < call.stop_launching_at():
         Scheduler(call, env, args.runs_per_gpu).run(works)
     for work in works:
-        if work.kind == "tune" and work.record and work.record[-1].get("exit") not in (None, 0) \
-                and work.to_go():
+        if work.kind == "tune" and work.record and not work.record[-1].get("stopped") and work.to_go():
             call.log(f"{work.name}: the tuner ended (exit {work.record[-1]['exit']}) without a learning rate; see "
                      f"{call.results / work.name / 'tune'} and {self_log(call, work.name)}")
     for mapping in tune_maps.values():
@@ -532,6 +532,7 @@ def reproduce(args: argparse.Namespace) -> dict[str, Any]:
     call.phases["collect"] = round(time.monotonic() - started, 1)
     progress["calls"].append({"wall_s": round(call.elapsed(), 1), "phases": call.phases})
     progress["device_s_so_far"] = round(sum(c["wall_s"] for c in progress["calls"]), 1)
+    progress["failed_runs"] = sum(c["failed"] + c["diverged"] for c in progress["sweeps"].values())
     progress["done"] = (len(progress["sweeps"]) == len(sweep_maps)
                         and all(c["to_go"] == 0 for c in progress["sweeps"].values()))
     atomic_write_json(call.results / RESOLVED_DIR / PROGRESS_FILE, progress)

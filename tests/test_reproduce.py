@@ -126,7 +126,7 @@ def test_runbook_tunes_runs_collects_packs_and_resumes_from_its_archive(tmp_path
     rate = progress["learning_rates"]["16x1"]
     assert 1.0e-3 <= rate <= 1.0e-2
     assert progress["sweeps"]["tiny_one"] == {"planned": 2, "completed": 2, "failed": 0, "diverged": 0, "to_go": 0}
-    assert progress["done"] and len(progress["calls"]) == 1
+    assert progress["done"] and progress["failed_runs"] == 0 and len(progress["calls"]) == 1
     resolved = load_sweep_mapping(tmp_path / "r1" / "reproduction" / "one.yaml")
     assert resolved["training"]["lr"] == rate  # the tuned rate, not the sweep file's 3e-3
     with tarfile.open(out / "results.tar.gz") as tar:
