@@ -445,3 +445,84 @@ def test_a_sweep_trains_from_bin_shards_with_no_tokenizer_work(tmp_path, monkeyp
     status = [json.loads((p.parent / "status.json").read_text())["state"] for p in runs]
     assert status == ["completed", "completed"]
     assert not (tmp_path / "cache" / "tokenizers").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The system corpus: every text source under the interpreter's prefixes
+# ----------------------------------------------------------------------------------------------------------
+def _system_tree(root: Path) -> list[tuple[str, Path]]:
+    """A standard library, a package folder and an include folder, with what the corpus must leave out."""
+    stdlib, site_dir, include = root / "lib", root / "site-packages", root / "include"
+    for i in range(150):  # enough files that some fall in the held-out 2%
+        _write(stdlib / f"mod{i}.py", f'"""Module {i}: {"documentation " * 12}"""\nvalue = {i}\n')
+    _write(stdlib / "zz_copy_of_mod0.py", (stdlib / "mod0.py").read_text())  # a later duplicate: dropped
+    _write(stdlib / "empty.py", "  \n")  # empty: dropped
+    _write(stdlib / "site-packages" / "inner.py", "x = 1\n")  # a package folder inside the stdlib: not entered
+    _write(stdlib / "__pycache__" / "cached.py", "x = 2\n")
+    _write(site_dir / "pkg" / "core.py", "def f():\n    return 3\n")
+    _write(site_dir / "pkg" / "core.pyi", "def f() -> int: ...\n")
+    _write(site_dir / "pkg" / "kernel.cu", "__global__ void k() {}\n")
+    _write(site_dir / "pkg" / "table.c", "int t[] = {" + "1," * 600_000 + "};\n")  # over 1 MB: dropped
+    _write(site_dir / "pkg" / "data.bin", "not text by its name")
+    (site_dir / "pkg" / "blob.txt").write_bytes(b"binary\0data")  # a NUL byte: dropped
+    for i in range(60):
+        _write(site_dir / "pkg" / "docs" / f"page{i}.md", f"# Page {i}\n\nProse about page {i}.\n")
+    _write(include / "api.h", "int api(void);\n")
+    return [("stdlib", stdlib), ("site", site_dir), ("base-include", include)]
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_system_corpus_reads_code_and_prose_and_leaves_out_what_it_must(tmp_path, monkeypatch):
+    from embscale.training.data.corpus import SystemCorpus
+
+    monkeypatch.setenv("EMBSCALE_CACHE", str(tmp_path / "cache"))
+    corpus = SystemCorpus(_system_tree(tmp_path))
+    keys = {key for key, _ in corpus.files}
+    assert "site/pkg/core.pyi" in keys and "site/pkg/kernel.cu" in keys and "base-include/api.h" in keys
+    assert "stdlib/mod0.py" in keys
+    for left_out in ("stdlib/zz_copy_of_mod0.py", "stdlib/empty.py", "site/pkg/table.c", "site/pkg/blob.txt",
+                     "site/pkg/data.bin"):
+        assert left_out not in keys, left_out
+    assert not any("inner.py" in key or "cached.py" in key for key in keys)
+    assert corpus.fingerprint["n_kept"] == len(keys)
+
+    train = dict(corpus.documents("train"))
+    code = dict(corpus.documents("code"))
+    prose = dict(corpus.documents("prose"))
+    assert code and prose, "150 sources and 60 pages hold some out at 2% and 10%"
+    assert not set(train) & set(code) and not set(train) & set(prose)
+    code_keys = {k for k in keys if not k.endswith(".md")}
+    assert set(code) | {k for k in train if k in code_keys} == code_keys
+    assert all(k.endswith(".md") or k.startswith("doc:") for k in prose)
+    # a held-out source's docstring is prose, never training text
+    for key in code:
+        if key.endswith(".py"):
+            assert f"doc:{key}" not in train and f"doc:{key}" in prose
+    assert train["site/pkg/kernel.cu"] == "__global__ void k() {}\n"
+    assert corpus.split_bytes("train") > corpus.split_bytes("code") > 0
+
+
+def test_system_corpus_id_is_stable_and_follows_the_files(tmp_path, monkeypatch):
+    from embscale.training.data.corpus import SystemCorpus
+
+    monkeypatch.setenv("EMBSCALE_CACHE", str(tmp_path / "cache"))
+    roots = _system_tree(tmp_path)
+    first = SystemCorpus(roots)
+    assert SystemCorpus(roots).id == first.id
+    _write(tmp_path / "include" / "api.h", "int api(int);\n")
+    assert SystemCorpus(roots).id != first.id
+    with pytest.raises(UserError, match="no text sources"):
+        SystemCorpus([("x", tmp_path / "cache" / "nothing")])
+
+
+def test_system_corpus_is_a_named_corpus():
+    from embscale.training.data.corpus import val_split_names
+
+    data = DataConfig(corpus="system")
+    assert val_split_names(data) == ("code", "prose")
+    with pytest.raises(ConfigError, match="val_paths"):
+        DataConfig(corpus="system", val_paths={"v": "x"})

@@ -41,6 +41,7 @@ import embscale
 import models, analysis
 from embscale.models.config import CONFIG_DIR, ModelConfig
 from embscale.sweeps.sweepfile import SWEEP_DIR
+from embscale.bench.reproduce import DEFAULT_MANIFEST, load_manifest
 root = embscale.__path__[0]
 found = []
 def walk(package):
@@ -57,6 +58,8 @@ print(json.dumps({"embscale": embscale.__file__, "models": models.WHOSE, "analys
                   "ours": importlib.import_module("embscale.models").__file__, "modules": found,
                   "configs": sorted(p.name for p in CONFIG_DIR.glob("*.yaml")),
                   "sweeps": sorted(p.name for p in SWEEP_DIR.glob("*.yaml")),
+                  "reproduction": sorted(p.name for p in (SWEEP_DIR / "reproduction").iterdir()),
+                  "manifest_sweeps": len(load_manifest(DEFAULT_MANIFEST).sweeps),
                   "bench_config": ModelConfig.from_yaml(CONFIG_DIR / "bench_moe_100m.yaml").d_model}))
 """
 BARE_CHECK = "import importlib.util, json; print(json.dumps([n for n in {names} if importlib.util.find_spec(n)]))"
@@ -106,6 +109,8 @@ def test_wheel_has_one_namespace_beside_a_researchers_own_modules(wheel_venv, tm
     assert set(seen["modules"]) == source  # all shipped, all import
     assert "longcat_flash_lite.yaml" in seen["configs"] and "demo.yaml" in seen["sweeps"]
     assert seen["bench_config"] == 1024  # read from the wheel's package data
+    assert {"manifest.yaml", "README.md", "base.yaml", "fig2_ladder.yaml"} <= set(seen["reproduction"])
+    assert seen["manifest_sweeps"] == 5  # the runbook finds its shipped manifest and sweeps in the wheel
     bare = run(wheel_venv, BARE_CHECK.format(names=list(BARE)), tmp_path)
     assert bare.returncode == 0 and json.loads(bare.stdout) == [], bare.stdout + bare.stderr
     missing = run(wheel_venv, "import models", tmp_path)

@@ -47,7 +47,7 @@ DEVICES = ("auto", "cpu", "cuda")
 TEXT_FORMATS = ("dir", "jsonl", "parquet")
 TOKEN_FORMATS = ("npy", "bin", "arrow", "parquet_tokens")  # embscale.training.data.tokens.TOKEN_FORMATS
 FORMATS = ("auto", *TEXT_FORMATS, *TOKEN_FORMATS)
-NAMED_CORPORA = ("builtin", "site")
+NAMED_CORPORA = ("builtin", "site", "system")
 # Data fields added after runs were recorded: left out of the run id at their default (as the training ones).
 _OPT_IN_DATA_DEFAULTS = {"token_column": "input_ids", "eos_token_id": None}
 TRACKERS = ("tensorboard", "wandb")  # output.tracking: live curves besides metrics.parquet (training/tracking.py)
@@ -263,7 +263,7 @@ class DataConfig:
     eos_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        _require(self.corpus != "", "corpus", "must be 'builtin', 'site' or a path")
+        _require(self.corpus != "", "corpus", "must be 'builtin', 'site', 'system' or a path")
         _require(self.format in FORMATS, "format",
                  f"unknown value {self.format!r}; expected one of {', '.join(FORMATS)}")
         named = self.corpus in NAMED_CORPORA

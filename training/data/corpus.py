@@ -14,6 +14,12 @@ site-packages folders (files over 1 MB left out) as code and their module docstr
 hash like ``builtin`` (splits ``code`` and ``prose``). 215 MB of sources and 64M tokens with the default 8192
 BPE in a venv holding torch, pandas and scipy; about 100 MB on a bare CUDA image with torch.
 
+``system``: the largest corpus that needs no download: every text source under the running interpreter's
+prefixes (the standard library, the package folders, the prefixes' ``include`` and ``share`` folders, and the
+CUDA toolkit's headers where one is installed): Python
+sources and stubs, C, C++ and CUDA sources and headers as code; Markdown, reStructuredText and plain text files and
+the module docstrings as prose (:class:`SystemCorpus`). Split ``code`` and ``prose`` by path hash as above.
+
 User corpora: a folder of text files (each file one document), or JSONL / Parquet files with the text in a
 configurable column, with the user's validation files (``data.val_paths``) or 2% held out by hash. Paths of
 pre-tokenised data (``.npy``, llm.c ``.bin``, ``save_to_disk`` folders, Parquet with a token column) open as a
@@ -284,6 +290,164 @@ class SiteCorpus(Corpus):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The system corpus: every text source under the interpreter's prefixes
+# ----------------------------------------------------------------------------------------------------------
+SYSTEM_CODE_SUFFIXES = (".py", ".pyi", ".h", ".hh", ".hpp", ".cuh", ".c", ".cc", ".cpp", ".cu")
+SYSTEM_PROSE_SUFFIXES = (".md", ".rst", ".txt")
+SYSTEM_SUFFIXES = SYSTEM_CODE_SUFFIXES + SYSTEM_PROSE_SUFFIXES
+SYSTEM_VAL_FRACTION = 0.02
+SYSTEM_PROSE_VAL_FRACTION = 0.10  # prose files are few: a larger share keeps the prose split useful
+SYSTEM_MAX_FILE_BYTES = 1_000_000
+SYSTEM_VERSION = 1  # bump when the files chosen or the documents cut from them change
+_SYSTEM_SKIPPED = frozenset({"__pycache__", "site-packages", "dist-packages"})
+
+
+def system_roots() -> list[tuple[str, Path]]:
+    """``(label, folder)`` of what :class:`SystemCorpus` reads on this interpreter: the standard library
+    (``stdlib``), the package folders of :func:`site_package_folders` (``site``: one key space, the folder
+    earlier on ``sys.path`` wins), the ``include`` and ``share`` folders of ``sys.prefix`` and
+    ``sys.base_prefix`` (``prefix-include``, ``prefix-share``, ``base-include``, ``base-share``), and the CUDA
+    toolkit's headers where a toolkit is installed (``cuda-include``: ``$CUDA_HOME``, ``$CUDA_PATH`` or
+    ``/usr/local/cuda``). Existing folders only; a folder reached under two labels is read under the first."""
+    candidates: list[tuple[str, Path]] = [("stdlib", Path(sysconfig.get_paths()["stdlib"]))]
+    candidates += [("site", folder) for folder in site_package_folders()]
+    for label, prefix in (("prefix", sys.prefix), ("base", sys.base_prefix)):
+        candidates += [(f"{label}-{name}", Path(prefix) / name) for name in ("include", "share")]
+    cuda = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    candidates.append(("cuda-include", Path(cuda) / "include"))
+    roots, seen = [], set()
+    for label, folder in candidates:
+        if folder.is_dir() and folder.resolve() not in seen:
+            seen.add(folder.resolve())
+            roots.append((label, folder))
+    return roots
+
+
+def _system_files(label: str, root: Path) -> Iterator[tuple[str, Path]]:
+    """``(key, path)`` of the text-like files under ``root`` (:data:`SYSTEM_SUFFIXES`), keyed ``label/relpath``
+    (``site`` keys without the folder, so one package installed twice is one key). Hidden and ``__pycache__``
+    folders are not entered, nor package folders inside the standard library, nor linked folders."""
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(name for name in subfolders
+                               if not name.startswith(".") and name not in _SYSTEM_SKIPPED)
+        relative = os.path.relpath(folder, root)
+        prefix = f"{label}/" if relative == "." else f"{label}/{relative.replace(os.sep, '/')}/"
+        for name in sorted(names):
+            if name.endswith(SYSTEM_SUFFIXES) and not name.startswith("."):
+                path = Path(folder, name)
+                if path.is_file():
+                    yield prefix + name, path
+
+
+def _is_system_val(key: str) -> bool:
+    fraction = SYSTEM_PROSE_VAL_FRACTION if key.endswith(SYSTEM_PROSE_SUFFIXES) else SYSTEM_VAL_FRACTION
+    return hash_fraction("split:system:" + key) < fraction
+
+
+class SystemCorpus(Corpus):
+    """Every text source under the running interpreter's prefixes, with no download: a larger corpus than
+    ``site`` for GPU-sized runs on machines without network.
+
+    Files (:func:`system_roots`): the standard library's ``*.py``; in the package folders, the prefixes'
+    ``include`` and ``share`` folders and the CUDA toolkit's ``include``, Python sources and stubs, C, C++ and
+    CUDA sources and headers (:data:`SYSTEM_CODE_SUFFIXES`) as code, and Markdown, reStructuredText and plain
+    text (:data:`SYSTEM_PROSE_SUFFIXES`) as prose, with the module docstrings of the Python sources (as
+    ``builtin``). Left out: files over 1 MB (generated tables), empty files, files with a NUL byte (binary), and
+    exact duplicates (the first key in sorted order is kept, so a held-out file cannot reappear in training
+    under another name). A file is held out when the hash of its key (``label/relative path``, the same on
+    every machine with the same packages) falls in the lowest 2% (10% for prose files, which are few):
+    held-out code goes to validation split ``code``, held-out prose files and the docstrings of held-out
+    sources to ``prose``. Which files were kept is worked out once per state of the files (the fingerprint
+    cache), so opening the corpus reads only their status. The corpus id changes when anything under those
+    folders is installed, upgraded or removed.
+    """
+
+    kind = "system"
+    val_splits = ("code", "prose")
+
+    def __init__(self, roots: list[tuple[str, str | Path]] | None = None):
+        self.roots = [(label, Path(folder)) for label, folder in roots] if roots is not None else system_roots()
+        if not self.roots:
+            raise UserError(f"no standard library or package folder found for this Python ({sys.executable})")
+        self.location = ":".join(str(folder) for _, folder in self.roots)
+        chosen: dict[str, Path] = {}
+        for label, root in self.roots:
+            for key, path in _system_files(label, root):
+                chosen.setdefault(key, path)
+        if not chosen:
+            raise UserError(f"no text sources ({', '.join(SYSTEM_SUFFIXES)}) found under {self.location}")
+        files = sorted(chosen.items())
+        record = dict(cached_file_hash(files, _system_fingerprint))
+        dropped = set(record.pop("dropped"))
+        self.files = [(key, path) for key, path in files if key not in dropped]
+        self.file_bytes = {key: int(size) for key, size in zip(
+            (key for key, _ in files), record.pop("sizes"), strict=True) if key not in dropped}
+        self.fingerprint = {"kind": self.kind, "location": self.location, "python": sys.version.split()[0],
+                            "system_version": SYSTEM_VERSION, "val_fraction": SYSTEM_VAL_FRACTION,
+                            "prose_val_fraction": SYSTEM_PROSE_VAL_FRACTION,
+                            "max_file_bytes": SYSTEM_MAX_FILE_BYTES, **record}
+
+    def _files(self, held_out: bool, prose: bool) -> Iterator[tuple[str, Path]]:
+        for key, path in self.files:
+            if _is_system_val(key) == held_out and key.endswith(SYSTEM_PROSE_SUFFIXES) == prose:
+                yield key, path
+
+    def _prose(self, held_out: bool) -> Iterator[tuple[str, str]]:
+        for key, path in self._files(held_out, prose=True):
+            yield key, _read_text(path)
+        for key, path in self._files(held_out, prose=False):
+            if key.endswith(".py"):
+                doc = _module_docstring(path)
+                if doc:
+                    yield f"doc:{key}", doc
+
+    def documents(self, split: str) -> Iterator[tuple[str, str]]:
+        if split not in self.splits:
+            raise KeyError(split)
+        if split in ("train", "code"):
+            for key, path in self._files(held_out=split == "code", prose=False):
+                yield key, _read_text(path)
+        if split in ("train", "prose"):
+            yield from self._prose(held_out=split == "prose")
+
+    def split_bytes(self, split: str) -> int:
+        held_out = split != "train"
+        code = sum(self.file_bytes[key] for key, _ in self._files(held_out, prose=False))
+        prose = sum(self.file_bytes[key] for key, _ in self._files(held_out, prose=True))
+        docstrings = sum(self.file_bytes[key] for key, _ in self._files(held_out, prose=False)
+                         if key.endswith(".py")) // 50  # docstrings are about 1/50 of the source, by size
+        return {"train": code + prose + docstrings, "code": code, "prose": prose + docstrings}[split]
+
+    def describe(self, split: str) -> str:
+        return f"system corpus split {split} ({self.location})"
+
+
+def _system_fingerprint(files: list[tuple[str, Path]]) -> dict[str, Any]:
+    """The content fingerprint of :class:`SystemCorpus`'s candidate files, with each file's size and the keys
+    left out (over the size limit, empty or unreadable, binary, or a duplicate of an earlier key)."""
+    listing, contents, total = hashlib.sha256(), hashlib.sha256(), 0
+    seen: set[str] = set()
+    dropped, sizes = [], []
+    for key, path in files:
+        try:
+            raw = path.read_bytes()
+        except OSError:  # unreadable (permissions, a file that went away): left out
+            raw = b""
+        total += len(raw)
+        sizes.append(len(raw))
+        listing.update(f"{key}\t{len(raw)}\n".encode())
+        contents.update(raw)
+        content_hash = hashlib.sha1(raw).hexdigest()
+        if len(raw) > SYSTEM_MAX_FILE_BYTES or not raw.strip() or b"\0" in raw or content_hash in seen:
+            dropped.append(key)
+        else:
+            seen.add(content_hash)
+    return {"n_files": len(files), "n_kept": len(files) - len(dropped), "total_bytes": total,
+            "list_sha256": listing.hexdigest(), "content_sha256": contents.hexdigest(), "dropped": dropped,
+            "sizes": sizes}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # User corpora: a folder of text files, JSONL or Parquet
 # ----------------------------------------------------------------------------------------------------------
 def _visible_files(folder: Path) -> list[Path]:
@@ -454,11 +618,13 @@ class UserCorpus(Corpus):
 
 def val_split_names(data_cfg: Any) -> tuple[str, ...]:
     """The validation splits a :class:`~embscale.training.config.DataConfig` gives its runs, without opening the
-    corpus: the built-in or site corpus's, the names of ``val_paths``, or the one held-out split."""
+    corpus: the built-in, site or system corpus's, the names of ``val_paths``, or the one held-out split."""
     if data_cfg.corpus == "builtin":
         return BuiltinCorpus.val_splits
     if data_cfg.corpus == "site":
         return SiteCorpus.val_splits
+    if data_cfg.corpus == "system":
+        return SystemCorpus.val_splits
     return tuple(data_cfg.val_paths) if data_cfg.val_paths else (HELD_OUT_SPLIT,)
 
 
@@ -492,6 +658,8 @@ def open_corpus(data_cfg: Any, cache: Path | None = None) -> Corpus:
         return BuiltinCorpus()
     if data_cfg.corpus == "site":
         return SiteCorpus()
+    if data_cfg.corpus == "system":
+        return SystemCorpus()
     fmt = corpus_format(data_cfg)
     if fmt in TOKEN_FORMATS:
         check_token_fields(data_cfg, fmt)
@@ -518,5 +686,5 @@ def check_token_fields(data_cfg: Any, fmt: str) -> None:
                                                "FineWeb shards, starts) each document, e.g. 50256 for GPT-2 tokens")
 
 
-__all__ = ["BuiltinCorpus", "Corpus", "SiteCorpus", "TokenCorpus", "UserCorpus", "corpus_format", "digest",
-           "open_corpus", "site_package_folders", "val_split_names"]
+__all__ = ["BuiltinCorpus", "Corpus", "SiteCorpus", "SystemCorpus", "TokenCorpus", "UserCorpus", "corpus_format",
+           "digest", "open_corpus", "site_package_folders", "system_roots", "val_split_names"]

@@ -25,17 +25,21 @@ from embscale.base.files import atomic_write_json
 from embscale.base.rundir import HELD_OUT_SPLIT
 from embscale.training.data.corpus import (
     SITE_VAL_FRACTION,
+    SYSTEM_SUFFIXES,
+    SYSTEM_VAL_FRACTION,
     USER_VAL_FRACTION,
     corpus_format,
     digest,
     open_corpus,
     site_package_folders,
+    system_roots,
     val_split_names,
 )
 from embscale.training.data.tokenizer import cache_root
 from embscale.training.data.tokens import TOKEN_FORMATS
 
 BYTES_PER_TOKEN = 3.5
+NAMED = ("builtin", "site", "system")  # corpora that need no path
 SIZES_VERSION = 1
 _SKIPPED_FOLDERS = {"site-packages", "dist-packages", "__pycache__"}
 
@@ -60,7 +64,7 @@ def _short(count: float) -> str:
     return f"{count:.0f}"
 
 
-def _walk(path: Path, suffix: str | None = None, skipped: frozenset[str] = frozenset(_SKIPPED_FOLDERS)
+def _walk(path: Path, suffix: str | tuple[str, ...] | None = None, skipped: frozenset[str] = frozenset(_SKIPPED_FOLDERS)
           ) -> tuple[int, int, int]:
     """(files, bytes, newest mtime in ns) of a file or of the visible files under a folder."""
     if path.is_file():
@@ -82,13 +86,16 @@ def _walk(path: Path, suffix: str | None = None, skipped: frozenset[str] = froze
     return files, size, newest
 
 
-def _split_paths(data_cfg: Any) -> dict[str, tuple[Path, str | None]]:
-    """The path each split's files live under (``train`` also for a held-out split), with a name suffix."""
+def _split_paths(data_cfg: Any) -> dict[str, tuple[Path, str | tuple[str, ...] | None]]:
+    """The path each split's files live under (``train`` also for a held-out split), with name suffixes."""
     if data_cfg.corpus == "builtin":
         return {"train": (Path(sysconfig.get_paths()["stdlib"]), ".py")}
     if data_cfg.corpus == "site":
         return {f"train{i}" if i else "train": (Path(folder), ".py")
                 for i, folder in enumerate(site_package_folders())}
+    if data_cfg.corpus == "system":
+        return {f"train{i}" if i else "train": (folder, SYSTEM_SUFFIXES)
+                for i, (_, folder) in enumerate(system_roots())}
     paths = {"train": (Path(data_cfg.corpus).expanduser(), None)}
     for name, path in (data_cfg.val_paths or {}).items():
         paths[name] = (Path(path).expanduser(), None)
@@ -125,6 +132,10 @@ def _estimate(data_cfg: Any, path_bytes: dict[str, int]) -> dict[str, SplitToken
         total = float(sum(path_bytes.values()))
         split_bytes = {"train": total * (1 - SITE_VAL_FRACTION), "code": total * SITE_VAL_FRACTION,
                        "prose": total * SITE_VAL_FRACTION / 50}  # docstrings are about 1/50 of the sources
+    elif data_cfg.corpus == "system":
+        total = float(sum(path_bytes.values()))
+        held_out = total * SYSTEM_VAL_FRACTION  # prose (doc files, docstrings) is about a tenth of the text
+        split_bytes = {"train": total - held_out, "code": held_out * 0.9, "prose": held_out * 0.1}
     elif data_cfg.val_paths:
         split_bytes = {split: float(path_bytes[split]) for split in ("train", *splits)}
     else:
@@ -139,7 +150,7 @@ def split_tokens(data_cfg: Any, cache: Path | None = None) -> dict[str, SplitTok
     :class:`~embscale.training.config.DataConfig` names: exact when a run has built its shards (or the corpus is
     token ids), else estimated; empty when the corpus's files are not on this machine."""
     signature, path_bytes = _signature(data_cfg)
-    if data_cfg.corpus not in ("builtin", "site") and not any(ch in data_cfg.corpus for ch in "*?[") and (
+    if data_cfg.corpus not in NAMED and not any(ch in data_cfg.corpus for ch in "*?[") and (
             None in signature.values()):
         return {}  # the corpus is not on this machine (planned here, trained elsewhere): sizes unknown
     record_path = (cache or cache_root()) / "sizes" / f"{_key(data_cfg)}.json"
@@ -153,7 +164,7 @@ def split_tokens(data_cfg: Any, cache: Path | None = None) -> dict[str, SplitTok
         if all(isinstance(counts.get(s), int) for s in ("train", *val_split_names(data_cfg))):
             return {split: SplitTokens(split, counts[split], exact=True)
                     for split in ("train", *val_split_names(data_cfg))}
-    if data_cfg.corpus not in ("builtin", "site") and corpus_format(data_cfg) in TOKEN_FORMATS:
+    if data_cfg.corpus not in NAMED and corpus_format(data_cfg) in TOKEN_FORMATS:
         corpus = open_corpus(data_cfg, cache)  # headers and file sizes (.bin, .npy) or the rows' lengths
         return {split: SplitTokens(split, int(corpus.known_tokens(split)), exact=True) for split in corpus.splits}
     return _estimate(data_cfg, path_bytes)
