@@ -210,6 +210,11 @@ class NgramEmbedding(nn.Module):
     optimizer consumes and clears that list. ``sparse_token_grad=True`` does the same for ``token.weight``
     (then a table optimizer must train it too). ``projection`` stays a dense parameter. :meth:`set_backend`
     switches all three after construction.
+
+    ``tables`` may be replaced after construction by another module with the same call (row ids ``(..., S)`` ->
+    rows ``(..., S, d)``) and a ``weight`` holding the rows it trains, e.g. one whose rows are spread over
+    several processes (``embscale.training.table_shard``); the lookup then takes the plain form above (the
+    fused kernel reads a whole table in memory), and that module delivers the table's gradient.
     """
 
     def __init__(self, spec: NgramConfig, vocab_size: int, width: int, eos_token_id: int | None, *,
@@ -271,7 +276,8 @@ class NgramEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids -> (B, T, width). ``rows`` may pass precomputed :meth:`row_ids` (layers sharing a
         hash)."""
-        if self.backend != "torch" or self.sparse_grad or self.sparse_token_grad:
+        fused = self.backend != "torch" or self.sparse_grad or self.sparse_token_grad
+        if fused and type(self.tables) is nn.Embedding:  # the fused kernel reads the whole table in memory
             from embscale.kernels.ngram import ngram_embed  # PyTorch twins without CUDA
 
             # one fused hash + gather (padded to an aligned width, in the GEMM's dtype), the token rows and
@@ -285,7 +291,7 @@ class NgramEmbedding(nn.Module):
             return self.norm(summed) if self.norm is not None else summed
         if rows is None:
             rows = self.row_ids(ids)
-        gathered = F.embedding(rows, self.tables.weight)  # (B, T, S, d): one gather, concatenated table
+        gathered = self.tables(rows)  # (B, T, S, d): one gather, concatenated table
         ngram = F.linear(gathered.flatten(-2), self.projection.weight)  # (B, T, width): one GEMM S*d -> width
         return self._finish(self.token(ids) + ngram)
 

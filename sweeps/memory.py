@@ -28,10 +28,13 @@ first step on); :attr:`MemoryEstimate.first_step_peak` is the same before the op
 one-step probe measures).
 
 Sharding (``s > 1``; the trainer's FSDP is modelled, not read): parameters, gradients and optimizer state of
-everything but the N-gram tables are divided by ``s``; **the N-gram tables stay replicated** (the first FSDP
-version leaves them out). The model assumes FSDP2 with bf16 all-gathers that reshard after the forward: instead
-of bf16 weight copies of the whole model, one GPU holds two layers' worth of unsharded bf16 weights (the layer
-and the prefetched next one) and one layer's unsharded fp32 gradient before its reduce-scatter.
+everything but the N-gram tables are divided by ``s``. The N-gram tables of a table optimizer stay replicated
+under ``training.table_sharding: replicate`` (the default); under ``rows`` (:mod:`embscale.training.table_shard`)
+their parameters and the table optimizer's state are divided by ``s`` too (each GPU owns ``1/s`` of the rows; its
+row gradients are still counted per lookup: the owner receives about a rank's worth of rows). The model assumes
+FSDP2 with bf16 all-gathers that reshard after the forward: instead of bf16 weight copies of the whole model, one
+GPU holds two layers' worth of unsharded bf16 weights (the layer and the prefetched next one) and one layer's
+unsharded fp32 gradient before its reduce-scatter.
 
 Checks (tests/test_memory_plan.py): on one H200, the MoE points of sweeps/paper_280m.yaml at ratio 8, 16, 24, 30
 (one training step, micro-batch 4 x 4096 tokens: within 0.3% of :attr:`MemoryEstimate.first_step_peak`) and the
@@ -211,6 +214,8 @@ def estimate_memory(cfg: ModelConfig, groups: dict[str, int], training: Training
     table_optimizer = training.table_optimizer != "adamw" and tables > 0
     sharded = (total - tables) / shard  # AdamW's parameters but the tables: FSDP shards them
     adamw_tables = 0 if table_optimizer else tables  # the tables stay replicated whatever trains them
+    if table_optimizer and shard > 1 and training.table_sharding == "rows":
+        tables /= shard  # each GPU owns 1/s of every table's rows, and their optimizer state
 
     parameters = FP32 * (sharded + tables)
     gradients = FP32 * (sharded + adamw_tables)

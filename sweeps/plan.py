@@ -302,7 +302,8 @@ def memory_refusal(plan: Plan, checks: dict[str, MemoryCheck], limits: MemoryLim
             line += (f"; fits at no shard degree up to {limits.gpus}: its N-gram tables stay replicated "
                      f"({gib(estimate.replicated_tables)} per GPU with their gradients and optimizer state; "
                      "training.table_optimizer dense with table_optimizer_moments compact keeps about 6 bytes per "
-                     "table element instead of AdamW's 16)")
+                     "table element instead of AdamW's 16, and training.table_sharding rows divides them by the "
+                     "shard degree)")
         else:
             line += f"; fits at no shard degree up to {limits.gpus}: give it more GPUs (--gpus-per-node, --nodes)"
         lines.append(line)

@@ -156,6 +156,23 @@ def test_table_optimizer_has_no_table_sized_gradient_and_compact_moments_are_sma
     assert compact.peak < full.peak < adamw.peak
 
 
+def test_row_sharded_tables_divide_their_parameters_and_state_by_the_shard_degree():
+    """``training.table_sharding: rows``: each GPU holds 1/s of the tables and of the table optimizer's state;
+    the row gradients (per lookup) and everything else are unchanged."""
+    plan = load_plan(PAPER).plan
+    run = max((r for r in plan.runs if r.family == "ne"), key=lambda r: r.total)
+    cfg = ModelConfig.from_dict(run.config["model"])
+    groups, tables = run.accounting["groups"], run.accounting["groups"]["ngram_tables"]
+    base = {**run.config["training"], "parallel": "fsdp", "table_optimizer": "dense"}
+    replicated, rows = (estimate_memory(cfg, groups, TrainingConfig(**base, table_sharding=sharding), gpus=8, shard=8)
+                        for sharding in ("replicate", "rows"))
+    assert replicated.parameters - rows.parameters == pytest.approx(4 * tables * 7 / 8)
+    assert replicated.optimizer - rows.optimizer == pytest.approx(8 * tables * 7 / 8)  # two fp32 moments
+    assert replicated.gradients == rows.gradients and replicated.activations == rows.activations
+    one = estimate_memory(cfg, groups, TrainingConfig(**base, table_sharding="rows"), gpus=8, shard=1)
+    assert one.parameters == pytest.approx(4 * run.total)  # shard 1 (one GPU per copy): whole tables
+
+
 def test_smallest_fitting_shard_is_the_smallest():
     runs = _paper_moe_runs()
     run = runs[30]

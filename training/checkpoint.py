@@ -49,18 +49,20 @@ def restore_rng(state: dict[str, Any], device: torch.device) -> None:
 
 def checkpoint_payload(step: int, run_id: str, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
                        data_state: dict[str, Any], device: torch.device, loss_ema: float | None,
-                       wall_s: float, full_state: tuple[dict[str, Any], dict[str, Any]] | None = None
-                       ) -> dict[str, Any]:
+                       wall_s: float, full_state: tuple[dict[str, Any], dict[str, Any]] | None = None,
+                       table_optimizer_state: dict[str, Any] | None = None) -> dict[str, Any]:
     """The checkpoint of ``step``: ``optimizer`` is AdamW's state, ``table_optimizer`` the table optimizer's.
 
     ``full_state``: the model's and AdamW's states gathered from a sharded model
     (:func:`embscale.training.parallelize.full_model_state` / ``full_optimizer_state``), written in place of the
-    local ones: the same keys and tensors as one process's, so the checkpoint resumes on any number of ranks."""
+    local ones: the same keys and tensors as one process's, so the checkpoint resumes on any number of ranks.
+    ``table_optimizer_state``: the table optimizer's state with row-sharded tables' states gathered
+    (:func:`embscale.training.table_shard.full_table_optimizer_state`), in place of the local one."""
     model_state, optimizer_state = full_state or (model.state_dict(), optimizers[0].state_dict())
     payload = {"step": step, "run_id": run_id, "model": model_state, "optimizer": optimizer_state,
                "data": data_state, "rng": capture_rng(device), "loss_ema": loss_ema, "wall_s": wall_s}
     if len(optimizers) > 1:
-        payload["table_optimizer"] = optimizers[1].state_dict()
+        payload["table_optimizer"] = table_optimizer_state or optimizers[1].state_dict()
     return payload
 
 
@@ -76,7 +78,12 @@ def restore_payload(payload: dict[str, Any], model: torch.nn.Module, optimizers:
         model.load_state_dict(payload["model"])
         optimizers[0].load_state_dict(payload["optimizer"])
     if len(optimizers) > 1:
-        optimizers[1].load_state_dict(payload["table_optimizer"])
+        table_state = payload["table_optimizer"]
+        if sharded:  # row-sharded tables keep this rank's rows of their states
+            from embscale.training.table_shard import local_table_optimizer_state
+
+            table_state = local_table_optimizer_state(optimizers[1], model, table_state)
+        optimizers[1].load_state_dict(table_state)
     restore_rng(payload["rng"], device)
 
 

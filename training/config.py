@@ -15,8 +15,9 @@ Pre-tokenised data has no tokenizer: ``data.vocab_size`` and ``data.eos_token_id
 ``run_id`` is a short hash (10 hex digits) of the model, training and data sections with every default filled
 in, so the same run written two ways gets the same id, and the output section (where results go) does not
 change it. Opt-in fields added later (training's ``table_optimizer``, ``table_optimizer_moments``,
-``ngram_backend``, ``parallel``, ``shard_degree``, ``activation_checkpointing``; data's ``token_column``,
-``eos_token_id``) enter the hash only when they differ from their defaults, so existing run ids are unchanged.
+``ngram_backend``, ``parallel``, ``shard_degree``, ``activation_checkpointing``, ``table_sharding``; data's
+``token_column``, ``eos_token_id``) enter the hash only when they differ from their defaults, so existing run ids
+are unchanged.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ NGRAM_BACKENDS = ("torch", "triton")
 # Training fields added after runs were recorded: left out of the run id at their default, so the ids of
 # earlier runs (and of runs that do not use them) stay what they were.
 _OPT_IN_TRAINING_DEFAULTS = {"table_optimizer": "adamw", "table_optimizer_moments": "full", "ngram_backend": "torch",
-                             "parallel": "ddp", "shard_degree": 0, "activation_checkpointing": False}
+                             "parallel": "ddp", "shard_degree": 0, "activation_checkpointing": False,
+                             "table_sharding": "replicate"}
 PARALLEL_MODES = ("ddp", "fsdp", "hsdp")  # training.parallel (training/parallelize.py)
+TABLE_SHARDINGS = ("replicate", "rows")  # training.table_sharding (training/table_shard.py)
 DEVICES = ("auto", "cpu", "cuda")
 TEXT_FORMATS = ("dir", "jsonl", "parquet")
 TOKEN_FORMATS = ("npy", "bin", "arrow", "parquet_tokens")  # embscale.training.data.tokens.TOKEN_FORMATS
@@ -83,8 +86,12 @@ class TrainingConfig:
     per block; bf16 parameters and fp32 gradient reductions on CUDA, fp32 on CPU) or ``hsdp`` (sharded within
     groups of ``shard_degree`` ranks, replicated across the groups). ``shard_degree``: ranks per shard group under
     ``hsdp``, 0 for the ranks of one node (``LOCAL_WORLD_SIZE``); under ``fsdp`` 0 or the world size; must be 0
-    under ``ddp``. One process trains the whole model whatever ``parallel`` says. N-gram tables of a table
-    optimizer stay replicated outside the FSDP units, as under DDP. ``compile`` under ``fsdp`` / ``hsdp`` compiles
+    under ``ddp``. One process trains the whole model whatever ``parallel`` says. ``table_sharding``: where the
+    N-gram tables of a table optimizer live under ``fsdp`` / ``hsdp``: ``replicate`` (the default: whole on every
+    rank outside the FSDP units, their row gradients all-gathered, as under DDP) or ``rows`` (each rank of a
+    shard group owns a contiguous row range of every table, lookups go to the owners and back, the table
+    optimizer steps only the local rows; ``training/table_shard.py``); ``rows`` needs ``parallel`` fsdp or hsdp
+    and ``table_optimizer`` dense or sparse. ``compile`` under ``fsdp`` / ``hsdp`` compiles
     each block. ``activation_checkpointing``: recompute each block's activations in the backward (less memory,
     about one more forward of compute; any ``parallel``).
     A run has diverged when its loss is NaN/inf or exceeds ``spike_factor`` times the running mean
@@ -120,6 +127,7 @@ class TrainingConfig:
     parallel: str = "ddp"
     shard_degree: int = 0
     activation_checkpointing: bool = False
+    table_sharding: str = "replicate"
 
     def __post_init__(self) -> None:
         _require(self.steps >= 0, "steps", f"must be non-negative, got {self.steps}")
@@ -178,6 +186,15 @@ class TrainingConfig:
                  "shards belong to training.parallel fsdp or hsdp; under ddp every rank holds the whole model")
         _require(isinstance(self.activation_checkpointing, bool), "activation_checkpointing",
                  f"must be true or false, got {self.activation_checkpointing!r}")
+        _require(self.table_sharding in TABLE_SHARDINGS, "table_sharding",
+                 f"unknown value {self.table_sharding!r}; expected one of {', '.join(TABLE_SHARDINGS)}")
+        if self.table_sharding == "rows":
+            _require(self.parallel != "ddp", "table_sharding",
+                     "rows shards the N-gram tables over a shard group: set training.parallel to fsdp or hsdp "
+                     "(under ddp every rank holds the whole model)")
+            _require(self.table_optimizer != "adamw", "table_sharding",
+                     "rows shards the tables of the table optimizer: set training.table_optimizer to dense or "
+                     "sparse (under adamw the tables are FSDP parameters, sharded with the rest)")
         self.accumulation_steps(1)
 
     @property
@@ -410,8 +427,8 @@ class RunConfig:
     # ----- identity -----
     def identity(self) -> dict[str, Any]:
         """Everything that determines the run's results, with defaults filled in (except the opt-in training
-        fields ``table_optimizer``, ``table_optimizer_moments``, ``ngram_backend``, ``parallel``, ``shard_degree``
-        and ``activation_checkpointing`` and the opt-in data fields
+        fields ``table_optimizer``, ``table_optimizer_moments``, ``ngram_backend``, ``parallel``, ``shard_degree``,
+        ``activation_checkpointing`` and ``table_sharding`` and the opt-in data fields
         ``token_column`` and ``eos_token_id``, present only when not at their defaults)."""
         model = self.provisional_model().to_dict()
         for omitted in ("vocab_size", "eos_token_id"):

@@ -16,9 +16,10 @@ reduce_dtype=fp32)``); the sharded parameters and the optimizer state stay fp32.
 before it is sharded; ``training.activation_checkpointing`` recomputes each block's activations in the backward.
 
 N-gram tables trained by a table optimizer (``training.table_optimizer`` ``dense`` / ``sparse``) stay outside the
-FSDP units (``ignored_params``): replicated on every rank as under DDP, their row-sparse gradients averaged by
-:func:`embscale.training.table_ddp.all_reduce_table_grads` and stepped by ``TableAdamW``. Sharding their rows is
-not done here.
+FSDP units (``ignored_params``). With ``training.table_sharding: replicate`` they are replicated on every rank as
+under DDP, their row-sparse gradients averaged by :func:`embscale.training.table_ddp.all_reduce_table_grads`;
+with ``rows`` :func:`parallelize` first shards them by rows over each shard group
+(:func:`embscale.training.table_shard.shard_table_rows`): each rank keeps and steps only its rows.
 
 Checkpoints keep the single-file format of a single process: :func:`full_model_state` and
 :func:`full_optimizer_state` gather every sharded tensor (a collective every rank calls) and rank 0 writes them;
@@ -111,7 +112,10 @@ def parallelize(model: torch.nn.Module, mesh: torch.distributed.device_mesh.Devi
                 cfg: TrainingConfig, ignored: Sequence[torch.nn.Parameter] = ()) -> torch.nn.Module:
     """Apply the run's activation checkpointing and, with a ``mesh``, per-block compilation and FSDP2 sharding
     to ``model`` in place (returns it). Call before the optimizers are built: sharding replaces the parameters.
-    ``ignored``: parameters left replicated outside the FSDP units (the N-gram tables of a table optimizer)."""
+    ``ignored``: parameters left outside the FSDP units (the N-gram tables of a table optimizer). With
+    ``training.table_sharding: rows`` the N-gram tables are first sharded by rows
+    (:func:`embscale.training.table_shard.shard_table_rows`) and their local shards left out instead of
+    ``ignored``; ``model.ngram_tables()`` then returns the shards, for the table optimizer."""
     blocks = list(model.layers)
     if cfg.activation_checkpointing:
         for block in blocks:
@@ -128,6 +132,10 @@ def parallelize(model: torch.nn.Module, mesh: torch.distributed.device_mesh.Devi
         root_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         block_policy = root_policy = MixedPrecisionPolicy()
+    if cfg.table_sharding == "rows":
+        from embscale.training.table_shard import shard_table_rows
+
+        ignored = [table.weight for table in shard_table_rows(model, mesh)]
     ignored_params = set(ignored) or None
     for index, block in enumerate(blocks):
         if cfg.compile:
@@ -141,11 +149,14 @@ def parallelize(model: torch.nn.Module, mesh: torch.distributed.device_mesh.Devi
 
 
 def clip_sharded_gradients(params: Sequence[torch.nn.Parameter], tables: Sequence[torch.Tensor],
-                           max_norm: float) -> torch.Tensor:
+                           max_norm: float, table_group: torch.distributed.ProcessGroup | None = None
+                           ) -> torch.Tensor:
     """``embscale.training.optim.clip_gradients`` for a sharded model: one global 2-norm over the sharded dense
-    gradients (DTensors, their norm reduced over the mesh) and the replicated tables' row-sparse gradients (each
-    table's ``sparse_grads`` merged into one entry first), every gradient scaled by ``min(1, max_norm / (norm +
-    1e-6))``. Returns the norm as a plain tensor, equal on every rank."""
+    gradients (DTensors, their norm reduced over the mesh) and the tables' row-sparse gradients (each table's
+    ``sparse_grads`` merged into one entry first), every gradient scaled by ``min(1, max_norm / (norm + 1e-6))``.
+    ``table_group``: the tables are row shards over this group (``training.table_sharding: rows``), their squares
+    summed over it; None: replicated, each rank's norm is the whole one. Returns the norm as a plain tensor,
+    equal on every rank."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.experimental import implicit_replication
 
@@ -156,7 +167,13 @@ def clip_sharded_gradients(params: Sequence[torch.nn.Parameter], tables: Sequenc
         norm = torch.nn.utils.get_total_norm([p.grad for p in dense], norm_type=2.0)
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
         squares.append(norm.float().square())
-    if sparse_values:
+    if table_group is not None:  # every rank of the group joins the sum, with or without rows of its own
+        device = tables[0].device
+        table_square = (torch.nn.utils.get_total_norm(sparse_values, norm_type=2.0).float().square()
+                        if sparse_values else torch.zeros((), device=device))
+        torch.distributed.all_reduce(table_square, group=table_group)
+        squares.append(table_square)
+    elif sparse_values:
         squares.append(torch.nn.utils.get_total_norm(sparse_values, norm_type=2.0).float().square())
     if not squares:
         return torch.zeros(())
@@ -186,8 +203,11 @@ def _full(value: Any, keep: bool) -> Any:
 
 def full_model_state(model: torch.nn.Module, keep: bool = True) -> dict[str, Any]:
     """The model's state dict with the full tensors (the keys of the unsharded model's ``state_dict()``); every
-    rank must call it (it all-gathers); the gathered tensors are kept where ``keep`` (the writing rank)."""
-    return _full(model.state_dict(), keep)
+    rank must call it (it all-gathers); the gathered tensors are kept where ``keep`` (the writing rank, global
+    rank 0: row-sharded N-gram tables are gathered to it only)."""
+    from embscale.training.table_shard import gather_table_rows
+
+    return _full(gather_table_rows(model, model.state_dict(), keep), keep)
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) -> dict[str, Any]:
@@ -204,6 +224,9 @@ def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mo
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    from embscale.training.table_shard import local_table_state
+
+    model_state = local_table_state(model, model_state)  # row-sharded tables: this rank's rows
     set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
     optimizer.load_state_dict(optimizer_state)
     for group in optimizer.param_groups:

@@ -74,6 +74,7 @@ from embscale.training.parallelize import (
     is_sharded,
     parallelize,
 )
+from embscale.training.table_shard import full_table_optimizer_state, reduce_row_grads, shard_groups_of
 from embscale.training.tracking import Tracker, open_trackers
 
 EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 3, "interrupted": 75}
@@ -274,6 +275,7 @@ class Trainer:
         self.last_val: dict[str, float] = {}
         self.last_checkpoint_step = -1
         self.sharded = False  # the model sharded with FSDP2 (training.parallel fsdp / hsdp on several ranks)
+        self.table_groups = None  # process groups of row-sharded N-gram tables (training.table_sharding rows)
 
     # ------------------------------------------------------------------------------------------------- build
     @classmethod
@@ -313,7 +315,8 @@ class Trainer:
         self.sharded = is_sharded(cfg, dist.world_size)
         mesh = (build_mesh(cfg, dist.world_size, dist.local_world_size, self.device) if self.sharded else None)
         table_params = self.model.ngram_tables() if cfg.table_optimizer != "adamw" else []
-        parallelize(self.model, mesh, cfg, ignored=table_params)
+        parallelize(self.model, mesh, cfg, ignored=table_params)  # training.table_sharding rows: shards the tables
+        self.table_groups = shard_groups_of(self.model)  # their process groups (None: tables replicated)
         self.optimizers, self.tables, self.group_counts = build_optimizers(self.model, cfg, self.device)
         self.batches = TrainBatches(self.shards.train.tokens(), cfg.seq_len, cfg.sequences_per_step,
                                     cfg.micro_batch_size, cfg.seed, dist.rank, dist.world_size)
@@ -414,13 +417,16 @@ class Trainer:
         # Load statistics of the step's last micro-batch: reading them syncs with the device, and a sync per
         # micro-batch would stall the launch queue.
         load = model.load_stats() if self.model_cfg.is_moe else {}
-        if self.tables and dist.enabled:  # before clipping: the norm is over the global batch's gradient
+        if self.table_groups is not None:  # row-sharded tables: each rank's rows, averaged as FSDP does
+            reduce_row_grads(self.tables, self.table_groups)
+        elif self.tables and dist.enabled:  # before clipping: the norm is over the global batch's gradient
             from embscale.training.table_ddp import all_reduce_table_grads
 
             all_reduce_table_grads(self.tables)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        if self.sharded:  # sharded gradients (and the replicated tables' row-sparse ones): one global norm
-            grad_norm = clip_sharded_gradients(list(model.parameters()), self.tables, max_norm)
+        if self.sharded:  # sharded gradients (and the tables' row-sparse ones): one global norm
+            table_group = self.table_groups.shard_group if self.table_groups is not None else None
+            grad_norm = clip_sharded_gradients(list(model.parameters()), self.tables, max_norm, table_group)
         elif self.tables:  # the tables' gradients are row-sparse: one global norm over both kinds
             grad_norm = clip_gradients(list(model.parameters()), self.tables, max_norm)
         else:
@@ -504,10 +510,13 @@ class Trainer:
         if self.sharded:  # every rank gathers the full tensors (collectives); rank 0 writes them as one file
             keep = self.dist.is_main
             full_state = (full_model_state(self.model, keep), full_optimizer_state(self.optimizers[0], keep))
+        table_state = None
+        if self.table_groups is not None:  # row-sharded tables: their optimizer states gathered to rank 0
+            table_state = full_table_optimizer_state(self.optimizers[1], self.model, self.dist.is_main)
         if self.dist.is_main:
             payload = checkpoint_payload(self.step_count, self.run_id, self.model, self.optimizers,
                                          self.batches.state_dict(), self.device, self.loss_ema, self.wall_s(),
-                                         full_state=full_state)
+                                         full_state=full_state, table_optimizer_state=table_state)
             rundir.save_checkpoint(self.run_dir, self.step_count, payload, keep=self.cfg.keep_checkpoints)
         self.last_checkpoint_step = self.step_count
         self.dist.barrier()

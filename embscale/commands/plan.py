@@ -127,7 +127,8 @@ def memory_lines(plan: Plan, memory: dict[str, MemoryCheck], limits: MemoryLimit
     sharded = [run for run in plan.runs if memory[str(run.run_id)].estimate.shard > 1]
     if sharded:
         lines.append(f"shard > 1 ({len(sharded)} run(s)) is modelled as FSDP: parameters, gradients and optimizer "
-                     "state divided by the shard degree, except the N-gram tables, which stay replicated")
+                     "state divided by the shard degree, except the N-gram tables, which stay replicated (unless "
+                     "training.table_sharding is rows)")
     return lines
 
 

@@ -1,0 +1,302 @@
+"""N-gram tables sharded by rows over the data-parallel ranks (``training.table_sharding: rows``).
+
+Under ``training.parallel`` ``fsdp`` / ``hsdp`` with a table optimizer (``training.table_optimizer`` dense /
+sparse), :func:`shard_table_rows` (called by :func:`embscale.training.parallelize.parallelize`) replaces the
+``tables`` module of every :class:`~embscale.models.ngram.NgramEmbedding` of a built model (the N-gram
+Embedding's and each PLNE slot's) by a :class:`RowShardedTable`: rank ``r`` of a shard group of ``W`` ranks keeps
+rows ``[r * ceil(R / W), (r + 1) * ceil(R / W))`` of the concatenated table (``R`` rows; the last range may be
+shorter or empty) as its ``weight``, and nothing else of the table. The model's math (the hash, the sum of the
+sub-tables through the projection, the token row, the amplification) stays in the model code: only the gather
+of rows is replaced, so the parameters of a sharded run are those of one process.
+
+A lookup (:class:`_ShardedLookup`, an autograd function), on every rank of the shard group at once:
+
+1. the rank's row ids ``(..., S)`` are made distinct (``torch.unique``, sorted, so each owner's rows are one
+   contiguous run), counted per owner, and the counts exchanged (``all_to_all_single`` of ``W`` int64);
+2. the distinct rows go to their owners (``all_to_all_single``, uneven splits), each owner reads its rows from
+   its shard and sends them back the same way; the rank expands them to its lookups.
+
+Its backward does the reverse: each rank sums its lookups' output gradients per distinct row (deterministic,
+:func:`embscale.kernels.ngram.sparse_row_grad`), sends the sums to the rows' owners (the same splits,
+reversed), and each owner reduces what it received into a :class:`~embscale.kernels.ngram.SparseRowGrad` over its
+own rows (local row numbers), appended to ``weight.sparse_grads`` as the model's fused kernel does for a whole
+table. No rank ever holds a whole table or a table-sized gradient: bytes sent per rank and lookup call are
+``W * 8`` (counts) plus ``U_r * 8`` (row ids) plus ``U_r * d * 4`` forward and the same backward (``U_r`` the
+rank's distinct rows that live on other ranks; its own rows are exchanged with itself, no wire).
+
+Per optimizer step, :func:`reduce_row_grads` merges each shard's pending gradients (one per micro-batch),
+divides them by the shard group's size (the mean over the ranks that FSDP's reduce-scatter takes of the dense
+gradients) and, under ``hsdp``, averages the owned rows over the replicas of the shard
+(:func:`embscale.training.table_ddp.all_reduce_table_grads` on the replicate group). ``TableAdamW`` then steps
+only the local rows: its ``dense`` mode decays every local row (the whole table, shard by shard), ``sparse`` the
+touched local rows, ``compact`` keeps its per-row second moment per local row. The clipping norm adds the
+shards' squares over the shard group (:func:`embscale.training.parallelize.clip_sharded_gradients`).
+
+Checkpoints keep the single-file format: :func:`gather_table_rows` gathers each table (and
+:func:`full_table_optimizer_state` the table optimizer's row states) to global rank 0, which writes them (the
+other shard groups, replicas, send nothing); :func:`local_table_state` / :func:`local_table_optimizer_state` cut
+each rank's rows out of the full tensors of a checkpoint, so a run resumes on any number of ranks.
+
+The collectives use process groups of their own (one per shard group and per replicate group), so they never
+interleave with FSDP's on the mesh's groups. The model is still built whole on every rank before it is sharded
+(as FSDP's parameters are); the whole table is freed once the shard is cut.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from embscale.kernels.ngram import SparseRowGrad, sparse_row_grad
+from embscale.kernels.table_optim import merge_row_grads
+from embscale.training.table_ddp import all_reduce_table_grads
+
+ROW_STATE_KEYS = ("exp_avg", "exp_avg_sq", "row_step")  # TableAdamW's per-row states (dim 0 = table rows)
+
+
+@dataclass(frozen=True)
+class ShardGroups:
+    """The process groups of row-sharded tables: this rank's shard group (``shard_ranks``, global ranks in
+    mesh order, this rank at ``shard_rank``) and its replicate group (None under ``fsdp``)."""
+
+    shard_group: dist.ProcessGroup
+    shard_ranks: tuple[int, ...]
+    shard_rank: int
+    replicate_group: dist.ProcessGroup | None
+
+    @property
+    def shard_size(self) -> int:
+        return len(self.shard_ranks)
+
+
+def row_range(total_rows: int, shard_size: int, shard_rank: int) -> tuple[int, int]:
+    """``(start, stop)``: the rows of a table of ``total_rows`` rows that shard ``shard_rank`` of
+    ``shard_size`` owns, ``ceil(total_rows / shard_size)`` per shard, the last ones shorter or empty."""
+    per = math.ceil(total_rows / shard_size)
+    start = min(total_rows, shard_rank * per)
+    return start, min(total_rows, start + per)
+
+
+def build_shard_groups(mesh: Any) -> ShardGroups:
+    """New process groups, one per shard group (a row of the mesh's ``dp_shard`` dimension) and, under ``hsdp``,
+    one per replicate group (a column); every rank creates every group, in the same order (the collective
+    ``new_group`` requires it)."""
+    ranks = mesh.mesh.reshape(-1, mesh.mesh.shape[-1]).tolist()  # (replicate, shard)
+    me = dist.get_rank()
+    shard_group = replicate_group = None
+    shard_ranks: tuple[int, ...] = ()
+    for row in ranks:
+        group = dist.new_group(row)
+        if me in row:
+            shard_group, shard_ranks = group, tuple(row)
+    if len(ranks) > 1:
+        for column in zip(*ranks, strict=True):
+            group = dist.new_group(list(column))
+            if me in column:
+                replicate_group = group
+    return ShardGroups(shard_group=shard_group, shard_ranks=shard_ranks, shard_rank=shard_ranks.index(me),
+                       replicate_group=replicate_group)
+
+
+class _ShardedLookup(torch.autograd.Function):
+    """Rows of a row-sharded table for this rank's row ids; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, rows: torch.Tensor, table: RowShardedTable) -> torch.Tensor:
+        groups, width = table.groups, weight.shape[1]
+        flat = rows.reshape(-1).long()
+        unique, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+        owners = torch.div(unique, table.rows_per_shard, rounding_mode="floor")
+        send = torch.bincount(owners, minlength=groups.shard_size)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=groups.shard_group)
+        send_counts, recv_counts = send.tolist(), recv.tolist()
+        requested = torch.empty(sum(recv_counts), dtype=torch.int64, device=weight.device)
+        dist.all_to_all_single(requested, unique, recv_counts, send_counts, group=groups.shard_group)
+        local = requested - table.row_start
+        served = weight.detach().index_select(0, local)
+        found = torch.empty(unique.numel(), width, dtype=weight.dtype, device=weight.device)
+        dist.all_to_all_single(found, served, send_counts, recv_counts, group=groups.shard_group)
+        ctx.save_for_backward(inverse, local)
+        ctx.table, ctx.counts, ctx.distinct = table, (send_counts, recv_counts), unique.numel()
+        return found.index_select(0, inverse).view(*rows.shape, width)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, None]:
+        inverse, local = ctx.saved_tensors
+        table, (send_counts, recv_counts), distinct = ctx.table, ctx.counts, ctx.distinct
+        width = grad.shape[-1]
+        grad = grad.reshape(-1, width).float()
+        # per distinct row of this rank: inverse holds every index 0..distinct-1, so the sums come in that order
+        sums = sparse_row_grad(inverse, grad).values[:distinct].contiguous() if distinct else grad[:0]
+        received = torch.empty(local.numel(), width, dtype=torch.float32, device=grad.device)
+        dist.all_to_all_single(received, sums, recv_counts, send_counts, group=table.groups.shard_group)
+        if local.numel():
+            owned = sparse_row_grad(local, received)
+        else:
+            owned = SparseRowGrad(rows=local.new_empty(0), values=received)
+        pending = getattr(table.weight, "sparse_grads", None)
+        if pending is None:
+            table.weight.sparse_grads = [owned]
+        else:
+            pending.append(owned)
+        return None, None, None
+
+
+class RowShardedTable(nn.Module):
+    """The rows ``[row_start, row_stop)`` of an N-gram table of ``num_rows`` rows (``weight``, a parameter of
+    that many rows trained by the table optimizer), looked up for every rank of ``groups.shard_group`` together:
+    called like ``nn.Embedding`` (row ids ``(..., S)`` into the whole table -> ``(..., S, d)``), on every rank of
+    the shard group the same number of times. Its gradient goes to ``weight.sparse_grads`` (local row
+    numbers)."""
+
+    def __init__(self, full_weight: torch.Tensor, groups: ShardGroups):
+        super().__init__()
+        self.groups = groups
+        self.num_rows, self.width = full_weight.shape
+        self.rows_per_shard = math.ceil(self.num_rows / groups.shard_size)
+        self.row_start, self.row_stop = row_range(self.num_rows, groups.shard_size, groups.shard_rank)
+        self.weight = nn.Parameter(full_weight.detach()[self.row_start:self.row_stop].clone(),
+                                   requires_grad=full_weight.requires_grad)
+        self.weight.sparse_grads = []
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return _ShardedLookup.apply(self.weight, rows, self)
+
+    def extra_repr(self) -> str:
+        return (f"rows {self.row_start}:{self.row_stop} of {self.num_rows}, d={self.width}, shard "
+                f"{self.groups.shard_rank} of {self.groups.shard_size}")
+
+
+def shard_table_rows(model: nn.Module, mesh: Any) -> list[RowShardedTable]:
+    """Replace the ``tables`` of every N-gram Embedding of ``model`` (built, not yet FSDP-sharded) by a
+    :class:`RowShardedTable` over the shard groups of ``mesh``; a table shared by several modules stays shared.
+    Returns the sharded tables."""
+    from embscale.models.ngram import NgramEmbedding
+
+    groups = build_shard_groups(mesh)
+    sharded: dict[int, RowShardedTable] = {}
+    for module in model.modules():
+        if isinstance(module, NgramEmbedding) and isinstance(module.tables, nn.Embedding):
+            whole = module.tables
+            if id(whole) not in sharded:
+                sharded[id(whole)] = RowShardedTable(whole.weight, groups)
+            module.tables = sharded[id(whole)]
+    return list(sharded.values())
+
+
+def row_sharded_tables(model: nn.Module) -> dict[str, RowShardedTable]:
+    """Every :class:`RowShardedTable` of ``model`` by each of its qualified names (a shared table under all of
+    them)."""
+    return {name: module for name, module in model.named_modules(remove_duplicate=False)
+            if isinstance(module, RowShardedTable)}
+
+
+def shard_groups_of(model: nn.Module) -> ShardGroups | None:
+    """The shard groups of ``model``'s row-sharded tables (None when it has none)."""
+    tables = row_sharded_tables(model)
+    return next(iter(tables.values())).groups if tables else None
+
+
+def reduce_row_grads(tables: Sequence[torch.Tensor], groups: ShardGroups) -> None:
+    """Each local shard's pending row gradients merged into one, divided by the shard group's size and, under
+    ``hsdp``, averaged over the replicate group: the owned rows' gradient of the global batch's mean loss, as
+    one process computes it. Call once per optimizer step, after the last backward, before clipping."""
+    for table in tables:
+        pending = getattr(table, "sparse_grads", None)
+        if pending:
+            merged = merge_row_grads(list(pending))
+            pending[:] = [SparseRowGrad(rows=merged.rows, values=merged.values / groups.shard_size)]
+    if groups.replicate_group is not None:
+        all_reduce_table_grads(tables, group=groups.replicate_group)
+
+
+def _gather_rows(local: torch.Tensor, table: RowShardedTable, keep: bool) -> torch.Tensor | None:
+    """The full ``(num_rows, ...)`` tensor of ``local`` (this shard's rows of a per-row state or of the table) on
+    global rank 0, gathered over its shard group (padded to equal shards); None elsewhere. Ranks of the other
+    shard groups (replicas) take no part."""
+    groups = table.groups
+    if 0 not in groups.shard_ranks:
+        return None
+    padded = local.new_zeros((table.rows_per_shard, *local.shape[1:]))
+    padded[:local.shape[0]] = local
+    writer = dist.get_rank() == 0
+    pieces = [torch.empty_like(padded) for _ in groups.shard_ranks] if writer else None
+    dist.gather(padded, pieces, dst=0, group=groups.shard_group)
+    if not (writer and keep):
+        return None
+    return torch.cat(pieces)[:table.num_rows].cpu()
+
+
+def gather_table_rows(model: nn.Module, state: dict[str, Any], keep: bool) -> dict[str, Any]:
+    """``state`` (the model's state dict) with each row-sharded table's entry replaced by the whole table on
+    global rank 0 where ``keep`` (None elsewhere). Every rank calls it (the shard group of rank 0 gathers)."""
+    gathered: dict[int, torch.Tensor | None] = {}
+    for name, table in row_sharded_tables(model).items():
+        key = f"{name}.weight"
+        if key not in state:
+            continue
+        if id(table) not in gathered:
+            gathered[id(table)] = _gather_rows(table.weight.detach(), table, keep)
+        state[key] = gathered[id(table)]
+    return state
+
+
+def _tables_by_index(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[int, RowShardedTable]:
+    """The row-sharded tables among ``optimizer``'s parameters, by their index in its state dict."""
+    by_weight = {id(t.weight): t for t in row_sharded_tables(model).values()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {index: by_weight[id(p)] for index, p in enumerate(params) if id(p) in by_weight}
+
+
+def full_table_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, keep: bool) -> dict[str, Any]:
+    """The table optimizer's ``state_dict()`` with the per-row states (``exp_avg``, ``exp_avg_sq``,
+    ``row_step``) of row-sharded tables gathered whole on global rank 0 where ``keep``; every rank calls it."""
+    state = optimizer.state_dict()
+    for index, table in _tables_by_index(optimizer, model).items():
+        entry = state["state"].get(index)
+        if entry is None:
+            continue
+        # a new dict: the state dict's entries are the optimizer's own
+        state["state"][index] = {key: _gather_rows(value, table, keep) if key in ROW_STATE_KEYS else value
+                                 for key, value in entry.items()}
+    return state
+
+
+def local_table_state(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a full model state dict with each row-sharded table's entry cut to this rank's rows."""
+    state = dict(state)
+    for name, table in row_sharded_tables(model).items():
+        key = f"{name}.weight"
+        if key in state:
+            full = state[key]
+            if full.shape[0] != table.num_rows:
+                raise ValueError(f"checkpoint entry {key} has {full.shape[0]} rows, the table {table.num_rows}")
+            state[key] = full[table.row_start:table.row_stop]
+    return state
+
+
+def local_table_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, state: dict[str, Any]
+                                ) -> dict[str, Any]:
+    """A copy of a full table-optimizer state dict with each row-sharded table's per-row states cut to this
+    rank's rows."""
+    tables = _tables_by_index(optimizer, model)
+    entries = {}
+    for index, entry in state["state"].items():
+        table = tables.get(index)
+        if table is not None:
+            entry = {key: value[table.row_start:table.row_stop] if key in ROW_STATE_KEYS else value
+                     for key, value in entry.items()}
+        entries[index] = entry
+    return {**state, "state": entries}
+
+
+__all__ = ["RowShardedTable", "ShardGroups", "build_shard_groups",
+           "full_table_optimizer_state", "gather_table_rows", "local_table_optimizer_state", "local_table_state",
+           "reduce_row_grads", "row_range", "row_sharded_tables", "shard_groups_of", "shard_table_rows"]
