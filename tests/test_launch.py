@@ -1,7 +1,8 @@
 """Runs of several ranks through the local queue, and the GPUs per run in the plan.
 
 A local run of ``processes: 2`` on a CPU machine is one job of two processes (gloo ranks meeting on a free port)
-that holds two CPU slots and trains the same curve as two torchrun processes; runs on GPUs have one process per GPU
+that holds two CPU slots, restarts both when stopped near its time limit, and trains the same curve as two torchrun
+processes; runs on GPUs have one process per GPU
 (tests/test_dispatch.py pins a two-GPU job's two tasks to fake GPUs). The Slurm side (tasks, nodes, requeue) is in
 tests/test_slurm.py.
 """
@@ -9,6 +10,10 @@ tests/test_slurm.py.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -43,16 +48,37 @@ def workspace(tmp_path, monkeypatch):
     return {"root": tmp_path, "data": data}
 
 
-def test_local_run_of_two_cpu_processes_matches_torchrun(workspace, capsys):
-    mapping = T.sweep_mapping("two_processes", workspace["data"], steps=6, seeds=1, widths=(16,),
+def test_local_run_of_two_cpu_processes_restarts_and_matches_torchrun(workspace, capsys):
+    """``executor.processes: 2`` without GPUs: one local job of two processes (ranks 0 and 1 of 2) holding two CPU
+    slots; rank 0 alone writes. Stopped near its time limit (every local job is, with ``--timeout-min 1``), every
+    rank checkpoints, the job restarts both processes and the run resumes; the curve is two torchrun processes'."""
+    mapping = T.sweep_mapping("two_processes", workspace["data"], steps=40, seeds=1, widths=(16,),
                               extra={"executor": {"processes": 2, "cpu_jobs": 2}})
-    mapping["training"]["batch_tokens"] = 128  # one micro-batch of 4 x 16 tokens on each of the two ranks
+    mapping["training"].update(batch_tokens=128, checkpoint_every=5, eval_every=10)  # 4 x 16 tokens per rank
     sweep = T.write_sweep(workspace["root"] / "two_processes.yaml", mapping)
-    assert main(["submit", str(sweep), "--executor", "local", "--poll-s", "0.2"]) == 0
-    assert "2 processes (gloo ranks) per run" in capsys.readouterr().err
     plan = load_plan(sweep)
     run = plan.runs[0]
     run_dir = plan.run_dir(run)
+    stopped: dict[str, int] = {}
+
+    def stop_the_job_once_past_a_checkpoint() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            status = rundir.read_status(run_dir) or {}
+            if status.get("state") == "running" and (status.get("step") or 0) >= 7:
+                controller = J.JobMap.load(plan.job_map_path).latest(run.run_id)["pid"]
+                os.kill(int(controller), signal.SIGTERM)  # submitit's controller hands it to both processes
+                stopped["at"] = status["step"]
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=stop_the_job_once_past_a_checkpoint, daemon=True)
+    watcher.start()
+    assert main(["submit", str(sweep), "--executor", "local", "--poll-s", "0.2", "--timeout-min", "1"]) == 0
+    watcher.join(timeout=1)
+    err = capsys.readouterr().err
+    assert "2 processes (gloo ranks) per run" in err and "(pid " in err and ", 2 processes)" in err
+    assert 7 <= stopped["at"] < 40
     assert rundir.run_state(run_dir) == "completed"
     assert rundir.read_run_record(run_dir)["world_size"] == 2
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "metrics.parquet", "run.json",
@@ -60,11 +86,13 @@ def test_local_run_of_two_cpu_processes_matches_torchrun(workspace, capsys):
     record = J.JobMap.load(plan.job_map_path).latest(run.run_id)
     assert record["ranks"] == 2 and record["cpu_slots"] == 2 and record["gpus"] == []
     folder = Path(record["folder"])
-    for task in (0, 1):  # one job, two processes of it: ranks 0 and 1 of 2
-        log = (folder / f"{record['job_id']}_{task}_log.out").read_text()
-        assert f"global_rank={task}(2)" in log and f"; rank {task}\n" in log
+    logs = [(folder / f"{record['job_id']}_{task}_log.out").read_text()
+            + (folder / f"{record['job_id']}_{task}_log.err").read_text() for task in (0, 1)]
+    for task, log in enumerate(logs):  # one job, two processes of it, each started again after the stop
+        assert log.count(f"global_rank={task}(2)") >= 2 and f"; rank {task}\n" in log
+    assert "timed out; restarting" in logs[0] and "resuming run" in logs[0]
     T.assert_same_curve(pd.read_parquet(run_dir / "metrics.parquet"),
-                        T.torchrun_curve(plan, workspace["root"] / "torchrun"), steps=6)
+                        T.torchrun_curve(plan, workspace["root"] / "torchrun"), steps=40)
 
 
 def test_cpu_slots_count_processes():

@@ -59,6 +59,21 @@ def cluster(tmp_path_factory):
         os.environ.update(saved)
 
 
+@pytest.fixture(scope="module")
+def torchrun_reference(cluster):
+    """The curve of a sweep's one run under torchrun with two processes, trained once per run id (the two-task and
+    the two-node sweeps differ only in their slurm sections: one run)."""
+    curves: dict[str, pd.DataFrame] = {}
+
+    def curve(plan: SweepPlan) -> pd.DataFrame:
+        run_id = str(plan.runs[0].run_id)
+        if run_id not in curves:
+            curves[run_id] = T.torchrun_curve(plan, cluster["root"] / "torchrun")
+        return curves[run_id]
+
+    return curve
+
+
 def wait_until(condition, timeout: float, what: str, cluster: SlurmCluster, interval: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -114,7 +129,7 @@ def test_sweep_as_job_array(cluster, capsys):
     assert "0 to run, 4 completed" in capsys.readouterr().err
 
 
-def test_two_tasks_on_one_node_match_torchrun(cluster, capsys, tmp_path):
+def test_two_tasks_on_one_node_match_torchrun(cluster, capsys, torchrun_reference):
     """``slurm.tasks_per_node: 2`` without GPUs: one job of two tasks, each a gloo rank set up from submitit's
     TorchDistributedEnvironment; rank 0 alone writes; the curve is torchrun's with two processes."""
     sweep = two_rank_sweep(cluster, "slurm_tasks", {"tasks_per_node": 2}, steps=6)
@@ -130,10 +145,10 @@ def test_two_tasks_on_one_node_match_torchrun(cluster, capsys, tmp_path):
     assert "#SBATCH --nodes=1" in script and "#SBATCH --ntasks-per-node=2" in script
     for task, log in enumerate(logs):
         assert f"global_rank={task}(2)" in log and f"; rank {task}\n" in log
-    T.assert_same_curve(pd.read_parquet(run_dir / "metrics.parquet"), T.torchrun_curve(plan, tmp_path), steps=6)
+    T.assert_same_curve(pd.read_parquet(run_dir / "metrics.parquet"), torchrun_reference(plan), steps=6)
 
 
-def test_two_nodes_one_task_each_match_torchrun(cluster, capsys, tmp_path, monkeypatch):
+def test_two_nodes_one_task_each_match_torchrun(cluster, capsys, monkeypatch, torchrun_reference):
     """``slurm: {nodes: 2, tasks_per_node: 1}`` on a second cluster that splits this machine into two Slurm nodes:
     one task on each node, the same curve as torchrun's two processes."""
     two = SlurmCluster(cluster["root"] / "two_nodes", nodes=2)
@@ -155,7 +170,7 @@ def test_two_nodes_one_task_each_match_torchrun(cluster, capsys, tmp_path, monke
     assert rundir.read_run_record(run_dir)["world_size"] == 2
     for task, log in enumerate(logs):  # node i of 2, rank i of 2, one task per node
         assert f"local_rank=0(1), node={task}(2), global_rank={task}(2)" in log
-    T.assert_same_curve(pd.read_parquet(run_dir / "metrics.parquet"), T.torchrun_curve(plan, tmp_path), steps=6)
+    T.assert_same_curve(pd.read_parquet(run_dir / "metrics.parquet"), torchrun_reference(plan), steps=6)
 
 
 @pytest.mark.parametrize("tasks", [1, 2])
