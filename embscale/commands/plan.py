@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "slurm/executor section, else this machine's GPU, else memory is not checked)")
     parser.add_argument("--gpus-per-node", type=int, default=None,
                         help="GPUs per node a run may use (default: the sweep's slurm.gpus_per_node or "
-                             "executor.gpus_per_run, else this machine's GPUs)")
+                             "executor.gpus_per_run, else 1: what the local queue gives a run)")
     parser.add_argument("--nodes", type=int, default=None, help="nodes a run may use (default: slurm.nodes or 1)")
     parser.add_argument("--executor", choices=EXECUTORS, default=None,
                         help="the executor the runs will be submitted to, whose section gives the GPUs per run "
