@@ -181,16 +181,22 @@ def _local_gpus() -> tuple[int, int | None]:
 
 
 def memory_limits(sweep: Sweep, gpu_memory: str | None = None, gpus_per_node: int | None = None,
-                  nodes: int | None = None, shard: str | int | None = None) -> MemoryLimits:
-    """The limits of the memory check: the command line's values first, else the sweep's ``slurm`` section
-    (``gpu_memory``, ``gpus_per_node``, ``nodes``) when it dispatches to Slurm, else its ``executor`` section
-    (``gpu_memory``, ``gpus_per_run``), else this machine's GPUs (their count and GPU 0's memory), else one GPU
-    of unknown memory. ``shard``: ``auto``, a power of two, or None: the sweep's ``training.parallel`` and
-    ``training.shard_degree`` (``fsdp``: that degree, else all the run's GPUs; ``hsdp``: that degree, else one
-    node's; ``ddp`` or not given: 1)."""
+                  nodes: int | None = None, shard: str | int | None = None,
+                  executor_type: str | None = None) -> MemoryLimits:
+    """The limits of the memory check, and the GPUs each run is launched with: the command line's values first, else
+    the sweep's ``slurm`` section (``gpu_memory``, ``gpus_per_node``, ``nodes``: a Slurm job of ``nodes x
+    gpus_per_node`` tasks) when it dispatches to Slurm, else its ``executor`` section (``gpu_memory``,
+    ``gpus_per_run``), else what the local queue gives a run: one GPU (of this machine's GPU 0's memory, else of
+    unknown memory). ``executor_type`` (``embscale plan --executor``) names the executor the runs will be submitted
+    to, else the sweep's ``executor.type``, else Slurm when the sweep has a ``slurm`` section. ``shard``: ``auto``,
+    a power of two, or None: the sweep's ``training.parallel`` and ``training.shard_degree`` (``fsdp``: that degree,
+    else all the run's GPUs; ``hsdp``: that degree, else one node's; ``ddp`` or not given: 1)."""
     slurm = sweep.slurm or {}
     executor = sweep.executor or {}
-    on_slurm = executor.get("type") == "slurm" or (bool(slurm) and "type" not in executor)
+    if executor_type is not None:
+        on_slurm = executor_type == "slurm"
+    else:
+        on_slurm = executor.get("type") == "slurm" or (bool(slurm) and "type" not in executor)
     sections = [("slurm", slurm), ("executor", executor)] if on_slurm else [("executor", executor), ("slurm", slurm)]
     source, memory = "", None
     if gpu_memory is not None:
@@ -201,11 +207,9 @@ def memory_limits(sweep: Sweep, gpu_memory: str | None = None, gpus_per_node: in
                 memory = parse_memory(section["gpu_memory"], f"{name}.gpu_memory")
                 source = f"{name}.gpu_memory"
                 break
-    local_count, local_memory = (None, None)
-    if memory is None or (gpus_per_node is None and not slurm.get("gpus_per_node")
-                          and not executor.get("gpus_per_run")):
-        local_count, local_memory = _local_gpus()
-        if memory is None and local_memory:
+    if memory is None:
+        _, local_memory = _local_gpus()
+        if local_memory:
             memory, source = local_memory, "this machine's GPU 0"
     if gpus_per_node is not None:
         per_node = _positive_int(gpus_per_node, "--gpus-per-node")
@@ -213,8 +217,8 @@ def memory_limits(sweep: Sweep, gpu_memory: str | None = None, gpus_per_node: in
         per_node = int(slurm["gpus_per_node"])
     elif executor.get("gpus_per_run"):
         per_node = int(executor["gpus_per_run"])
-    else:
-        per_node = max(1, local_count or 1)
+    else:  # the local queue's default (executor.gpus_per_run): one GPU per run
+        per_node = 1
     if nodes is not None:
         node_count = _positive_int(nodes, "--nodes")
     else:

@@ -9,9 +9,13 @@ Slurm, and a cancelled one must not come back, so nothing is done for those.
 Jobs share one folder of compiled kernels (:func:`share_compile_caches`), and the trainer times each job's start-up
 from its process's start (run.json ``startup``).
 
-Multi-task jobs (several GPUs, or nodes) get the ``torch.distributed`` environment from submitit (``MASTER_ADDR``,
-``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``); ``CUDA_VISIBLE_DEVICES`` keeps all
-of the job's GPUs and rank ``r`` uses ``cuda:LOCAL_RANK``.
+Multi-task jobs (several GPUs, or nodes, or several CPU processes) get the ``torch.distributed`` environment from
+submitit's ``TorchDistributedEnvironment`` (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``); ``CUDA_VISIBLE_DEVICES`` keeps all of the job's GPUs and rank ``r`` uses
+``cuda:LOCAL_RANK`` (gloo on CPU). Every task trains; only rank 0 writes the run folder, marks a crashed run
+failed and requeues a timed-out job. Interrupted (``scontrol requeue``, preemption), every task checkpoints
+together (the trainer's ranks agree on the step to stop at) and stops; the requeued job starts every task again,
+and they resume from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -80,7 +84,12 @@ class RunJob(submitit.helpers.Checkpointable):
         except RuntimeError:  # not inside a submitit job (called directly)
             return 0
         if env.num_tasks > 1:
+            # A local job's ranks meet where the local executor said (127.0.0.1, a free port); submitit would name
+            # this machine's host name. MASTER_PORT, when set, is submitit's own choice too.
+            given_address = os.environ.get("MASTER_ADDR") if self.executor == "local" else None
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+            if given_address:
+                os.environ["MASTER_ADDR"] = given_address
         return env.global_rank
 
     def _timed_out(self, started: float) -> bool:

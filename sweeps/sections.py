@@ -20,7 +20,8 @@ EXECUTORS = ("local", "slurm", "debug")
 EXECUTOR_KEYS = {
     "type": "default executor when --executor is not given (local, slurm, debug)",
     "cpu_jobs": "local: concurrent CPU jobs on a machine without GPU",
-    "gpus_per_run": "local: GPUs each run gets (default 1 on a GPU machine)",
+    "gpus_per_run": "local: GPUs each run gets, one process (rank) per GPU (default 1 on a GPU machine)",
+    "processes": "local: processes (gloo ranks) of each run on a machine without GPU (default 1)",
     "runs_per_gpu": "local: one-GPU runs sharing each GPU at once (default 1; packs small runs)",
     "timeout_min": "local: time limit of one job in minutes",
     "poll_s": "seconds between looks at the jobs",
@@ -60,11 +61,12 @@ def executor_options(section: dict[str, Any]) -> dict[str, Any]:
     out = dict(section)
     if "type" in out and out["type"] not in EXECUTORS:
         raise ConfigError("executor.type", f"unknown value {out['type']!r}; expected one of {', '.join(EXECUTORS)}")
-    for key in ("cpu_jobs", "gpus_per_run"):
+    for key in ("cpu_jobs", "gpus_per_run", "processes"):
         if key in out and (not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 0):
             raise ConfigError(f"executor.{key}", f"must be a non-negative integer, got {out[key]!r}")
-    if out.get("cpu_jobs") == 0:
-        raise ConfigError("executor.cpu_jobs", "must be at least 1")
+    for key in ("cpu_jobs", "processes"):
+        if out.get(key) == 0:
+            raise ConfigError(f"executor.{key}", "must be at least 1")
     if "gpu_memory" in out:
         gpu_memory(out["gpu_memory"], "executor.gpu_memory")
     if "runs_per_gpu" in out:

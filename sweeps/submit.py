@@ -57,6 +57,7 @@ class SubmitOptions:
     retry_failed: bool = False
     cpu_jobs: int | None = None
     gpus_per_run: int | None = None
+    processes: int | None = None  # local, without GPU: processes (gloo ranks) per run
     runs_per_gpu: int | None = None
     timeout_min: float | None = None
     slurm: dict[str, Any] = field(default_factory=dict)  # overrides of the sweep's slurm: section
@@ -108,7 +109,26 @@ def make_executor(plan: SweepPlan, options: SubmitOptions, snapshot: Path | None
     executor = LocalExecutor(folder, SlotPool(gpus, cpu_jobs, runs_per_gpu), log=log, timeout_min=timeout,
                              extra_env=job_environment(snapshot),
                              cwd=snapshot if sys.version_info < (3, 11) else None)  # no PYTHONSAFEPATH before 3.11
+    executor.processes = local_processes(options, section, gpus_per_run if gpus else 0, log)
     return executor, gpus_per_run
+
+
+def local_processes(options: SubmitOptions, section: dict[str, Any], gpus_per_run: int,
+                    log: Callable[[str], None]) -> int:
+    """Processes (ranks) of each local run without GPUs: ``--processes``, else ``executor.processes``, else 1.
+    Runs on GPUs have one process per GPU (``gpus_per_run``): there a sweep's ``processes`` is set aside with a log
+    line, and a ``--processes`` other than ``gpus_per_run`` is an error."""
+    given = options.processes
+    value = given if given is not None else section.get("processes", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"--processes must be a positive integer, got {value!r}")
+    if gpus_per_run > 0 and value not in (1, gpus_per_run):
+        if given is not None:
+            raise UserError(f"--processes {value}: runs on GPUs have one process per GPU ({gpus_per_run}); "
+                            "use --gpus-per-run")
+        log(f"executor.processes {value} set aside: runs on GPUs have one process per GPU ({gpus_per_run})")
+        return 1
+    return int(value) if gpus_per_run == 0 else 1
 
 
 def local_runs_per_gpu(options: SubmitOptions, section: dict[str, Any], gpus: list[str], gpus_per_run: int,
@@ -135,11 +155,11 @@ def local_runs_per_gpu(options: SubmitOptions, section: dict[str, Any], gpus: li
     return int(value)
 
 
-def run_job(plan: SweepPlan, view: RunView, executor: str, gpus: int) -> Job:
-    """The job that trains ``view``'s run."""
+def run_job(plan: SweepPlan, view: RunView, executor: str, gpus: int, processes: int = 1) -> Job:
+    """The job that trains ``view``'s run (on ``gpus`` GPUs, else as ``processes`` CPU processes)."""
     fn = RunJob(view.run_id, str(view.run_dir), run_config_dict(view.run, plan), executor=executor,
                 planned=planned_record(view.run, plan.name))
-    return Job(key=view.run_id, fn=fn, gpus=gpus)
+    return Job(key=view.run_id, fn=fn, gpus=gpus, processes=processes)
 
 
 # ----------------------------------------------------------------------------------------------------- the driver
@@ -191,13 +211,18 @@ class _Driver:
         for view in chosen:
             rundir.write_planned_record(view.run_dir, planned_record(view.run, plan.name))
             rundir.write_status(view.run_dir, "queued", job_id=None)
-            jobs.append(run_job(plan, view, executor.name, gpus_per_run))
+            processes = executor.processes if isinstance(executor, LocalExecutor) else 1
+            jobs.append(run_job(plan, view, executor.name, gpus_per_run, processes))
             report.submitted.append(view.run_id)
         if isinstance(executor, LocalExecutor):
             pool = executor.pool
             where = f"{len(pool.gpus)} GPUs" if pool.has_gpus else f"{pool.cpu_jobs} CPU jobs at a time"
             if pool.has_gpus and pool.runs_per_gpu > 1:
                 where += f", {pool.runs_per_gpu} runs per GPU"
+            if pool.has_gpus and gpus_per_run > 1:
+                where += f", {gpus_per_run} GPUs (processes) per run"
+            if not pool.has_gpus and executor.processes > 1:
+                where += f", {executor.processes} processes (gloo ranks) per run"
             self.log(f"local queue: {len(jobs)} runs, {where}")
         if isinstance(executor, SlurmExecutor):  # all at once, as one job array: Slurm queues them
             try:

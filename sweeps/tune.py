@@ -113,7 +113,7 @@ def _groups(plan: SweepPlan, spec: TuneSpec) -> list[Group]:
 
 
 def _trial_job(plan: SweepPlan, group: Group, spec: TuneSpec, value: float,
-               executor: str, gpus: int) -> tuple[Job, Path]:
+               executor: str, gpus: int, processes: int = 1) -> tuple[Job, Path]:
     from embscale.training.config import RunConfig
 
     config = copy.deepcopy(run_config_dict(group.run, plan))
@@ -126,7 +126,7 @@ def _trial_job(plan: SweepPlan, group: Group, spec: TuneSpec, value: float,
                "sweep": plan.name, "tune": {"group": group.label, "param": spec.param, "value": value},
                rundir.PLANNED_BY: "embscale tune"}
     job = RunJob(run_id, str(run_dir), config, executor=executor, planned=planned)
-    return Job(key="", fn=job, gpus=gpus), run_dir
+    return Job(key="", fn=job, gpus=gpus, processes=processes), run_dir
 
 
 def metric_columns(plan: SweepPlan, spec: TuneSpec) -> list[str]:
@@ -189,6 +189,7 @@ def _tune(plan: SweepPlan, spec: TuneSpec, options: SubmitOptions,
     distribution = optuna.distributions.FloatDistribution(spec.low, spec.high, log=spec.log)
     snapshot = code_snapshot(plan.sweep_dir / "code") if options.snapshot else None
     executor, gpus_per_run = make_executor(plan, options, snapshot, log, f"embscale-{plan.name}-tune")
+    processes = getattr(executor, "processes", 1)  # the local queue's CPU ranks per run
     capacity = spec.parallel or executor.slots()
     flights: dict[str, _Flight] = {}
 
@@ -248,11 +249,11 @@ def _tune(plan: SweepPlan, spec: TuneSpec, options: SubmitOptions,
                     flights.pop(flight.key)
             open_groups = [g for g in groups if remaining(g) > 0]
             started_any = False
-            while open_groups and len(flights) < capacity and executor.has_slot(gpus_per_run):
+            while open_groups and len(flights) < capacity and executor.has_slot(gpus_per_run, processes):
                 group = max(open_groups, key=remaining)
                 trial = group.study.ask({spec.param: distribution})
                 value = trial.params[spec.param]
-                job, run_dir = _trial_job(plan, group, spec, value, options.executor, gpus_per_run)
+                job, run_dir = _trial_job(plan, group, spec, value, options.executor, gpus_per_run, processes)
                 key = job.key = f"tune:{group.label}:{trial.number}"
                 started = executor.start([job])
                 if not started:

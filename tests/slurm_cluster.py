@@ -2,10 +2,13 @@
 
 Debian's ``slurmctld``, ``slurmd`` and ``munge`` packages are installed with apt when missing (root only). The
 cluster lives in a private folder: its own munge key and socket, its own ``slurm.conf`` (reached through the
-``SLURM_CONF`` environment variable), its own ports, state and logs, so nothing of a system Slurm or munge is
-read or changed. The daemons run in the foreground as child processes of the test and are stopped by process
-id. There is no accounting daemon (``AccountingStorageType=accounting_storage/none``): the harness reads job
-states from ``squeue`` and the runs' status files, never from ``sacct``.
+``SLURM_CONF`` environment variable), its own ports, state and logs, so nothing of a system Slurm or munge is read
+or changed. The daemons run in the foreground as child processes of the test and are stopped by process id. With
+``nodes`` above 1 the machine is split into that many Slurm nodes (the first named as the host, the others
+``<host>2``, ``<host>3``, ... at 127.0.0.1, each with its share of the cores and its own slurmd on its own port), so
+multi-node jobs run on one machine. There is no accounting daemon
+(``AccountingStorageType=accounting_storage/none``): the harness reads job states from ``squeue`` and the runs'
+status files, never from ``sacct``.
 """
 
 from __future__ import annotations
@@ -81,12 +84,30 @@ def node_resources() -> dict[str, str]:
 
 @dataclass
 class SlurmCluster:
-    """A one-node cluster whose files all live under ``root``. Use :meth:`start` then :meth:`stop`."""
+    """A cluster of ``nodes`` nodes on this machine (one by default) whose files all live under ``root``. Use
+    :meth:`start` then :meth:`stop`."""
 
     root: Path
     partition: str = "debug"
     nodename: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    nodes: int = 1
+
+    @property
+    def node_names(self) -> list[str]:
+        """The first node is named as this host (its name resolves: a job's ``MASTER_ADDR``), the others
+        ``<host>2``, ``<host>3``, ..."""
+        return [self.nodename] + [f"{self.nodename}{i}" for i in range(2, self.nodes + 1)]
+
+    def _node_lines(self, resources: dict[str, str]) -> list[str]:
+        if self.nodes == 1:
+            node = " ".join(f"{k}={v}" for k, v in resources.items() if k != "UpTime")
+            return [f"NodeName={self.nodename} NodeAddr=127.0.0.1 {node} State=UNKNOWN"]
+        cpus = max(1, int(resources.get("CPUs", "1")) // self.nodes)
+        memory = max(1, int(resources.get("RealMemory", "1024")) // self.nodes)
+        return [f"NodeName={name} NodeAddr=127.0.0.1 Port={_free_port()} CPUs={cpus} Boards=1 SocketsPerBoard=1 "
+                f"CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory={memory} State=UNKNOWN"
+                for name in self.node_names]
 
     @property
     def conf(self) -> Path:
@@ -106,23 +127,23 @@ class SlurmCluster:
             key.write_bytes(os.urandom(1024))
             key.chmod(0o600)
         resources = node_resources()
-        node = " ".join(f"{k}={v}" for k, v in resources.items() if k != "UpTime")
+        per_node = "" if self.nodes == 1 else ".%n"  # one spool folder, pid file and log per slurmd
         lines = [
             "ClusterName=embscale-test",
             f"SlurmctldHost={self.nodename}(127.0.0.1)",
             f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
+            f"SlurmdPort={_free_port()}",  # the nodes of a cluster of several have ports of their own
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
             f"AuthInfo=socket={self.root / 'munge' / 'munge.socket'}",
             f"StateSaveLocation={self.root / 'state'}",
-            f"SlurmdSpoolDir={self.root / 'spool'}",
+            f"SlurmdSpoolDir={self.root / 'spool'}{per_node}",
             f"SlurmctldPidFile={self.root / 'slurmctld.pid'}",
-            f"SlurmdPidFile={self.root / 'slurmd.pid'}",
+            f"SlurmdPidFile={self.root / 'slurmd.pid'}{per_node}",
             f"SlurmctldLogFile={self.root / 'log' / 'slurmctld.log'}",
-            f"SlurmdLogFile={self.root / 'log' / 'slurmd.log'}",
+            f"SlurmdLogFile={self.root / 'log' / 'slurmd.log'}{per_node}",
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
             # No cgroups in a container: track processes by their parent ids and bind nothing.
@@ -143,7 +164,7 @@ class SlurmCluster:
             "MinJobAge=600",
             "InactiveLimit=0",
             "SlurmdTimeout=60",
-            f"NodeName={self.nodename} NodeAddr=127.0.0.1 {node} State=UNKNOWN",
+            *self._node_lines(resources),
             f"PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         ]
         self.conf.write_text("\n".join(lines) + "\n")
@@ -173,7 +194,9 @@ class SlurmCluster:
         self._wait_for(lambda: (munge / "munge.socket").exists(), timeout_s, "munged's socket")
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
         self._wait_for(self._controller_answers, timeout_s, "slurmctld to answer")
-        self._spawn("slurmd", [_which("slurmd"), "-D", "-f", str(self.conf), "-N", self.nodename])
+        for index, name in enumerate(self.node_names):
+            self._spawn("slurmd" if index == 0 else f"slurmd-{name}",
+                        [_which("slurmd"), "-D", "-f", str(self.conf), "-N", name])
         self._wait_for(self.node_idle, timeout_s, "the node to be idle in sinfo")
 
     def _check_alive(self) -> None:
@@ -226,7 +249,8 @@ class SlurmCluster:
                 deadline = time.monotonic() + timeout_s
                 while time.monotonic() < deadline and self.run("squeue", "-h", check=False).stdout.strip():
                     time.sleep(0.2)
-        for name in ("slurmd", "slurmctld", "munged"):
+        daemons = [name for name in self.processes if name.startswith("slurmd")] + ["slurmctld", "munged"]
+        for name in daemons:
             proc = self.processes.get(name)
             if proc is None or proc.poll() is not None:
                 continue

@@ -1,6 +1,8 @@
 """Dispatch through a real one-node Slurm cluster (installed with apt and started by the fixture): a sweep as a
 job array, a running job requeued with ``scontrol requeue`` that resumes from its checkpoint and ends on the
-uninterrupted loss curve, and a cancelled sweep."""
+uninterrupted loss curve (one task, and two tasks: the gloo ranks of one run), a run of two tasks on one node and
+one of two nodes (a second cluster of two Slurm nodes on this machine) equal to the same run under torchrun, and a
+cancelled sweep."""
 
 from __future__ import annotations
 
@@ -9,15 +11,17 @@ import os
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import tiny_sweep as T
+import yaml
 from slurm_cluster import ClusterUnavailable, SlurmCluster, ensure_installed
 
 from embscale.base import rundir
 from embscale.cli import main
 from embscale.sweeps.executors import jobmap as J
 from embscale.sweeps.executors.slurm import squeue_states
-from embscale.sweeps.plan import load_plan
+from embscale.sweeps.plan import SweepPlan, load_plan
 
 pytestmark = pytest.mark.slurm
 
@@ -55,6 +59,21 @@ def cluster(tmp_path_factory):
         os.environ.update(saved)
 
 
+@pytest.fixture(scope="module")
+def torchrun_reference(cluster):
+    """The curve of a sweep's one run under torchrun with two processes, trained once per run id (the two-task and
+    the two-node sweeps differ only in their slurm sections: one run)."""
+    curves: dict[str, pd.DataFrame] = {}
+
+    def curve(plan: SweepPlan) -> pd.DataFrame:
+        run_id = str(plan.runs[0].run_id)
+        if run_id not in curves:
+            curves[run_id] = T.torchrun_curve(plan, cluster["root"] / "torchrun")
+        return curves[run_id]
+
+    return curve
+
+
 def wait_until(condition, timeout: float, what: str, cluster: SlurmCluster, interval: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -64,6 +83,22 @@ def wait_until(condition, timeout: float, what: str, cluster: SlurmCluster, inte
         time.sleep(interval)
     queue = cluster.run("squeue", "-h", "-r", "-o", "%i %T %r", check=False).stdout
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; squeue:\n{queue}\n{cluster.logs(10)}")
+
+
+def two_rank_sweep(cluster: dict, name: str, slurm: dict, steps: int) -> Path:
+    """One run of ``steps`` steps whose 128-token batch is one micro-batch of 4 x 16 tokens on each of 2 ranks."""
+    mapping = T.sweep_mapping(name, cluster["data"], steps=steps, seeds=1, widths=(16,),
+                              extra={"slurm": {"time": 10, **slurm}})
+    mapping["training"]["batch_tokens"] = 128
+    return T.write_sweep(cluster["root"] / f"{name}.yaml", mapping)
+
+
+def task_logs(plan: SweepPlan, tasks: int) -> tuple[str, list[str]]:
+    """The Slurm job id of the plan's one run and each task's log."""
+    record = J.JobMap.load(plan.job_map_path).latest(plan.runs[0].run_id)
+    folder, job_id = Path(record["folder"]), str(record["job_id"])
+    return job_id, [(folder / f"{job_id}_{task}_log.out").read_text() + (folder / f"{job_id}_{task}_log.err")
+                    .read_text() for task in range(tasks)]
 
 
 def status_of(sweep: Path, capsys) -> dict:
@@ -94,15 +129,66 @@ def test_sweep_as_job_array(cluster, capsys):
     assert "0 to run, 4 completed" in capsys.readouterr().err
 
 
-def test_requeued_job_resumes_on_the_same_curve(cluster, capsys, tmp_path):
-    import numpy as np
-    import pandas as pd
+def test_two_tasks_on_one_node_match_torchrun(cluster, capsys, torchrun_reference):
+    """``slurm.tasks_per_node: 2`` without GPUs: one job of two tasks, each a gloo rank set up from submitit's
+    TorchDistributedEnvironment; rank 0 alone writes; the curve is torchrun's with two processes."""
+    sweep = two_rank_sweep(cluster, "slurm_tasks", {"tasks_per_node": 2}, steps=6)
+    assert main(["submit", str(sweep), "--executor", "slurm", "--wait", "--poll-s", "0.5"]) == 0
+    plan = load_plan(sweep)
+    run_dir = plan.run_dir(plan.runs[0])
+    assert rundir.run_state(run_dir) == "completed"
+    assert rundir.read_run_record(run_dir)["world_size"] == 2
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "metrics.parquet", "run.json",
+                                                          "status.json"]
+    job_id, logs = task_logs(plan, 2)
+    script = (plan.sweep_dir / "submitit" / f"{job_id}_submission.sh").read_text()
+    assert "#SBATCH --nodes=1" in script and "#SBATCH --ntasks-per-node=2" in script
+    for task, log in enumerate(logs):
+        assert f"global_rank={task}(2)" in log and f"; rank {task}\n" in log
+    T.assert_same_curve(pd.read_parquet(run_dir / "metrics.parquet"), torchrun_reference(plan), steps=6)
 
-    mapping = T.sweep_mapping("slurm_requeue", cluster["data"], steps=40, seeds=1, widths=(16,),
-                              extra={"slurm": {"time": 10}})
+
+def test_two_nodes_one_task_each_match_torchrun(cluster, capsys, monkeypatch, torchrun_reference):
+    """``slurm: {nodes: 2, tasks_per_node: 1}`` on a second cluster that splits this machine into two Slurm nodes:
+    one task on each node, the same curve as torchrun's two processes."""
+    two = SlurmCluster(cluster["root"] / "two_nodes", nodes=2)
+    try:
+        try:
+            two.start()
+        except ClusterUnavailable as exc:
+            pytest.skip(f"two slurmd on one machine: {exc}")
+        monkeypatch.setenv("SLURM_CONF", two.env["SLURM_CONF"])
+        sweep = two_rank_sweep(cluster, "slurm_nodes", {"nodes": 2, "tasks_per_node": 1}, steps=6)
+        assert main(["submit", str(sweep), "--executor", "slurm", "--wait", "--poll-s", "0.5"]) == 0
+        plan = load_plan(sweep)
+        job_id, logs = task_logs(plan, 2)
+        assert f"NodeList={two.nodename},{two.nodename}2" in two.run("scontrol", "show", "job", job_id).stdout
+    finally:
+        two.stop()
+    run_dir = plan.run_dir(plan.runs[0])
+    assert rundir.run_state(run_dir) == "completed"
+    assert rundir.read_run_record(run_dir)["world_size"] == 2
+    for task, log in enumerate(logs):  # node i of 2, rank i of 2, one task per node
+        assert f"local_rank=0(1), node={task}(2), global_rank={task}(2)" in log
+    T.assert_same_curve(pd.read_parquet(run_dir / "metrics.parquet"), torchrun_reference(plan), steps=6)
+
+
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_requeued_job_resumes_on_the_same_curve(cluster, capsys, tmp_path, tasks):
+    """``scontrol requeue`` of a running job: every task checkpoints and stops, Slurm starts every task again, the
+    run resumes from the checkpoint and ends on the uninterrupted curve (one task: this process's; two tasks:
+    torchrun's two processes)."""
+    name = f"slurm_requeue_{tasks}"
+    if tasks == 1:
+        mapping = T.sweep_mapping(name, cluster["data"], steps=40, seeds=1, widths=(16,),
+                                  extra={"slurm": {"time": 10}})
+        sweep = T.write_sweep(cluster["root"] / f"{name}.yaml", mapping)
+    else:
+        sweep = two_rank_sweep(cluster, name, {"tasks_per_node": tasks}, steps=40)
+    mapping = yaml.safe_load(sweep.read_text())
     mapping["training"]["checkpoint_every"] = 5
     mapping["training"]["eval_every"] = 10
-    sweep = T.write_sweep(cluster["root"] / "slurm_requeue.yaml", mapping)
+    sweep = T.write_sweep(sweep, mapping)
     assert main(["submit", str(sweep), "--executor", "slurm"]) == 0
     plan = load_plan(sweep)
     run_dir = plan.run_dir(plan.runs[0])
@@ -129,19 +215,22 @@ def test_requeued_job_resumes_on_the_same_curve(cluster, capsys, tmp_path):
                "the requeued run to complete", slurm)
     restarts = slurm.run("scontrol", "show", "job", job_id).stdout
     assert "Restarts=1" in restarts
+    assert rundir.read_run_record(run_dir)["world_size"] == tasks
 
     resumed = pd.read_parquet(run_dir / "metrics.parquet")
     assert resumed["step"].tolist() == list(range(1, 41))
-    logs = Path(J.JobMap.load(plan.job_map_path).latest(plan.runs[0].run_id)["folder"])
-    log_text = "".join(p.read_text() for p in logs.glob(f"{job_id}_0_log.*"))
-    assert "resuming run" in log_text and "from step" in log_text
+    _, logs = task_logs(plan, tasks)
+    assert "resuming run" in logs[0] and "from step" in logs[0]
+    for task, log in enumerate(logs):  # every task started twice: before and after the requeue
+        assert log.count(f"global_rank={task}({tasks})") == 2
 
-    # The same run uninterrupted, in this process (debug executor), elsewhere.
-    capsys.readouterr()
-    assert main(["submit", str(sweep), "--executor", "debug", "--results", str(tmp_path)]) == 0
-    straight = pd.read_parquet(tmp_path / "slurm_requeue" / plan.runs[0].run_id / "metrics.parquet")
-    np.testing.assert_allclose(resumed["train_loss"], straight["train_loss"], rtol=1e-6)
-    np.testing.assert_allclose(resumed["val_code_loss"], straight["val_code_loss"], rtol=1e-6)
+    if tasks == 1:  # the same run uninterrupted, in this process (debug executor), elsewhere
+        capsys.readouterr()
+        assert main(["submit", str(sweep), "--executor", "debug", "--results", str(tmp_path)]) == 0
+        straight = pd.read_parquet(tmp_path / name / plan.runs[0].run_id / "metrics.parquet")
+    else:
+        straight = T.torchrun_curve(plan, tmp_path, processes=tasks)
+    T.assert_same_curve(resumed, straight, steps=40)
 
 
 def test_cancel_slurm_sweep(cluster, capsys):

@@ -1,4 +1,5 @@
-"""A tiny corpus and tiny sweep files for the dispatch, Slurm and tune tests (real training, seconds per run).
+"""A tiny corpus and tiny sweep files for the dispatch, Slurm and tune tests (real training, seconds per run), and
+the reference curve of a run trained by several gloo processes under torchrun.
 
 The corpus is text from a few modules of Python's standard library, written as JSON lines, with a separate
 validation file (split ``code``, so runs log ``val_code_loss``). Sweep files get absolute paths, so jobs find
@@ -9,10 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MODULES = ("json", "textwrap", "string", "csv", "shlex", "fnmatch", "glob", "bisect", "heapq", "difflib")
 
@@ -70,3 +77,30 @@ def job_environment(cache: Path, results: Path) -> dict[str, str]:
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
     }
+
+
+def torchrun_curve(plan: Any, results: Path, processes: int = 2) -> pd.DataFrame:
+    """The metrics of the one run of ``plan`` (a SweepPlan) trained by ``processes`` gloo processes under torchrun,
+    outside any executor, with its results under ``results``."""
+    from embscale.sweeps.plan import run_config_dict
+
+    run = plan.runs[0]
+    config = run_config_dict(run, plan)
+    config["output"]["root"] = str(results)
+    run_file = results / f"{run.run_id}.yaml"
+    run_file.parent.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(yaml.safe_dump(config))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={processes}", "-m", "embscale", "train", str(run_file)],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return pd.read_parquet(results / plan.name / run.run_id / "metrics.parquet")
+
+
+def assert_same_curve(got: pd.DataFrame, expected: pd.DataFrame, steps: int) -> None:
+    """The same steps and, to float rounding (rtol 1e-6: the same ranks reduce in the same order), the same
+    training loss, gradient norm and validation loss."""
+    assert got["step"].tolist() == list(range(1, steps + 1))
+    for column in ("train_loss", "grad_norm", "val_code_loss"):
+        np.testing.assert_allclose(got[column], expected[column], rtol=1e-6, err_msg=column)

@@ -2,7 +2,8 @@
 
 Prints a table of the runs (id, family, width, depth, experts, top-k, N, K, table rows, total, activated,
 NE share, target and achieved ratio, match error, tokens, epochs over the training split, training FLOPs,
-GPU-hours at the stated MFU, GPUs of a run, shard degree, estimated peak memory per GPU), the skipped points
+GPU-hours at the stated MFU, hours of wall-clock time on the run's GPUs, GPUs of a run, shard degree, estimated
+peak memory per GPU), the skipped points
 with their reasons, warnings about runs that repeat their training data or evaluate on a validation split
 smaller than ``eval_tokens``, and the sweep's total compute;
 ``--json`` prints the whole plan as JSON instead. Epochs are exact once a run has built the corpus's shards
@@ -14,6 +15,11 @@ memory of one GPU (``--gpu-memory``, else ``gpu_memory`` of the sweep's ``slurm`
 machine's GPU, else not checked) on the GPUs a run may use (``--gpus-per-node`` x ``--nodes``, else the sweep's
 sections). ``--shard auto`` picks the smallest shard degree that fits. A run that does not fit is refused: exit 2
 naming each such run with its estimate and the memory and GPUs it has.
+
+GPUs: a run is launched on ``nodes x gpus_per_node`` GPUs (Slurm: that many tasks, one per GPU) or on the local
+queue's ``gpus_per_run`` (one process per GPU), the same numbers the memory check uses. GPU-hours are the run's
+FLOPs at the stated MFU of each GPU, the same on any number of GPUs; ``hours`` is its wall-clock time on its GPUs
+(GPU-hours / GPUs, at that MFU on every GPU).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from embscale.sweeps.plan import (
     memory_limits,
     memory_refusal,
 )
+from embscale.sweeps.sections import EXECUTORS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "slurm/executor section, else this machine's GPU, else memory is not checked)")
     parser.add_argument("--gpus-per-node", type=int, default=None,
                         help="GPUs per node a run may use (default: the sweep's slurm.gpus_per_node or "
-                             "executor.gpus_per_run, else this machine's GPUs)")
+                             "executor.gpus_per_run, else 1: what the local queue gives a run)")
     parser.add_argument("--nodes", type=int, default=None, help="nodes a run may use (default: slurm.nodes or 1)")
+    parser.add_argument("--executor", choices=EXECUTORS, default=None,
+                        help="the executor the runs will be submitted to, whose section gives the GPUs per run "
+                             "(default: the sweep's executor.type, else slurm when it has a slurm section)")
     parser.add_argument("--shard", default=None,
                         help="shard degree of parameters, gradients and optimizer state: 1 (DDP, the default), "
                              "2, 4, ... (FSDP, modelled; N-gram tables stay replicated) or auto (the smallest "
@@ -72,6 +82,11 @@ def human(value: float) -> str:
 
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def wall_hours(run: PlannedRun, mfu: float, peak: float, gpus: int) -> float:
+    """Hours of wall-clock time of ``run`` on ``gpus`` GPUs, each at ``mfu`` of ``peak`` FLOP/s."""
+    return run.gpu_hours(mfu, peak) / max(1, gpus)
 
 
 def _row(run: PlannedRun, mfu: float, peak: float, check: DataCheck, memory: MemoryCheck | None) -> list[str]:
@@ -97,6 +112,7 @@ def _row(run: PlannedRun, mfu: float, peak: float, check: DataCheck, memory: Mem
         check.epochs_text() + (" !" if check.repeats_data else ""),
         f"{run.flops:.3g}",
         f"{run.gpu_hours(mfu, peak):.3g}",
+        f"{wall_hours(run, mfu, peak, memory.estimate.gpus):.3g}" if memory else "-",
         str(memory.estimate.gpus) if memory else "-",
         str(memory.estimate.shard) if memory else "-",
         gib(memory.estimate.peak) + (" !" if memory.fits is False else "") if memory else "-",
@@ -104,7 +120,7 @@ def _row(run: PlannedRun, mfu: float, peak: float, check: DataCheck, memory: Mem
 
 
 HEADER = ["id", "family", "width", "depth", "experts", "top-k", "N", "K", "rows", "total", "activated", "NE",
-          "target", "achieved", "match", "tokens", "epochs", "FLOPs", "GPU-h", "GPUs", "shard", "mem/GPU"]
+          "target", "achieved", "match", "tokens", "epochs", "FLOPs", "GPU-h", "hours", "GPUs", "shard", "mem/GPU"]
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -166,6 +182,10 @@ def format_plan(plan: Plan, mfu: float, peak: float, checks: dict[str, DataCheck
     out.append("")
     out.append(f"total: {plan.total_flops:.3g} training FLOPs = {plan.gpu_hours(mfu, peak):.4g} GPU-hours at "
                f"{mfu:.0%} MFU of {peak / 1e12:g} TFLOP/s")
+    if limits is not None:
+        out.append(f"each run on {limits.gpus} GPU(s) ({limits.nodes} node(s) x {limits.gpus_per_node}, one process "
+                   f"per GPU): {plan.gpu_hours(mfu, peak) / limits.gpus:.4g} hours of wall-clock time for the "
+                   "runs one after another (hours: GPU-h / GPUs)")
     return "\n".join(out)
 
 
@@ -198,7 +218,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         loaded = load_plan(args.sweep)
         plan = loaded.plan
-        limits = memory_limits(loaded.sweep, args.gpu_memory, args.gpus_per_node, args.nodes, args.shard)
+        limits = memory_limits(loaded.sweep, args.gpu_memory, args.gpus_per_node, args.nodes, args.shard,
+                               executor_type=args.executor)
         memory = memory_checks(plan, limits)
         refusal = memory_refusal(plan, memory, limits)
         if refusal is not None:
@@ -212,7 +233,13 @@ def run(args: argparse.Namespace) -> int:
                 entry["epochs_exact"] = check.exact
                 entry["small_val_splits"] = list(check.small_val)
                 entry["memory"] = memory[str(entry["run_id"])].to_dict()
+                entry["gpus"] = limits.gpus
+                entry["nodes"] = limits.nodes
+                entry["gpus_per_node"] = limits.gpus_per_node
+                entry["wall_hours"] = entry["gpu_hours"] / limits.gpus
             document["memory_limits"] = limits.to_dict()
+            document["gpus_per_run"] = limits.gpus
+            document["wall_hours"] = document["gpu_hours"] / limits.gpus
             document["warnings"] = data_warnings(plan, checks)
             text = json.dumps(_json_safe(document), indent=1)
         else:

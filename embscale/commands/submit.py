@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="concurrent CPU jobs without GPU (default: executor.cpu_jobs, else nproc/2)")
     local.add_argument("--gpus-per-run", type=int, default=None,
                        help="GPUs per run (default: executor.gpus_per_run, else 1 with GPUs, 0 without)")
+    local.add_argument("--processes", type=int, default=None,
+                       help="processes (gloo ranks) per run without GPU (default: executor.processes, else 1); "
+                            "runs on GPUs have one process per GPU")
     local.add_argument("--runs-per-gpu", type=int, default=None,
                        help="one-GPU runs sharing each GPU at once (default: executor.runs_per_gpu, else 1)")
     local.add_argument("--timeout-min", type=float, default=None, help="time limit of one local job (minutes)")
@@ -77,7 +80,7 @@ def slurm_overrides(args: argparse.Namespace) -> dict:
 def options_from_args(args: argparse.Namespace, plan: SweepPlan) -> SubmitOptions:
     section = plan.sweep.executor
     executor = args.executor or section.get("type") or "local"
-    for name in ("cpu_jobs", "gpus_per_run", "runs_per_gpu"):
+    for name in ("cpu_jobs", "gpus_per_run", "runs_per_gpu", "processes"):
         value = getattr(args, name, None)
         least = 0 if name == "gpus_per_run" else 1
         if value is not None and value < least:
@@ -87,6 +90,7 @@ def options_from_args(args: argparse.Namespace, plan: SweepPlan) -> SubmitOption
         retry_failed=args.retry_failed,
         cpu_jobs=args.cpu_jobs,
         gpus_per_run=args.gpus_per_run,
+        processes=args.processes,
         runs_per_gpu=args.runs_per_gpu,
         timeout_min=args.timeout_min,
         slurm=slurm_overrides(args),

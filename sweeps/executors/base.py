@@ -32,11 +32,18 @@ Record = dict[str, Any]
 
 @dataclass
 class Job:
-    """One job: ``fn`` (picklable, called with no arguments in the job) runs under ``key`` with ``gpus`` GPUs."""
+    """One job: ``fn`` (picklable, called with no arguments in the job) runs under ``key`` with ``gpus`` GPUs, as
+    one process (rank) per GPU; without GPUs (``gpus`` 0) as ``processes`` processes, the gloo ranks of the run."""
 
     key: str
     fn: Callable[[], Any]
     gpus: int = 0
+    processes: int = 1
+
+    @property
+    def ranks(self) -> int:
+        """The processes the job runs as: one per GPU, else ``processes``."""
+        return self.gpus if self.gpus > 0 else max(1, self.processes)
 
 
 class Executor(ABC):
@@ -55,8 +62,8 @@ class Executor(ABC):
         """How many jobs may run at once."""
 
     @abstractmethod
-    def has_slot(self, gpus: int = 0) -> bool:
-        """Whether a job needing ``gpus`` GPUs could start now."""
+    def has_slot(self, gpus: int = 0, processes: int = 1) -> bool:
+        """Whether a job needing ``gpus`` GPUs (or, without GPUs, ``processes`` CPU processes) could start now."""
 
     @abstractmethod
     def start(self, jobs: list[Job]) -> list[tuple[Job, Record]]:

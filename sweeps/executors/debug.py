@@ -27,7 +27,7 @@ class DebugExecutor(Executor):
     def slots(self) -> int:
         return 1
 
-    def has_slot(self, gpus: int = 0) -> bool:
+    def has_slot(self, gpus: int = 0, processes: int = 1) -> bool:
         return not self.tracked
 
     def start(self, jobs: list[Job]) -> list[tuple[Job, Record]]:

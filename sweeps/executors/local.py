@@ -2,11 +2,13 @@
 
 submitit's own LocalExecutor starts every job at once; this one hands each job ``g`` free GPUs, pinned with
 ``CUDA_VISIBLE_DEVICES``, and a job that needs ``g`` GPUs waits for ``g`` free ones (it runs as ``g`` tasks, the
-DDP ranks). With ``runs_per_gpu`` K above 1, up to K one-GPU runs share each GPU (small runs that leave most of a
-GPU idle, and whose start-up then overlaps the others' training); each packed run gets its share of the cores as
-``OMP_NUM_THREADS``. Without GPUs, ``cpu_jobs`` jobs run at once, each with ``OMP_NUM_THREADS`` set to its share of
-the cores. Each job is a submitit local job (``python -m submitit.local._local``) started in a session of its
-own, so
+ranks of the run: ``CUDA_VISIBLE_DEVICES`` keeps the job's GPUs, rank ``r`` uses ``cuda:LOCAL_RANK``, and the ranks
+meet on a free port of this machine, ``MASTER_PORT``). With ``runs_per_gpu`` K above 1, up to K one-GPU runs share
+each GPU (small runs that leave most of a GPU idle, and whose start-up then overlaps the others' training); each
+packed run gets its share of the cores as ``OMP_NUM_THREADS``. Without GPUs, ``cpu_jobs`` processes run at once,
+each with ``OMP_NUM_THREADS`` set to its share of the cores; a run of ``processes`` processes (gloo ranks) takes
+that many of the ``cpu_jobs`` slots (all of them when it has more processes than slots, then running alone). Each
+job is a submitit local job (``python -m submitit.local._local``) started in a session of its own, so
 
 - killing the driver (even with SIGKILL) leaves running jobs running: the next driver finds them through the
   job map (pid, process start time) and waits for them instead of starting them twice;
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -78,7 +81,8 @@ def cpu_job_environment(cpu_jobs: int) -> dict[str, str]:
 
 
 class SlotPool:
-    """Who holds which GPU (or CPU slot). GPU runs get ids; CPU runs count against ``cpu_jobs`` slots.
+    """Who holds which GPU (or CPU slot). GPU runs get ids; CPU runs count against ``cpu_jobs`` slots, one per
+    process (a run of more processes than there are slots takes them all).
 
     ``runs_per_gpu`` (K) packs small runs: a one-GPU job goes to the least-loaded GPU that holds fewer than K
     runs (the lowest id on a tie), so K runs share each GPU and a GPU is filled only once every GPU has as many
@@ -110,6 +114,10 @@ class SlotPool:
     def fits_ever(self, n_gpus: int) -> bool:
         return n_gpus <= len(self.gpus) if self.gpus else n_gpus == 0
 
+    def cpu_slots(self, processes: int = 1) -> int:
+        """The CPU slots a run of ``processes`` processes holds on a machine without GPU."""
+        return min(max(1, int(processes)), self.cpu_jobs)
+
     def _choose(self, n_gpus: int) -> list[str] | None:
         need = max(1, n_gpus)  # on a GPU machine every job gets at least one GPU
         if need == 1:
@@ -118,14 +126,15 @@ class SlotPool:
         idle = self.free_gpus
         return idle[:need] if len(idle) >= need else None
 
-    def can_acquire(self, n_gpus: int) -> bool:
-        """Whether a job needing ``n_gpus`` could start now."""
+    def can_acquire(self, n_gpus: int, processes: int = 1) -> bool:
+        """Whether a job needing ``n_gpus`` (without GPUs: ``processes`` processes) could start now."""
         if self.gpus:
             return self._choose(n_gpus) is not None
-        return self.busy_cpu < self.cpu_jobs
+        return self.busy_cpu + self.cpu_slots(processes) <= self.cpu_jobs
 
-    def acquire(self, n_gpus: int) -> list[str] | None:
-        """The GPUs given to a job that needs ``n_gpus`` (``[]`` for a CPU job), or None when it must wait."""
+    def acquire(self, n_gpus: int, processes: int = 1) -> list[str] | None:
+        """The GPUs given to a job that needs ``n_gpus`` (``[]`` for a CPU job of ``processes`` processes, which
+        holds :meth:`cpu_slots` slots), or None when it must wait."""
         if self.gpus:
             taken = self._choose(n_gpus)
             if taken is not None:
@@ -133,14 +142,14 @@ class SlotPool:
             return taken
         if n_gpus > 0:
             raise ValueError(f"a run needs {n_gpus} GPUs but this machine has none")
-        if self.busy_cpu >= self.cpu_jobs:
+        if not self.can_acquire(0, processes):
             return None
-        self.busy_cpu += 1
+        self.busy_cpu += self.cpu_slots(processes)
         return []
 
-    def take(self, gpus: list[str]) -> None:
-        """Mark ``gpus`` (or one CPU slot when empty) as held by one more job (also one this driver did not
-        start: an adopted job holds its GPUs even beyond this pool's ``runs_per_gpu``)."""
+    def take(self, gpus: list[str], cpu_slots: int = 1) -> None:
+        """Mark ``gpus`` (or ``cpu_slots`` CPU slots when empty) as held by one more job (also one this driver did
+        not start: an adopted job holds its GPUs even beyond this pool's ``runs_per_gpu``)."""
         if self.gpus:
             held = [gpu for gpu in gpus if gpu in self.load]
             for gpu in held:
@@ -148,9 +157,9 @@ class SlotPool:
             if len(held) > 1:
                 self.exclusive.update(held)
         else:
-            self.busy_cpu += 1
+            self.busy_cpu += max(1, int(cpu_slots))
 
-    def release(self, gpus: list[str]) -> None:
+    def release(self, gpus: list[str], cpu_slots: int = 1) -> None:
         if self.gpus:
             for gpu in gpus:
                 if gpu in self.load and self.load[gpu] > 0:
@@ -158,7 +167,14 @@ class SlotPool:
                     if self.load[gpu] == 0:
                         self.exclusive.discard(gpu)
         else:
-            self.busy_cpu = max(0, self.busy_cpu - 1)
+            self.busy_cpu = max(0, self.busy_cpu - max(1, int(cpu_slots)))
+
+
+def free_port() -> int:
+    """A TCP port of this machine that nothing listens on now: where a local job's ranks meet (``MASTER_PORT``)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class PinnedLocalExecutor(submitit.LocalExecutor):
@@ -281,18 +297,19 @@ class LocalExecutor(Executor):
         self.timeout_min = timeout_min
         self.extra_env = dict(extra_env or {})
         self.cwd = cwd
+        self.processes = 1  # processes (gloo ranks) per run without GPUs, for the driver's jobs
         self._jobs: dict[str, Any] = {}  # key -> submitit LocalJob of the jobs started here (adopted ones have none)
 
     def slots(self) -> int:
         return self.pool.capacity()
 
-    def has_slot(self, gpus: int = 0) -> bool:
-        return self.pool.can_acquire(gpus)
+    def has_slot(self, gpus: int = 0, processes: int = 1) -> bool:
+        return self.pool.can_acquire(gpus, processes)
 
     def adopt(self, key: str, record: Record) -> bool:
         if not super().adopt(key, record):
             return False
-        self.pool.take([str(g) for g in record.get("gpus") or []])
+        self.pool.take([str(g) for g in record.get("gpus") or []], int(record.get("cpu_slots") or 1))
         return True
 
     def start(self, jobs: list[Job]) -> list[tuple[Job, Record]]:
@@ -302,35 +319,42 @@ class LocalExecutor(Executor):
                 raise ValueError(f"{job.key} needs {job.gpus} GPUs but this machine has {have}")
         started = []
         for job in jobs:
-            gpus = self.pool.acquire(job.gpus)
+            gpus = self.pool.acquire(job.gpus, job.processes)
             if gpus is None:
                 continue
+            cpu_slots = 0 if gpus else self.pool.cpu_slots(job.processes)
             try:
-                started.append((job, self._start(job, gpus)))
+                started.append((job, self._start(job, gpus, cpu_slots)))
             except BaseException:
-                self.pool.release(gpus)
+                self.pool.release(gpus, cpu_slots)
                 raise
         return started
 
-    def _start(self, job: Job, gpus: list[str]) -> Record:
+    def _start(self, job: Job, gpus: list[str], cpu_slots: int) -> Record:
         executor = PinnedLocalExecutor(self.folder)
         if self.timeout_min and hasattr(job.fn, "timeout_min"):  # a RunJob restarts itself near the limit
             job.fn.timeout_min = self.timeout_min
+        ranks = len(gpus) if gpus else max(1, job.processes)  # one process per GPU, else the CPU processes
         executor.update_parameters(timeout_min=self.timeout_min or DEFAULT_LOCAL_TIMEOUT_MIN,
-                                   tasks_per_node=max(1, len(gpus)),
-                                   gpus_per_node=len(gpus))
+                                   tasks_per_node=ranks, gpus_per_node=len(gpus))
         executor.devices = ",".join(gpus)
         executor.cwd = self.cwd
         executor.extra_env = dict(self.extra_env)
-        if not self.pool.has_gpus:
-            executor.extra_env = {**cpu_job_environment(self.pool.cpu_jobs), **executor.extra_env}
+        if ranks > 1:  # the ranks meet on this machine, on a port nothing else uses (submitit's own choice is
+            # a port drawn from the job id, which may be taken)
+            executor.extra_env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        if not self.pool.has_gpus:  # each process its share of the cores
+            threads = cpu_job_environment(max(self.pool.cpu_jobs, ranks))
+            executor.extra_env = {**threads, **executor.extra_env}
         elif self.pool.runs_per_gpu > 1:  # packed runs share the cores as CPU jobs do
             executor.extra_env = {**cpu_job_environment(self.pool.capacity()), **executor.extra_env}
         submitted = executor.submit(job.fn)
         pid = int(submitted.job_id)
         record = {"job_id": submitted.job_id, "executor": self.name, "pid": pid, "pgid": pid,
                   "proc_start": proc_start_time(pid), "host": hostname(), "gpus": gpus, "started_at": time.time(),
-                  "folder": str(self.folder)}
+                  "folder": str(self.folder), "ranks": ranks}
+        if cpu_slots:
+            record["cpu_slots"] = cpu_slots
         self.tracked[job.key] = record
         self._jobs[job.key] = submitted
         return dict(record)
@@ -350,13 +374,14 @@ class LocalExecutor(Executor):
                 exit_code = None
             del self.tracked[key]
             self._jobs.pop(key, None)
-            self.pool.release([str(g) for g in record.get("gpus") or []])
+            self.pool.release([str(g) for g in record.get("gpus") or []], int(record.get("cpu_slots") or 1))
             ended.append((key, {**record, "ended_at": time.time(), "exit_code": exit_code}))
         return ended
 
     def describe(self, record: Record) -> str:
         where = f"GPU {','.join(record['gpus'])}" if record.get("gpus") else "CPU"
-        return f"{where} (pid {record.get('pid')})"
+        ranks = int(record.get("ranks") or 1)
+        return f"{where} (pid {record.get('pid')}" + (f", {ranks} processes)" if ranks > 1 else ")")
 
     @classmethod
     def inspect(cls, records: list[Record], ask_scheduler: bool = True) -> list[tuple[bool | None, str | None]]:
@@ -389,4 +414,5 @@ def ended_at(record: Record) -> float:
 
 
 __all__ = ["DEFAULT_LOCAL_TIMEOUT_MIN", "LocalExecutor", "PinnedLocalExecutor", "SlotPool", "available_gpus",
-           "cpu_job_environment", "default_cpu_jobs", "ended_at", "kill_process_groups", "local_job_alive"]
+           "cpu_job_environment", "default_cpu_jobs", "ended_at", "free_port", "kill_process_groups",
+           "local_job_alive"]

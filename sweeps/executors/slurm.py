@@ -3,7 +3,10 @@
 Jobs run :class:`embscale.sweeps.runjob.RunJob`, a ``submitit.helpers.Checkpointable``: on preemption or
 ``scontrol requeue`` the trainer saves a checkpoint and stops (state ``interrupted``) and Slurm requeues the job;
 near its time limit the job requeues itself (at most ``slurm.max_requeues`` times); a requeued job resumes from
-the checkpoint. Multi-GPU runs get one task per GPU (``ntasks_per_node = gpus_per_node``), the DDP ranks.
+the checkpoint. A run of ``nodes x gpus_per_node`` GPUs is one job of that many tasks (``ntasks_per_node =
+gpus_per_node``), the ranks of the run, each setting up ``torch.distributed`` from submitit's
+``TorchDistributedEnvironment`` (:class:`~embscale.sweeps.runjob.RunJob`); without GPUs, ``tasks_per_node`` gloo
+ranks per node. A requeue restarts every task of the job, and the run resumes from its newest checkpoint.
 
 Which jobs still exist is asked of ``squeue``; a job it no longer lists has ended (the run's status says how).
 """
@@ -41,7 +44,7 @@ class SlurmExecutor(Executor):
     def slots(self) -> int:
         return int(self.params.get("array_parallelism") or DEFAULT_PARALLEL)
 
-    def has_slot(self, gpus: int = 0) -> bool:
+    def has_slot(self, gpus: int = 0, processes: int = 1) -> bool:
         return True  # Slurm queues what it cannot start yet
 
     def start(self, jobs: list[Job]) -> list[tuple[Job, Record]]:
@@ -128,7 +131,10 @@ def slurm_executor(folder: Path, log: Callable[[str], None], section: dict[str, 
     params.setdefault("job_name", job_name)
     params.setdefault("time", DEFAULT_TIME_MIN)
     if "ntasks_per_node" not in params and params.get("gpus_per_node"):
-        params["ntasks_per_node"] = params["gpus_per_node"]  # one task (DDP rank) per GPU
+        params["ntasks_per_node"] = params["gpus_per_node"]  # one task (rank) per GPU
+    elif params.get("gpus_per_node") and params["ntasks_per_node"] != params["gpus_per_node"]:
+        log(f"slurm.tasks_per_node {params['ntasks_per_node']} with gpus_per_node {params['gpus_per_node']}: each "
+            "task is one rank on one GPU (cuda:LOCAL_RANK), so a node's GPUs and tasks should be as many")
     setup = list(params.get("setup") or []) + [f"export {k}={shlex.quote(v)}" for k, v in environment.items()]
     if setup:
         params["setup"] = setup
