@@ -11,7 +11,8 @@ writes go through :mod:`embscale.base.files` (temporary file, then rename)::
                       first step the trainer adds ``startup`` (:func:`record_startup`).
     status.json       ``state`` (one of :data:`STATES`), ``step``, ``total_steps``, ``error``, ``updated_at``; the
                       sweep engine's ``job_id``; what the trainer leaves at the end of an attempt: ``summary``,
-                      ``diverged_at``, ``signal``, ``traceback``.
+                      ``diverged_at``, ``signal``, ``traceback``. A run copied from another sweep's completed
+                      folder (:func:`copy_completed_run`) has ``copied_from`` here and in run.json.
     metrics.parquet   one row per optimizer step (``step``, ``tokens``, ``lr``, ``train_loss``, ...,
                       ``val_<split>_loss`` (:func:`val_loss_column`: ``val_loss`` for a single held-out split)
                       and ``norm_<name>`` at evaluation steps, NaN elsewhere).
@@ -36,6 +37,7 @@ import io
 import json
 import os
 import re
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -167,6 +169,52 @@ def write_status(run_dir: Path, state: str, **fields: Any) -> dict[str, Any]:
     status["updated_at"] = fields.get("updated_at") or utc_now()
     atomic_write_json(Path(run_dir) / STATUS_FILE, status)
     return status
+
+
+def completed_copy_source(results_root: Path, sweep: str, run_id: str) -> Path | None:
+    """A completed run folder ``<results_root>/<other sweep>/<run_id>/`` of another sweep (the run id is a hash
+    of the model, training and data sections, so the same id is the same training), or None. The first in name
+    order when several sweeps hold it."""
+    for candidate in sorted(Path(results_root).glob(f"*/{run_id}")):
+        if candidate.parent.name == sweep or not (candidate / METRICS_FILE).exists():
+            continue
+        status = read_status(candidate)
+        if status and status.get("state") == "completed" and written_by_trainer(read_run_record(candidate)):
+            return candidate
+    return None
+
+
+def copy_completed_run(source: Path, dest: Path, planned: dict[str, Any]) -> None:
+    """Make ``dest`` the completed run of ``source`` (the same run id in another sweep): its metrics, and its
+    trainer's run.json and status.json with this sweep's planned keys (``sweep``, ``point``, ``family``, ...) and
+    ``copied_from`` (the source folder). Checkpoints and tracking files stay behind: a completed run is never
+    resumed. Built in a temporary folder beside ``dest`` and renamed into place, so ``dest`` is either as it was
+    or complete."""
+    source, dest = Path(source), Path(dest)
+    record = read_run_record(source) or {}
+    status = read_status(source) or {}
+    planned = {k: v for k, v in planned.items() if k != PLANNED_BY}
+    staging = dest.parent / f".{dest.name}.copy-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    replaced = dest.parent / f".{dest.name}.replaced-{os.getpid()}"
+    moved = False
+    try:
+        shutil.copy2(source / METRICS_FILE, staging / METRICS_FILE)
+        write_run_record(staging, {**record, **planned, "copied_from": str(source)})
+        atomic_write_json(staging / STATUS_FILE, {**status, "job_id": None, "copied_from": str(source)})
+        if dest.exists():
+            dest.rename(replaced)
+            moved = True
+        staging.rename(dest)
+    except BaseException:
+        if moved and not dest.exists():
+            replaced.rename(dest)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if moved:
+        shutil.rmtree(replaced, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------- metrics

@@ -66,6 +66,7 @@ class SubmitOptions:
     log_interval_s: float = 30.0
     snapshot: bool = True
     dry_run: bool = False
+    reuse_completed: bool = True  # copy a run another sweep of the results root completed instead of training it
 
 
 @dataclass
@@ -75,6 +76,7 @@ class SubmitReport:
     adopted: list[str] = field(default_factory=list)
     job_ids: dict[str, str] = field(default_factory=dict)
     final: dict[str, str] = field(default_factory=dict)  # run id -> state when the driver returned
+    reused: dict[str, str] = field(default_factory=dict)  # run id -> the other sweep's folder it was copied from
     interrupted: bool = False
 
 
@@ -179,10 +181,36 @@ def submit(plan: SweepPlan, options: SubmitOptions, log: Callable[[str], None] |
         if options.dry_run:
             report.submitted = [v.run_id for v in chosen]
             return report
+        if options.reuse_completed:
+            chosen = reuse_completed_runs(plan, chosen, report, log)
+            if not chosen:
+                return report
         snapshot = code_snapshot(plan.sweep_dir / "code") if options.snapshot else None
         executor, gpus_per_run = make_executor(plan, options, snapshot, log, f"embscale-{plan.name}")
         _Driver(plan, options, executor, report, log).run(views, chosen, gpus_per_run)
         return report
+
+
+def reuse_completed_runs(plan: SweepPlan, chosen: list[RunView], report: SubmitReport,
+                         log: Callable[[str], None]) -> list[RunView]:
+    """Copy into this sweep the chosen runs that another sweep of the same results root has completed (same run
+    id: the same model, training and data), instead of training them again; returns the runs still to train.
+    Only runs that have not started here (pending, or cancelled before their first step) are candidates: a run
+    with an attempt of its own resumes that attempt."""
+    left = []
+    for view in chosen:
+        source = None
+        if view.state in ("pending", "cancelled") and not (view.status or {}).get("step"):
+            source = rundir.completed_copy_source(plan.results_root, plan.name, view.run_id)
+        if source is None:
+            left.append(view)
+            continue
+        rundir.copy_completed_run(source, view.run_dir, planned_record(view.run, plan.name))
+        report.reused[view.run_id] = str(source)
+    if report.reused:
+        sources = sorted({Path(s).parent.name for s in report.reused.values()})
+        log(f"{len(report.reused)} runs completed in another sweep ({', '.join(sources)}): copied, not trained again")
+    return left
 
 
 class _Driver:
