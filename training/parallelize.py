@@ -20,10 +20,11 @@ FSDP units (``ignored_params``): replicated on every rank as under DDP, their ro
 :func:`embscale.training.table_ddp.all_reduce_table_grads` and stepped by ``TableAdamW``. Sharding their rows is
 not done here.
 
-Checkpoints keep the single-file format of a single process: :func:`full_model_state` and
-:func:`full_optimizer_state` gather every sharded tensor (a collective every rank calls) and rank 0 writes them;
-:func:`load_full_state` puts such a checkpoint back into a sharded model and optimizer (each rank keeps its own
-shard of the full tensors, with no communication), so a run can resume on another number of ranks.
+A sharded run's checkpoints are written shard by shard by every rank with ``torch.distributed.checkpoint``
+(:mod:`embscale.training.sharded_checkpoint`). :func:`load_full_state` puts a single-file checkpoint (one
+process's, written by an earlier attempt at one rank) back into a sharded model and optimizer (each rank keeps its
+own shard of the full tensors, with no communication); :func:`full_model_state` and :func:`full_optimizer_state`
+gather every sharded tensor (a collective every rank calls), for a caller that wants the full tensors in one place.
 """
 
 from __future__ import annotations
