@@ -116,6 +116,36 @@ def test_a_sharded_checkpoint_counts_only_with_its_manifest_and_checksums(tmp_pa
 
 
 # ----------------------------------------------------------------------------------------------------- resuming
+def refuse(*_: object, **__: object) -> None:
+    raise AssertionError("something was unpickled while resuming")
+
+
+def guard_restore(patch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Make ``Trainer.restore`` run with ``pickle.load`` / ``loads`` / ``Unpickler`` and ``torch.load(weights_only=
+    False)`` raising; returns the count of ``weights_only`` loads it made (filled as it runs). The loading itself is
+    real: only the ways of unpickling are patched. (The process group's own object collectives, which DCP uses to
+    exchange its plans between ranks in memory, bind pickle's unpickler at import and are not affected.)"""
+    loads = {"weights_only": 0}
+    original_restore, original_load = Trainer.restore, torch.load
+
+    def guarded_load(*args: object, **kwargs: object) -> object:
+        if kwargs.get("weights_only") is False:
+            refuse()
+        loads["weights_only"] += 1
+        return original_load(*args, **kwargs)
+
+    def guarded_restore(self: Trainer) -> None:
+        with pytest.MonkeyPatch.context() as during:
+            during.setattr(pickle, "load", refuse)
+            during.setattr(pickle, "loads", refuse)
+            during.setattr(pickle, "Unpickler", refuse)
+            during.setattr(torch, "load", guarded_load)
+            original_restore(self)
+
+    patch.setattr(Trainer, "restore", guarded_restore)
+    return loads
+
+
 def test_sharded_checkpoint_resumes_in_one_process_without_unpickling(tmp_path, monkeypatch, capfd):
     """NE with the sparse table optimizer (its state stored once, by rank 0) trained on two fsdp ranks. Its final
     checkpoint dropped and the one before (step 6) corrupted in rank 1's shard, the run resumes in one process
@@ -136,27 +166,7 @@ def test_sharded_checkpoint_resumes_in_one_process_without_unpickling(tmp_path, 
     corrupt[len(corrupt) // 2] ^= 0xFF
     shard.write_bytes(bytes(corrupt))
     rundir.write_status(run_dir, "interrupted", step=6, total_steps=8)
-    loads = {"weights_only": 0}
-    original_restore, original_load = Trainer.restore, torch.load
-
-    def refuse(*_: object, **__: object) -> None:
-        raise AssertionError("something was unpickled while resuming")
-
-    def guarded_load(*args: object, **kwargs: object) -> object:
-        if kwargs.get("weights_only") is False:
-            refuse()
-        loads["weights_only"] += 1
-        return original_load(*args, **kwargs)
-
-    def guarded_restore(self: Trainer) -> None:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(pickle, "load", refuse)
-            patch.setattr(pickle, "loads", refuse)
-            patch.setattr(pickle, "Unpickler", refuse)
-            patch.setattr(torch, "load", guarded_load)
-            original_restore(self)
-
-    monkeypatch.setattr(Trainer, "restore", guarded_restore)
+    loads = guard_restore(monkeypatch)
     monkeypatch.setenv("EMBSCALE_PROGRESS", "plain")
     capfd.readouterr()
     summary = train_run(RunConfig.from_dict({**data, "output": {"sweep": "f", "root": str(tmp_path / "fsdp")}}))
@@ -170,9 +180,12 @@ def test_sharded_checkpoint_resumes_in_one_process_without_unpickling(tmp_path, 
     assert_same_run(run_dir, reference, steps=8)
 
 
-def rank_with_timeout(rank: int, world_size: int, init_file: str, data: dict, timeout_s: float) -> None:
+def rank_with_timeout(rank: int, world_size: int, init_file: str, data: dict, timeout_s: float,
+                      guarded: bool = False) -> None:
     """One rank of a run whose collectives time out after ``timeout_s``; exits 0 when the run completed, 1 when
-    it raised (the error on stderr)."""
+    it raised (the error on stderr). ``guarded``: its restore runs with unpickling patched to fail."""
+    if guarded:
+        guard_restore(pytest.MonkeyPatch())
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world_size)})
     torch.set_num_threads(1)
@@ -192,8 +205,8 @@ def test_killing_one_rank_fails_the_run_and_a_resubmit_resumes_it(tmp_path, capf
     """Two fsdp ranks; once the run has written its first checkpoint (step 4), rank 1 is killed (SIGKILL). Rank 0
     fails within the process group's timeout and marks the run failed; only complete checkpoints are listed (a
     hidden half-written folder and a folder without a manifest, put there as a save killed midway would leave
-    them, are not). Training again on two ranks resumes from the last complete checkpoint, removes the partial
-    writes, and ends where one process does."""
+    them, are not). Training again on two ranks resumes from the last complete checkpoint (with unpickling patched
+    to fail in both), removes the partial writes, and ends where one process does."""
     data = run_data(tmp_path, MOE, parallel="fsdp", steps=16, checkpoint_every=4, eval_every=8)
     reference = train_here(tmp_path, data)
     run_data_here = {**data, "output": {"sweep": "f", "root": str(tmp_path / "killed")}}
@@ -231,7 +244,13 @@ def test_killing_one_rank_fails_the_run_and_a_resubmit_resumes_it(tmp_path, capf
 
     capfd.readouterr()
     monkeypatch.setenv("EMBSCALE_PROGRESS", "plain")  # the ranks log the step they resume from
-    assert train_on_ranks(tmp_path, data, "killed") == run_dir
+    again = torch.multiprocessing.spawn(rank_with_timeout, nprocs=2, join=False,
+                                        args=(2, str(tmp_path / "init_again"), run_data_here, 120, True))
+    for process in again.processes:
+        process.join(timeout=180)
+        if process.is_alive():
+            process.kill()
+    assert [process.exitcode for process in again.processes] == [0, 0], capfd.readouterr().err[-3000:]
     assert f"resuming run {run_dir.name} from step {last_complete}" in capfd.readouterr().err
     assert not half.exists()
     assert rundir.read_status(run_dir)["state"] == "completed"
