@@ -3,7 +3,8 @@
 manifest and checksums; a sharded run's checkpoint resumes in one process with every way of unpickling patched to
 fail (falling back past a corrupt newest checkpoint) and ends where one process does; killing one rank of a
 two-rank run fails the run within the process group's timeout, and running it again resumes from the last
-complete checkpoint and ends where one process does. Tolerances as in test_fsdp: losses rtol 1e-5, gradient
+complete checkpoint and ends where one process does; a one-process run's single-file checkpoint resumes on two
+sharded ranks. Tolerances as in test_fsdp: losses rtol 1e-5, gradient
 norms rtol 1e-4, parameters rtol 1e-4 / atol 1e-5, optimizer moments rtol 1e-4 / atol 1e-6."""
 
 from __future__ import annotations
@@ -256,3 +257,24 @@ def test_killing_one_rank_fails_the_run_and_a_resubmit_resumes_it(tmp_path, capf
     assert rundir.read_status(run_dir)["state"] == "completed"
     assert_same_run(run_dir, reference, steps=16)
     print(f"rank 0 failed {waited:.1f} s after rank 1 was killed at step {status['step']}")
+
+
+def test_a_single_file_checkpoint_resumes_on_two_sharded_ranks(tmp_path, monkeypatch, capfd):
+    """A run started in one process (``parallel: fsdp`` on one rank trains unsharded and writes single files)
+    resumes on two sharded ranks from its step-3 file, each rank keeping its shard, and from then on writes sharded
+    checkpoints; it ends where the uninterrupted one-process run did."""
+    data = run_data(tmp_path, MOE, parallel="fsdp")
+    run_dir = train_here(tmp_path, data)
+    reference = tmp_path / "reference"
+    shutil.copytree(run_dir, reference)
+    assert [p.name for _, p in rundir.list_checkpoints(run_dir)] == ["step_00000003.pt", "step_00000006.pt"]
+    final = rundir.list_checkpoints(run_dir)[-1][1]
+    for path in final.parent.glob(final.name + "*"):
+        path.unlink()
+    rundir.write_status(run_dir, "interrupted", step=3, total_steps=6)
+    monkeypatch.setenv("EMBSCALE_PROGRESS", "plain")
+    capfd.readouterr()
+    assert train_on_ranks(tmp_path, data, "single") == run_dir
+    assert f"resuming run {run_dir.name} from step 3" in capfd.readouterr().err
+    assert [p.name for _, p in rundir.list_checkpoints(run_dir)] == ["step_00000003.pt", "step_00000006"]
+    assert_same_run(run_dir, reference, steps=6)
