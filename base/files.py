@@ -42,6 +42,11 @@ def atomic_file(path: str | Path, *, fsync: bool = False, mode: int = FILE_MODE)
         raise
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file, or a folder's entries (a rename into it), to disk; best effort where the OS refuses."""
+    _fsync(Path(path))
+
+
 def _fsync(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -77,4 +82,5 @@ def read_json(path: str | Path) -> Any | None:
         return None
 
 
-__all__ = ["FILE_MODE", "atomic_file", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "read_json"]
+__all__ = ["FILE_MODE", "atomic_file", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_path",
+           "read_json"]

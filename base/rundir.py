@@ -17,7 +17,10 @@ writes go through :mod:`embscale.base.files` (temporary file, then rename)::
                       ``val_<split>_loss`` (:func:`val_loss_column`: ``val_loss`` for a single held-out split)
                       and ``norm_<name>`` at evaluation steps, NaN elsewhere).
     checkpoints/      ``step_00001200.pt`` (a plain dict of tensors, numbers, strings, lists and dicts: loaded with
-                      ``weights_only=True``, nothing unpickled) and ``step_00001200.pt.sha256``.
+                      ``weights_only=True``, nothing unpickled) and ``step_00001200.pt.sha256``; or, for a sharded
+                      run (``training.parallel`` fsdp / hsdp on several ranks), a folder ``step_00001200/`` that
+                      every rank writes its shards into (:mod:`embscale.training.sharded_checkpoint` says what
+                      is in it), with ``manifest.json`` (every other file's size and sha256) written last.
     tensorboard/      with ``output.tracking: [tensorboard]``: one TensorBoard event file
                       (:mod:`embscale.base.tfevents`) holding the metrics rows as scalars, appended as the run trains
                       (an append-only log a live reader follows, so not written atomically). An attempt that
@@ -26,8 +29,12 @@ writes go through :mod:`embscale.base.files` (temporary file, then rename)::
     wandb/            with ``output.tracking: [wandb]``: Weights & Biases' offline runs (``wandb`` writes them).
 
 Checkpoints are written and flushed to disk, then their checksum file; one without its checksum file is
-incomplete and never loaded. Loading tries the newest first; one whose checksum does not match, or that does not
-load, is renamed ``*.corrupt`` (kept for inspection) and the one before is used.
+incomplete and never loaded. A sharded checkpoint is written into a hidden folder ``.step_00001200.tmp/``; once
+every rank has written its files, rank 0 writes ``manifest.json`` and renames the folder to ``step_00001200/``
+(:func:`commit_sharded_checkpoint`): a folder of that name without a manifest is never loaded, and a hidden one
+is what a killed save left (removed by :func:`remove_partial_writes`). Loading tries the newest first; one whose
+checksums do not match, or that does not load, is renamed ``*.corrupt`` (kept for inspection) and the one before
+is used.
 """
 
 from __future__ import annotations
@@ -42,7 +49,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from embscale.base.files import atomic_file, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from embscale.base.files import (
+    atomic_file,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    fsync_path,
+    read_json,
+)
 from embscale.base.progress import log
 from embscale.base.tfevents import EventFileWriter, event_files
 
@@ -289,6 +303,9 @@ def remove_event_files(run_dir: Path, keep: Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
 CHECKPOINT_NAME = re.compile(r"^step_(\d{8})\.pt$")
+SHARDED_CHECKPOINT_NAME = re.compile(r"^step_(\d{8})$")
+MANIFEST_FILE = "manifest.json"
+SHARDED_FORMAT = "embscale-dcp-1"  # manifest.json's ``format``: what the folder holds and how it is read
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -299,12 +316,18 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return checkpoint_dir(run_dir) / f"step_{step:08d}.pt"
 
 
+def sharded_checkpoint_path(run_dir: Path, step: int) -> Path:
+    """The folder of the sharded checkpoint of ``step`` (once committed)."""
+    return checkpoint_dir(run_dir) / f"step_{step:08d}"
+
+
 def _checksum_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete-looking checkpoints (a ``.pt`` with its ``.sha256`` beside it), oldest first."""
+    """Complete-looking checkpoints, oldest first: a ``.pt`` with its ``.sha256`` beside it, or a sharded
+    checkpoint's folder with its ``manifest.json``."""
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return []
@@ -313,7 +336,24 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
         match = CHECKPOINT_NAME.match(path.name)
         if match and _checksum_path(path).is_file():
             found.append((int(match.group(1)), path))
+        match = SHARDED_CHECKPOINT_NAME.match(path.name)
+        if match and (path / MANIFEST_FILE).is_file():
+            found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def _remove_checkpoint(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        _checksum_path(path).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (of either format)."""
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        _remove_checkpoint(old)
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
@@ -328,9 +368,7 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int =
     _checksum_path(path).unlink(missing_ok=True)
     atomic_write_bytes(path, data, fsync=True)
     atomic_write_text(_checksum_path(path), hashlib.sha256(data).hexdigest() + "\n", fsync=True)
-    for _, old in list_checkpoints(run_dir)[:-keep]:
-        _checksum_path(old).unlink(missing_ok=True)
-        old.unlink(missing_ok=True)
+    prune_checkpoints(run_dir, keep)
     return path
 
 
@@ -345,8 +383,9 @@ def verify_checkpoint(path: Path) -> bool:
     return digest == expected
 
 
-def _read_checkpoint(path: Path, map_location: Any) -> tuple[dict[str, Any] | None, str]:
-    """``(state, "")`` of an intact checkpoint, or ``(None, why)``: a checksum mismatch or a load error."""
+def read_checkpoint_file(path: Path, map_location: Any = "cpu") -> tuple[dict[str, Any] | None, str]:
+    """``(state, "")`` of an intact single-file checkpoint (checksum right, loaded with ``weights_only=True``), or
+    ``(None, why)``."""
     import torch
 
     if not verify_checkpoint(path):
@@ -357,24 +396,124 @@ def _read_checkpoint(path: Path, map_location: Any) -> tuple[dict[str, Any] | No
         return None, f"cannot be loaded: {exc}"
 
 
+def set_aside_corrupt(path: Path, problem: str) -> None:
+    """Log why checkpoint ``path`` (a file or a sharded checkpoint's folder) is unusable and rename it (and its
+    checksum file) ``*.corrupt``, kept for inspection; the loader then falls back to the one before."""
+    log(f"checkpoint {path} is unusable ({problem}); falling back to the previous one")
+    for item in (path, _checksum_path(path)):
+        if item.exists():
+            target = item.with_name(item.name + ".corrupt")
+            if target.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            os.replace(item, target)
+
+
+def _remove_leftovers(folder: Path, pattern: str) -> None:
+    for leftover in folder.glob(pattern):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
 def load_latest_checkpoint(run_dir: Path, map_location: Any = "cpu") -> tuple[int, dict[str, Any]] | None:
-    """``(step, state)`` of the newest intact checkpoint, or None when there is none.
+    """``(step, state)`` of the newest intact single-file checkpoint, or None when there is none (sharded
+    checkpoints are loaded by :func:`embscale.training.checkpoint.restore_latest`).
 
     Corrupt or truncated checkpoints met on the way are renamed ``*.corrupt`` and reported, and temporary files of
     a save that was killed are removed."""
     folder = checkpoint_dir(run_dir)
     if folder.is_dir():
-        for leftover in folder.glob(".step_*.tmp"):
-            leftover.unlink(missing_ok=True)
+        _remove_leftovers(folder, ".step_*.tmp")
     for step, path in reversed(list_checkpoints(run_dir)):
-        state, problem = _read_checkpoint(path, map_location)
+        if path.is_dir():
+            continue
+        state, problem = read_checkpoint_file(path, map_location)
         if state is not None:
             return step, state
-        log(f"checkpoint {path} is unusable ({problem}); falling back to the previous one")
-        for item in (path, _checksum_path(path)):
-            if item.exists():
-                os.replace(item, item.with_name(item.name + ".corrupt"))
+        set_aside_corrupt(path, problem)
     return None
+
+
+# Sharded checkpoints: every rank writes into the hidden folder, then rank 0 commits it.
+def begin_sharded_checkpoint(run_dir: Path, step: int) -> Path:
+    """The empty hidden folder a sharded checkpoint of ``step`` is written into (any leftover of an earlier save
+    of this step removed). Rank 0 calls it; the other ranks wait for it (a barrier) before writing."""
+    tmp = sharded_checkpoint_tmp(run_dir, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def sharded_checkpoint_tmp(run_dir: Path, step: int) -> Path:
+    """Where :func:`begin_sharded_checkpoint` put the folder being written (the other ranks' view of it)."""
+    return checkpoint_dir(run_dir) / f".step_{step:08d}.tmp"
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": hex}`` of a file, read in 16 MiB pieces (a shard can be many GB)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def commit_sharded_checkpoint(run_dir: Path, step: int, tmp: Path, files: dict[str, dict[str, Any]],
+                              info: dict[str, Any], keep: int = 2) -> Path:
+    """Make the sharded checkpoint written into ``tmp`` count (rank 0, once every rank has written and digested
+    its files): check that ``files`` (name -> :func:`file_digest`, from every rank) covers exactly the folder's
+    files, write ``manifest.json`` (``format``, ``step``, ``files`` and ``info``) last, flushed to disk, rename the
+    folder to ``step_<step>`` and delete all but the newest ``keep`` checkpoints."""
+    present = {p.name for p in tmp.iterdir()}
+    if present != set(files):
+        raise RuntimeError(f"sharded checkpoint {tmp}: files written {sorted(present)} differ from the files "
+                           f"digested {sorted(files)}")
+    manifest = {"format": SHARDED_FORMAT, "step": step, "files": dict(sorted(files.items())), **info}
+    atomic_write_json(tmp / MANIFEST_FILE, manifest, fsync=True)
+    final = sharded_checkpoint_path(run_dir, step)
+    if final.exists():  # a stale checkpoint of this step (a run that went back to an earlier one)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_path(checkpoint_dir(run_dir))  # the rename, on disk
+    prune_checkpoints(run_dir, keep)
+    return final
+
+
+def read_manifest(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """``(manifest, "")`` of a sharded checkpoint's folder, or ``(None, why)`` when it is missing or malformed."""
+    manifest, problem = read_json_checked(Path(path) / MANIFEST_FILE)
+    if manifest is None:
+        return None, problem or f"no {MANIFEST_FILE}"
+    if manifest.get("format") != SHARDED_FORMAT or not isinstance(manifest.get("files"), dict):
+        return None, f"{MANIFEST_FILE} is not an {SHARDED_FORMAT} manifest"
+    return manifest, ""
+
+
+def verify_sharded_checkpoint(path: Path, part: int = 0, parts: int = 1) -> str:
+    """Why the sharded checkpoint in folder ``path`` is unusable, or "" when it is intact: its manifest is read
+    and every listed file must be there with its size; the sha256 of every ``parts``-th file from the ``part``-th
+    on is checked (each rank checks its share, then the ranks agree; one process checks all)."""
+    path = Path(path)
+    manifest, problem = read_manifest(path)
+    if manifest is None:
+        return problem
+    names = sorted(manifest["files"])
+    for index, name in enumerate(names):
+        expected = manifest["files"][name]
+        file = path / name
+        try:
+            size = file.stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if size != expected.get("bytes"):
+            return f"{name} has {size} bytes, the manifest says {expected.get('bytes')} (truncated or corrupt)"
+        if index % parts == part and file_digest(file)["sha256"] != expected.get("sha256"):
+            return f"checksum mismatch of {name} (corrupt)"
+    return ""
 
 
 def read_latest_checkpoint(run_dir: Path, map_location: Any = "cpu"
@@ -384,7 +523,11 @@ def read_latest_checkpoint(run_dir: Path, map_location: Any = "cpu"
     is renamed or removed: the run's trainer decides what happens to its files."""
     unusable = []
     for step, path in reversed(list_checkpoints(run_dir)):
-        state, problem = _read_checkpoint(path, map_location)
+        if path.is_dir():
+            unusable.append((path, "a sharded checkpoint (read it with "
+                                   "embscale.training.sharded_checkpoint.read_sharded_checkpoint)"))
+            continue
+        state, problem = read_checkpoint_file(path, map_location)
         if state is not None:
             return (step, path, state), unusable
         unusable.append((path, problem))
@@ -392,21 +535,24 @@ def read_latest_checkpoint(run_dir: Path, map_location: Any = "cpu"
 
 
 def remove_partial_writes(run_dir: Path) -> None:
-    """Delete the temporary files of writes that a killed attempt never finished."""
-    for leftover in Path(run_dir).glob(".*.tmp"):
-        leftover.unlink(missing_ok=True)
+    """Delete the temporary files of writes that a killed attempt never finished (also half-written sharded
+    checkpoints)."""
+    _remove_leftovers(Path(run_dir), ".*.tmp")
+    folder = checkpoint_dir(run_dir)
+    if folder.is_dir():
+        _remove_leftovers(folder, ".step_*.tmp")
 
 
 __all__ = [
     "CHECKPOINT_DIR", "DONE_STATES", "FAILED_STATES", "FAILED_TO_START", "HELD_OUT_SPLIT", "IN_FLIGHT_STATES", "LOST",
-    "METRICS_FILE",
-    "PLANNED_BY", "RUN_FILE", "SHOWN_STATES", "STATES", "STATUS_FILE", "TENSORBOARD_DIR", "TERMINAL_STATES",
-    "WANDB_DIR", "checkpoint_dir", "checkpoint_path", "event_log_files", "is_run_dir", "list_checkpoints",
-    "load_latest_checkpoint", "metrics_path", "open_event_log", "read_json_checked", "read_metrics",
-    "read_latest_checkpoint", "read_metrics_checked", "read_run_record", "read_status", "record_startup",
-    "remove_event_files",
-    "remove_partial_writes",
-    "run_state", "save_checkpoint", "tensorboard_dir", "utc_now", "val_loss_column", "verify_checkpoint",
-    "wandb_dir", "with_planned",
+    "MANIFEST_FILE", "METRICS_FILE", "PLANNED_BY", "RUN_FILE", "SHARDED_FORMAT", "SHOWN_STATES", "STATES",
+    "STATUS_FILE", "TENSORBOARD_DIR", "TERMINAL_STATES", "WANDB_DIR", "begin_sharded_checkpoint", "checkpoint_dir",
+    "checkpoint_path", "commit_sharded_checkpoint", "event_log_files", "file_digest", "is_run_dir",
+    "list_checkpoints", "load_latest_checkpoint", "metrics_path", "open_event_log", "prune_checkpoints",
+    "read_checkpoint_file", "read_latest_checkpoint", "read_json_checked", "read_manifest", "read_metrics",
+    "read_metrics_checked", "completed_copy_source", "copy_completed_run",
+    "read_run_record", "read_status", "record_startup", "remove_event_files", "remove_partial_writes", "run_state",
+    "save_checkpoint", "set_aside_corrupt", "sharded_checkpoint_path", "sharded_checkpoint_tmp", "tensorboard_dir",
+    "utc_now", "val_loss_column", "verify_checkpoint", "verify_sharded_checkpoint", "wandb_dir", "with_planned",
     "write_metrics", "write_planned_record", "write_run_record", "write_status", "written_by_trainer",
 ]

@@ -28,9 +28,10 @@ a width the sub-tables do not divide, any invalid model config, an unreachable r
 ``ratio`` for ``ple``) are left out of its point, so such crossings collapse.
 
 Run ids are :attr:`embscale.training.config.RunConfig.run_id` of the planned run config (a hash of the model,
-training and data sections with defaults filled in; never the sweep name), so the same run in two sweeps is
-trained once, and duplicates within a sweep are collapsed (the first point wins; :attr:`Plan.duplicates`
-counts the rest).
+training and data sections with defaults filled in; never the sweep name), so a run that another sweep of the
+same results root has completed is copied by ``embscale submit``, not trained again
+(:func:`embscale.sweeps.submit.reuse_completed_runs`), and duplicates within a sweep are collapsed (the first
+point wins; :attr:`Plan.duplicates` counts the rest).
 
 Accounting is analytic and cached per distinct model config, and each search shares its probes across
 targets: 10,000 points that share models (seeds, learning rates, families) expand in about a second.

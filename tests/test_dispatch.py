@@ -200,6 +200,48 @@ def test_retry_failed(workspace, capsys):
     assert json.loads(capsys.readouterr().out)["counts"] == {"completed": 2}
 
 
+def test_a_run_completed_by_another_sweep_is_copied_not_trained(workspace, capsys):
+    """Two sweeps of one results root share their runs (the same run ids): the second copies the first's
+    completed runs (metrics, the trainer's run.json with its own sweep's planned keys, status with copied_from)
+    and trains none; --no-reuse trains them; collect reads the copies."""
+    from embscale.cli import main
+
+    first = T.write_sweep(workspace["root"] / "shared_a.yaml",
+                          T.sweep_mapping("shared_a", workspace["data"], steps=2, seeds=1))
+    second = T.write_sweep(workspace["root"] / "shared_b.yaml",
+                           T.sweep_mapping("shared_b", workspace["data"], steps=2, seeds=1))
+    assert main(["submit", str(first), "--executor", "debug"]) == 0
+    capsys.readouterr()
+    assert main(["submit", str(second), "--executor", "debug"]) == 0
+    assert "2 runs completed in another sweep (shared_a): copied, not trained again" in capsys.readouterr().err
+    source, copied = workspace["results"] / "shared_a", workspace["results"] / "shared_b"
+    run_ids = sorted(p.name for p in source.iterdir() if rundir.is_run_dir(p))
+    assert len(run_ids) == 2 and run_ids == sorted(p.name for p in copied.iterdir() if rundir.is_run_dir(p))
+    for run_id in run_ids:
+        record, status = rundir.read_run_record(copied / run_id), rundir.read_status(copied / run_id)
+        assert record["sweep"] == "shared_b" and record["copied_from"] == str(source / run_id)
+        assert rundir.written_by_trainer(record) and status["state"] == "completed"
+        assert status["copied_from"] == str(source / run_id)
+        assert (copied / run_id / "metrics.parquet").read_bytes() == (source / run_id / "metrics.parquet").read_bytes()
+        assert not (copied / run_id / "checkpoints").exists()
+        assert not list(copied.glob(f".{run_id}.*"))  # no staging left behind
+    assert main(["collect", str(copied)]) == 0
+    capsys.readouterr()
+    import pandas as pd
+
+    runs = pd.read_parquet(copied / "runs.parquet")
+    assert sorted(runs["run_id"]) == run_ids and set(runs["state"]) == {"completed"}
+    assert main(["status", str(second), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["counts"] == {"completed": 2}
+
+    third = T.write_sweep(workspace["root"] / "shared_c.yaml",
+                          T.sweep_mapping("shared_c", workspace["data"], steps=2, seeds=1))
+    assert main(["submit", str(third), "--executor", "debug", "--no-reuse"]) == 0
+    assert "copied, not trained again" not in capsys.readouterr().err
+    for run_id in run_ids:
+        assert "copied_from" not in rundir.read_status(workspace["results"] / "shared_c" / run_id)
+
+
 def test_cancel_local_sweep(workspace):
     """cancel stops the driver and every running job (by process group) and marks the runs cancelled."""
     sweep = T.write_sweep(workspace["root"] / "tiny_cancel.yaml",

@@ -6,12 +6,14 @@ float-rounding difference of the gradient, summed in another order over the rank
 parameter, seen on one N-gram table element of 10k). Models: MoE (fsdp; hsdp with shortcut layers, PLE and
 activation checkpointing), an N-gram Embedding with its tables in the table optimizer (kept replicated outside
 the FSDP units), NE + PLNE + MLA + shortcut layers with activation checkpointing, which then resumes on two
-ranks from its gathered single-file checkpoint bit for bit, and hsdp on four ranks (2 x 2), resumed on two.
+ranks from its sharded (DCP) checkpoint bit for bit, and hsdp on four ranks (2 x 2), whose sharded checkpoint
+resumes on two (resharded). The sharded runs' checkpoints are read back in this process for the comparison.
 Activation checkpointing alone: the same gradients, MoE loads counted once."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ from embscale.base import rundir
 from embscale.base.errors import ConfigError
 from embscale.training.config import RunConfig, TrainingConfig
 from embscale.training.parallelize import mesh_shape
+from embscale.training.sharded_checkpoint import read_sharded_checkpoint
 from embscale.training.trainer import train_run
 
 MOE = {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_experts": 4, "top_k": 2, "expert_hidden": 32,
@@ -95,7 +98,9 @@ def train_here(tmp_path: Path, data: dict) -> Path:
 
 
 def last_checkpoint(run_dir: Path) -> dict:
-    return torch.load(rundir.list_checkpoints(run_dir)[-1][1], weights_only=True)
+    """The newest checkpoint in the single-file layout (a sharded run's read from its shards in this process)."""
+    path = rundir.list_checkpoints(run_dir)[-1][1]
+    return read_sharded_checkpoint(path) if path.is_dir() else torch.load(path, weights_only=True)
 
 
 def assert_same_run(run_dir: Path, reference: Path, steps: int, parameter_atol: float = 1e-5) -> None:
@@ -167,9 +172,7 @@ def test_plne_mla_shortcut_with_checkpointing_and_resume(tmp_path, capfd, monkey
     finished = last_checkpoint(run_dir)
 
     # Resume: drop the final checkpoint, mark the run interrupted at step 3, train again on two ranks.
-    final = rundir.list_checkpoints(run_dir)[-1][1]
-    for path in final.parent.glob(final.name + "*"):
-        path.unlink()
+    shutil.rmtree(rundir.list_checkpoints(run_dir)[-1][1])  # the sharded checkpoint's folder
     rundir.write_status(run_dir, "interrupted", step=3, total_steps=6)
     monkeypatch.setenv("EMBSCALE_PROGRESS", "plain")  # the ranks log the step they resume from
     capfd.readouterr()
@@ -235,19 +238,20 @@ def test_activation_checkpointing_keeps_gradients_and_counts_loads_once():
 
 def test_hsdp_on_four_ranks_resumes_on_two(tmp_path, capfd, monkeypatch):
     """hsdp on four ranks (two shard groups of two ranks, replicated), then, its newest checkpoint dropped, the
-    run resumes on two ranks (one shard group) from the four ranks' step-3 checkpoint and ends where one
-    process does."""
+    run resumes on two ranks (one shard group) from the four ranks' step-3 sharded checkpoint (DCP reshards it)
+    and continues the curve of one process."""
     data = run_data(tmp_path, MOE, parallel="hsdp", shard_degree=2, batch_tokens=1024)
     reference = train_here(tmp_path, data)
     run_dir = train_on_ranks(tmp_path, data, "hsdp", world_size=4)
     assert_same_run(run_dir, reference, steps=6)
+    (_, written_at_3), (_, final) = rundir.list_checkpoints(run_dir)
+    assert rundir.read_manifest(written_at_3)[0]["world_size"] == 4
 
-    final = rundir.list_checkpoints(run_dir)[-1][1]
-    for path in final.parent.glob(final.name + "*"):
-        path.unlink()
+    shutil.rmtree(final)  # the sharded checkpoint's folder
     rundir.write_status(run_dir, "interrupted", step=3, total_steps=6)
     monkeypatch.setenv("EMBSCALE_PROGRESS", "plain")
     capfd.readouterr()
     train_on_ranks(tmp_path, data, "hsdp", world_size=2)
     assert f"resuming run {run_dir.name} from step 3" in capfd.readouterr().err
+    assert rundir.read_manifest(rundir.list_checkpoints(run_dir)[-1][1])[0]["world_size"] == 2
     assert_same_run(run_dir, reference, steps=6)

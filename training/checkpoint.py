@@ -1,10 +1,19 @@
 """What a checkpoint holds, and putting it back: model, optimizers, data position, step, every RNG.
 
-The payload is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with ``weights_only=True``
-(nothing unpickled); the files themselves are the run folder's (:mod:`embscale.base.rundir`: atomic,
-checksummed, the newest intact one loaded). Restoring every RNG (python, numpy, torch, CUDA) with the data position
-makes a resumed CPU run reproduce the uninterrupted loss curve bit for bit. A sharded run
-(``training.parallel`` ``fsdp`` / ``hsdp``) writes the same single file, its tensors gathered from the ranks.
+Two formats, both in the run folder's ``checkpoints/`` (:mod:`embscale.base.rundir`: atomic, checksummed, the
+newest intact one loaded, a corrupt newest one set aside for the one before):
+
+- one process, or DDP (every rank holds the whole model): one file per checkpoint, rank 0's. The payload is a plain
+  dict of tensors, numbers, strings, lists and dicts, so it loads with ``weights_only=True`` (nothing unpickled).
+  Restoring every RNG (python, numpy, torch, CUDA) with the data position makes a resumed CPU run reproduce the
+  uninterrupted loss curve bit for bit.
+- a sharded run (``training.parallel`` ``fsdp`` / ``hsdp`` on several ranks): a folder that every rank writes its
+  own shards into with ``torch.distributed.checkpoint`` (:mod:`embscale.training.sharded_checkpoint`), each rank's
+  RNG states in their own file; it resumes on any number of ranks, one process included.
+
+:func:`embscale.training.sharded_checkpoint.restore_latest` resumes from the newest intact checkpoint of either
+format (a sharded run whose newest is a single file, written by an earlier attempt at one rank, gives each rank its
+shard of it; a sharded checkpoint resumes in one process too).
 """
 
 from __future__ import annotations
@@ -49,20 +58,13 @@ def restore_rng(state: dict[str, Any], device: torch.device) -> None:
 
 def checkpoint_payload(step: int, run_id: str, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
                        data_state: dict[str, Any], device: torch.device, loss_ema: float | None,
-                       wall_s: float, full_state: tuple[dict[str, Any], dict[str, Any]] | None = None,
-                       table_optimizer_state: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The checkpoint of ``step``: ``optimizer`` is AdamW's state, ``table_optimizer`` the table optimizer's.
-
-    ``full_state``: the model's and AdamW's states gathered from a sharded model
-    (:func:`embscale.training.parallelize.full_model_state` / ``full_optimizer_state``), written in place of the
-    local ones: the same keys and tensors as one process's, so the checkpoint resumes on any number of ranks.
-    ``table_optimizer_state``: the table optimizer's state with row-sharded tables' states gathered
-    (:func:`embscale.training.table_shard.full_table_optimizer_state`), in place of the local one."""
-    model_state, optimizer_state = full_state or (model.state_dict(), optimizers[0].state_dict())
-    payload = {"step": step, "run_id": run_id, "model": model_state, "optimizer": optimizer_state,
+                       wall_s: float) -> dict[str, Any]:
+    """The single-file checkpoint of ``step`` (an unsharded model): ``optimizer`` is AdamW's state,
+    ``table_optimizer`` the table optimizer's."""
+    payload = {"step": step, "run_id": run_id, "model": model.state_dict(), "optimizer": optimizers[0].state_dict(),
                "data": data_state, "rng": capture_rng(device), "loss_ema": loss_ema, "wall_s": wall_s}
     if len(optimizers) > 1:
-        payload["table_optimizer"] = table_optimizer_state or optimizers[1].state_dict()
+        payload["table_optimizer"] = optimizers[1].state_dict()
     return payload
 
 

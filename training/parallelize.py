@@ -21,10 +21,10 @@ under DDP, their row-sparse gradients averaged by :func:`embscale.training.table
 with ``rows`` :func:`parallelize` first shards them by rows over each shard group
 (:func:`embscale.training.table_shard.shard_table_rows`): each rank keeps and steps only its rows.
 
-Checkpoints keep the single-file format of a single process: :func:`full_model_state` and
-:func:`full_optimizer_state` gather every sharded tensor (a collective every rank calls) and rank 0 writes them;
-:func:`load_full_state` puts such a checkpoint back into a sharded model and optimizer (each rank keeps its own
-shard of the full tensors, with no communication), so a run can resume on another number of ranks.
+A sharded run's checkpoints are written shard by shard by every rank with ``torch.distributed.checkpoint``
+(:mod:`embscale.training.sharded_checkpoint`). :func:`load_full_state` puts a single-file checkpoint (one
+process's, written by an earlier attempt at one rank) back into a sharded model and optimizer (each rank keeps its
+own shard of the full tensors, with no communication).
 """
 
 from __future__ import annotations
@@ -186,36 +186,6 @@ def clip_sharded_gradients(params: Sequence[torch.nn.Parameter], tables: Sequenc
     return total
 
 
-def _full(value: Any, keep: bool) -> Any:
-    """``value`` with every DTensor gathered to a full CPU tensor (a collective per DTensor, in dict order),
-    kept only where ``keep`` (else None: a rank that does not write holds one full tensor at a time)."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(value, DTensor):
-        full = value.full_tensor()
-        return full.cpu() if keep else None
-    if isinstance(value, dict):
-        return {k: _full(v, keep) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_full(v, keep) for v in value]
-    return value
-
-
-def full_model_state(model: torch.nn.Module, keep: bool = True) -> dict[str, Any]:
-    """The model's state dict with the full tensors (the keys of the unsharded model's ``state_dict()``); every
-    rank must call it (it all-gathers); the gathered tensors are kept where ``keep`` (the writing rank, global
-    rank 0: row-sharded N-gram tables are gathered to it only)."""
-    from embscale.training.table_shard import gather_table_rows
-
-    return _full(gather_table_rows(model, model.state_dict(), keep), keep)
-
-
-def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) -> dict[str, Any]:
-    """``optimizer.state_dict()`` (parameters numbered as always) with the full tensors of the sharded states;
-    every rank must call it; the gathered tensors are kept where ``keep``."""
-    return _full(optimizer.state_dict(), keep)
-
-
 def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
                     optimizer_state: dict[str, Any]) -> None:
     """Put full (unsharded) model and optimizer states, present on every rank, into a sharded ``model`` and its
@@ -240,5 +210,5 @@ def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mo
                                                    src_data_rank=None)
 
 
-__all__ = ["SHARDED", "build_mesh", "checkpoint_activations", "clip_sharded_gradients", "full_model_state",
-           "full_optimizer_state", "is_sharded", "load_full_state", "mesh_shape", "parallelize"]
+__all__ = ["SHARDED", "build_mesh", "checkpoint_activations", "clip_sharded_gradients", "is_sharded",
+           "load_full_state", "mesh_shape", "parallelize"]

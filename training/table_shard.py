@@ -32,10 +32,11 @@ only the local rows: its ``dense`` mode decays every local row (the whole table,
 touched local rows, ``compact`` keeps its per-row second moment per local row. The clipping norm adds the
 shards' squares over the shard group (:func:`embscale.training.parallelize.clip_sharded_gradients`).
 
-Checkpoints keep the single-file format: :func:`gather_table_rows` gathers each table (and
-:func:`full_table_optimizer_state` the table optimizer's row states) to global rank 0, which writes them (the
-other shard groups, replicas, send nothing); :func:`local_table_state` / :func:`local_table_optimizer_state` cut
-each rank's rows out of the full tensors of a checkpoint, so a run resumes on any number of ranks.
+Checkpoints: a sharded run's (:mod:`embscale.training.sharded_checkpoint`) holds each table and its per-row
+optimizer states as a DTensor of the whole, rows sharded over the mesh's shard dimension (:func:`as_row_dtensor`),
+so every owner writes its own rows and a resumed rank loads the rows it owns, whatever number of ranks saved them.
+A single-file checkpoint (one process's) goes back in through :func:`local_table_state` /
+:func:`local_table_optimizer_state`, which cut each rank's rows out of the full tensors.
 
 The collectives use process groups of their own (one per shard group and per replicate group), so they never
 interleave with FSDP's on the mesh's groups. The model is still built whole on every rank before it is sharded
@@ -156,9 +157,10 @@ class RowShardedTable(nn.Module):
     the shard group the same number of times. Its gradient goes to ``weight.sparse_grads`` (local row
     numbers)."""
 
-    def __init__(self, full_weight: torch.Tensor, groups: ShardGroups):
+    def __init__(self, full_weight: torch.Tensor, groups: ShardGroups, mesh: Any = None):
         super().__init__()
         self.groups = groups
+        self.mesh = mesh  # the run's device mesh: its last dimension is the shard group (for checkpoints)
         self.num_rows, self.width = full_weight.shape
         self.rows_per_shard = math.ceil(self.num_rows / groups.shard_size)
         self.row_start, self.row_stop = row_range(self.num_rows, groups.shard_size, groups.shard_rank)
@@ -186,7 +188,7 @@ def shard_table_rows(model: nn.Module, mesh: Any) -> list[RowShardedTable]:
         if isinstance(module, NgramEmbedding) and isinstance(module.tables, nn.Embedding):
             whole = module.tables
             if id(whole) not in sharded:
-                sharded[id(whole)] = RowShardedTable(whole.weight, groups)
+                sharded[id(whole)] = RowShardedTable(whole.weight, groups, mesh)
             module.tables = sharded[id(whole)]
     return list(sharded.values())
 
@@ -217,35 +219,35 @@ def reduce_row_grads(tables: Sequence[torch.Tensor], groups: ShardGroups) -> Non
         all_reduce_table_grads(tables, group=groups.replicate_group)
 
 
-def _gather_rows(local: torch.Tensor, table: RowShardedTable, keep: bool) -> torch.Tensor | None:
-    """The full ``(num_rows, ...)`` tensor of ``local`` (this shard's rows of a per-row state or of the table) on
-    global rank 0, gathered over its shard group (padded to equal shards); None elsewhere. Ranks of the other
-    shard groups (replicas) take no part."""
-    groups = table.groups
-    if 0 not in groups.shard_ranks:
-        return None
-    padded = local.new_zeros((table.rows_per_shard, *local.shape[1:]))
-    padded[:local.shape[0]] = local
-    writer = dist.get_rank() == 0
-    pieces = [torch.empty_like(padded) for _ in groups.shard_ranks] if writer else None
-    dist.gather(padded, pieces, dst=0, group=groups.shard_group)
-    if not (writer and keep):
-        return None
-    return torch.cat(pieces)[:table.num_rows].cpu()
+def as_row_dtensor(local: torch.Tensor, table: RowShardedTable) -> Any:
+    """``local`` (this rank's rows of ``table``, or of a per-row state of it) as a DTensor of the whole: rows
+    sharded over the mesh's shard dimension (``Shard(0)``, the same ``ceil(R / W)`` ranges as
+    :func:`row_range`) and replicated over its replicate dimension, sharing ``local``'s storage. So
+    ``torch.distributed.checkpoint`` saves every row range once and, on load, fills each rank's own rows
+    whatever number of ranks saved them."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if table.mesh is None:
+        raise ValueError("a row-sharded table made without its device mesh cannot be checkpointed with DCP")
+    shape = torch.Size((table.num_rows, *local.shape[1:]))
+    stride = torch.empty(shape, device="meta").stride()
+    placements = [Replicate()] * (table.mesh.ndim - 1) + [Shard(0)]
+    return DTensor.from_local(local, table.mesh, placements, run_check=False, shape=shape, stride=stride)
 
 
-def gather_table_rows(model: nn.Module, state: dict[str, Any], keep: bool) -> dict[str, Any]:
-    """``state`` (the model's state dict) with each row-sharded table's entry replaced by the whole table on
-    global rank 0 where ``keep`` (None elsewhere). Every rank calls it (the shard group of rank 0 gathers)."""
-    gathered: dict[int, torch.Tensor | None] = {}
-    for name, table in row_sharded_tables(model).items():
-        key = f"{name}.weight"
-        if key not in state:
-            continue
-        if id(table) not in gathered:
-            gathered[id(table)] = _gather_rows(table.weight.detach(), table, keep)
-        state[key] = gathered[id(table)]
-    return state
+def local_rows(table: RowShardedTable, full_shape: Sequence[int], dtype: torch.dtype, device: torch.device
+               ) -> Any:
+    """An uninitialised row DTensor (:func:`as_row_dtensor`) of this rank's rows of a tensor of ``full_shape``
+    whose dim 0 is ``table``'s rows: the target a checkpoint's rows are loaded into."""
+    if full_shape[0] != table.num_rows:
+        raise ValueError(f"a saved per-row tensor has {full_shape[0]} rows, the table {table.num_rows}")
+    local = torch.empty((table.row_stop - table.row_start, *full_shape[1:]), dtype=dtype, device=device)
+    return as_row_dtensor(local, table)
+
+
+def tables_by_optimizer_index(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[int, RowShardedTable]:
+    """The row-sharded tables among ``optimizer``'s parameters, by their index in its state dict."""
+    return _tables_by_index(optimizer, model)
 
 
 def _tables_by_index(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[int, RowShardedTable]:
@@ -253,20 +255,6 @@ def _tables_by_index(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict
     by_weight = {id(t.weight): t for t in row_sharded_tables(model).values()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     return {index: by_weight[id(p)] for index, p in enumerate(params) if id(p) in by_weight}
-
-
-def full_table_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, keep: bool) -> dict[str, Any]:
-    """The table optimizer's ``state_dict()`` with the per-row states (``exp_avg``, ``exp_avg_sq``,
-    ``row_step``) of row-sharded tables gathered whole on global rank 0 where ``keep``; every rank calls it."""
-    state = optimizer.state_dict()
-    for index, table in _tables_by_index(optimizer, model).items():
-        entry = state["state"].get(index)
-        if entry is None:
-            continue
-        # a new dict: the state dict's entries are the optimizer's own
-        state["state"][index] = {key: _gather_rows(value, table, keep) if key in ROW_STATE_KEYS else value
-                                 for key, value in entry.items()}
-    return state
 
 
 def local_table_state(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
@@ -297,6 +285,7 @@ def local_table_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Modu
     return {**state, "state": entries}
 
 
-__all__ = ["RowShardedTable", "ShardGroups", "build_shard_groups",
-           "full_table_optimizer_state", "gather_table_rows", "local_table_optimizer_state", "local_table_state",
+__all__ = ["ROW_STATE_KEYS", "RowShardedTable", "ShardGroups", "as_row_dtensor", "build_shard_groups", "local_rows",
+           "tables_by_optimizer_index",
+           "local_table_optimizer_state", "local_table_state",
            "reduce_row_grads", "row_range", "row_sharded_tables", "shard_groups_of", "shard_table_rows"]

@@ -59,7 +59,7 @@ import torch
 from embscale.base import rundir
 from embscale.base.errors import UserError
 from embscale.base.progress import Progress, log
-from embscale.training.checkpoint import checkpoint_payload, restore_payload, seed_everything
+from embscale.training.checkpoint import checkpoint_payload, seed_everything
 from embscale.training.config import RunConfig
 from embscale.training.data.batches import TrainBatches, eval_batches, eval_starts
 from embscale.training.data.shards import CorpusShards, prepare_data
@@ -69,12 +69,10 @@ from embscale.training.optim import build_optimizers, clip_gradients, learning_r
 from embscale.training.parallelize import (
     build_mesh,
     clip_sharded_gradients,
-    full_model_state,
-    full_optimizer_state,
     is_sharded,
     parallelize,
 )
-from embscale.training.table_shard import full_table_optimizer_state, reduce_row_grads, shard_groups_of
+from embscale.training.table_shard import reduce_row_grads, shard_groups_of
 from embscale.training.tracking import Tracker, open_trackers
 
 EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 3, "interrupted": 75}
@@ -339,14 +337,11 @@ class Trainer:
         dist = self.dist
         if dist.is_main:
             rundir.remove_partial_writes(self.run_dir)
-        found = rundir.load_latest_checkpoint(self.run_dir, map_location=self.device) if dist.is_main else None
-        if dist.enabled:  # the other ranks load the newest one rank 0 found intact
-            dist.barrier()
-            if not dist.is_main:
-                found = rundir.load_latest_checkpoint(self.run_dir, map_location=self.device)
+        from embscale.training.sharded_checkpoint import restore_latest  # (DCP is imported only when resuming)
+
+        found = restore_latest(self.run_dir, self.model, self.optimizers, self.device, dist, self.sharded)
         if found is not None:
             self.step_count, payload = found
-            restore_payload(payload, self.model, self.optimizers, self.device, sharded=self.sharded)
             self.batches.load_state_dict(payload["data"])
             self.loss_ema = payload["loss_ema"]
             self.wall_before = float(payload.get("wall_s", 0.0))
@@ -504,19 +499,19 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- checkpoint
     def checkpoint(self) -> None:
-        """Flush the metrics and save a checkpoint of the current step (rank 0 writes; every rank waits)."""
+        """Flush the metrics and save a checkpoint of the current step (rank 0 writes it; a sharded model's
+        ranks each write their shards); every rank waits."""
         self.metrics.flush()
-        full_state = None
-        if self.sharded:  # every rank gathers the full tensors (collectives); rank 0 writes them as one file
-            keep = self.dist.is_main
-            full_state = (full_model_state(self.model, keep), full_optimizer_state(self.optimizers[0], keep))
-        table_state = None
-        if self.table_groups is not None:  # row-sharded tables: their optimizer states gathered to rank 0
-            table_state = full_table_optimizer_state(self.optimizers[1], self.model, self.dist.is_main)
-        if self.dist.is_main:
+        if self.sharded:
+            from embscale.training.sharded_checkpoint import save_sharded_checkpoint
+
+            state = {"run_id": self.run_id, "data": self.batches.state_dict(), "loss_ema": self.loss_ema,
+                     "wall_s": self.wall_s()}
+            save_sharded_checkpoint(self.run_dir, self.step_count, self.model, self.optimizers, state, self.device,
+                                    self.dist, keep=self.cfg.keep_checkpoints)
+        elif self.dist.is_main:
             payload = checkpoint_payload(self.step_count, self.run_id, self.model, self.optimizers,
-                                         self.batches.state_dict(), self.device, self.loss_ema, self.wall_s(),
-                                         full_state=full_state, table_optimizer_state=table_state)
+                                         self.batches.state_dict(), self.device, self.loss_ema, self.wall_s())
             rundir.save_checkpoint(self.run_dir, self.step_count, payload, keep=self.cfg.keep_checkpoints)
         self.last_checkpoint_step = self.step_count
         self.dist.barrier()

@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", default=None, help="results root (default: $EMBSCALE_RESULTS or ./results)")
     parser.add_argument("--retry-failed", action="store_true", help="rerun failed and diverged runs too")
     parser.add_argument("--dry-run", action="store_true", help="show what would be submitted, submit nothing")
+    parser.add_argument("--no-reuse", action="store_true",
+                        help="train runs that another sweep of the results root has completed (same run id) "
+                             "instead of copying its results")
     local = parser.add_argument_group("local executor")
     local.add_argument("--cpu-jobs", type=int, default=None,
                        help="concurrent CPU jobs without GPU (default: executor.cpu_jobs, else nproc/2)")
@@ -99,6 +102,7 @@ def options_from_args(args: argparse.Namespace, plan: SweepPlan) -> SubmitOption
         log_interval_s=args.log_interval_s or section.get("log_interval_s") or 30.0,
         snapshot=not args.no_snapshot,
         dry_run=args.dry_run,
+        reuse_completed=not args.no_reuse,
     )
 
 
