@@ -43,6 +43,13 @@ PAPER_280M_FIRST_STEP_GIB = {8: 34.8, 16: 69.2, 24: 104.1, 30: 130.7}
 BENCH_STEADY_GIB = {"bench_moe_100m": 15.5, "bench_ne_100m": 15.2, "bench_dense_100m": 9.7}
 
 
+def _with_adamw_tables(run) -> dict:
+    """The run's training section with the N-gram tables trained by AdamW and replicated (the shipped sweep
+    trains them with the table optimizer, sharded by rows)."""
+    return {k: v for k, v in run.config["training"].items()
+            if k not in ("table_optimizer", "table_optimizer_moments", "table_sharding")}
+
+
 def _paper_moe_runs() -> dict[int, object]:
     plan = load_plan(PAPER).plan
     return {int(run.target_ratio): run for run in plan.runs if run.family == "moe"}
@@ -128,7 +135,7 @@ def test_sharding_divides_all_but_the_replicated_ngram_tables():
     run = max((r for r in plan.runs if r.family == "ne"), key=lambda r: r.total)
     cfg = ModelConfig.from_dict(run.config["model"])
     groups = run.accounting["groups"]
-    training = TrainingConfig(**run.config["training"])
+    training = TrainingConfig(**_with_adamw_tables(run))
     tables = groups["ngram_tables"]
     one, eight = (estimate_memory(cfg, groups, training, gpus=8, shard=s) for s in (1, 8))
     assert eight.peak < one.peak
@@ -145,7 +152,7 @@ def test_table_optimizer_has_no_table_sized_gradient_and_compact_moments_are_sma
     run = max((r for r in plan.runs if r.family == "ne"), key=lambda r: r.total)
     cfg = ModelConfig.from_dict(run.config["model"])
     groups, tables = run.accounting["groups"], run.accounting["groups"]["ngram_tables"]
-    base = dict(run.config["training"])
+    base = _with_adamw_tables(run)
     adamw, full, compact = (
         estimate_memory(cfg, groups, TrainingConfig(**base, **options), gpus=8, shard=8)
         for options in ({}, {"table_optimizer": "dense"},
@@ -163,7 +170,7 @@ def test_row_sharded_tables_divide_their_parameters_and_state_by_the_shard_degre
     run = max((r for r in plan.runs if r.family == "ne"), key=lambda r: r.total)
     cfg = ModelConfig.from_dict(run.config["model"])
     groups, tables = run.accounting["groups"], run.accounting["groups"]["ngram_tables"]
-    base = {**run.config["training"], "parallel": "fsdp", "table_optimizer": "dense"}
+    base = {**_with_adamw_tables(run), "parallel": "fsdp", "table_optimizer": "dense"}
     replicated, rows = (estimate_memory(cfg, groups, TrainingConfig(**base, table_sharding=sharding), gpus=8, shard=8)
                         for sharding in ("replicate", "rows"))
     assert replicated.parameters - rows.parameters == pytest.approx(4 * tables * 7 / 8)
@@ -235,11 +242,28 @@ def test_plan_refuses_runs_that_cannot_fit_naming_them(tmp_path, capsys, monkeyp
         assert run.run_id in captured.err
     assert list(tmp_path.iterdir()) == []
 
-    # the default shard is 1 (DDP): runs that fit only sharded are refused with the shard that would fit
-    assert main(["plan", str(PAPER), "--gpu-memory", "141GiB", "--gpus-per-node", "8"]) == 2
+    # under DDP (shard 1) the runs that fit only sharded are refused with the shard that would fit
+    sweep = yaml.safe_load(PAPER.read_text())
+    sweep["training"] = {**_with_adamw_tables(runs[0]), "parallel": "ddp"}
+    ddp = tmp_path / "ddp.yaml"
+    ddp.write_text(yaml.safe_dump(sweep))
+    assert main(["plan", str(ddp), "--gpu-memory", "141GiB", "--gpus-per-node", "8"]) == 2
     err = capsys.readouterr().err
     assert "fits at shard 2 (--shard 2 or --shard auto)" in err
-    assert "a796621b30" not in err  # the smallest MoE fits on one GPU's share
+    smallest = min(load_plan(ddp).plan.runs, key=lambda r: r.total)
+    assert smallest.run_id not in err  # the smallest MoE fits on one GPU
+    ddp.unlink()
+
+
+def test_every_paper_point_fits_a_node_of_141gib_gpus_as_shipped(capsys):
+    """The shipped sweep shards each run over its node's GPUs (fsdp) and the N-gram tables by rows: on one node
+    of 8 H200s every point fits, the largest NE's tables an eighth each."""
+    assert main(["plan", str(PAPER), "--gpu-memory", "141GiB", "--gpus-per-node", "8", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    runs = document["runs"]
+    assert len(runs) == len(load_plan(PAPER).plan.runs) == 20
+    assert all(entry["memory"]["fits"] and entry["memory"]["shard"] == 8 for entry in runs)
+    assert max(entry["memory"]["peak"] for entry in runs) < 141 * GIB - 2 * GIB
 
 
 def test_gpu_memory_from_the_sweep_and_bad_values(tmp_path, capsys):
@@ -287,7 +311,7 @@ def test_shard_from_the_sweeps_training_parallel():
         given = dataclasses.replace(sweep, training={**sweep.training, "parallel": parallel})
         assert memory_limits(given, "80GiB", 8, 2).shard == shard
         assert memory_limits(given, "80GiB", 8, 2, shard="2").shard == 2
-    assert memory_limits(sweep, "80GiB", 8, 2).shard == 1
+    assert memory_limits(sweep, "80GiB", 8, 2).shard == 16  # the shipped sweep: fsdp over all its GPUs
     for parallel, shard in (("fsdp", 4), ("hsdp", 4)):  # training.shard_degree, as the trainer reads it
         given = dataclasses.replace(sweep, training={**sweep.training, "parallel": parallel, "shard_degree": 4})
         assert memory_limits(given, "80GiB", 8, 2).shard == shard
