@@ -576,6 +576,12 @@ class Trainer:
                     break
             else:
                 state = "completed"
+            stop.restore()
+            if progress:
+                progress.close()
+                progress = None
+            # inside the handler: a rank that dies during the last checkpoint's collectives fails the run here too
+            return self.finish(state, diverged_at, stop.signal)
         except BaseException as exc:
             stop.restore()
             if progress:
@@ -589,10 +595,6 @@ class Trainer:
                                     traceback=traceback.format_exc()[-4000:])
                 self.metrics.close(ok=False)  # after the status: a tracker that fails to close loses nothing
             raise
-        stop.restore()
-        if progress:
-            progress.close()
-        return self.finish(state, diverged_at, stop.signal)
 
     def _open_trackers(self) -> list[Tracker]:
         """This attempt's live-curve trackers (``output.tracking``), fed the metrics rows."""
