@@ -20,8 +20,9 @@ then times each command as a whole process (start-up and imports included), ``--
 With ``--baseline`` (the Python of another checkout's environment, e.g. ``/tmp/old/.venv/bin/python``) each
 command runs alternately with this checkout's and the baseline's, and the ratio is taken pair by pair (the median
 of the ratios is robust to the machine's speed drifting, as it does when others share it). The outputs are then
-checked equal: plan's table byte for byte, plots' ``summary.csv`` byte for byte, the figures' names, and every
-PNG pixel for pixel. Prints a Markdown table; medians, with min and max.
+checked equal: plan's table byte for byte, plots' ``summary.csv`` byte for byte, the figures' names, every
+PNG pixel for pixel and every PDF byte for byte but its creation date. Prints a Markdown table; medians, with min
+and max.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -96,8 +98,13 @@ def _spread(values: list[float], unit: str = "s") -> str:
     return f"{statistics.median(values):.3g} {unit} ({min(values):.3g}-{max(values):.3g})"
 
 
+def _without_creation_date(pdf: bytes) -> bytes:
+    return re.sub(rb"/CreationDate \(D:\d+Z?\)", b"", pdf)
+
+
 def _same_figures(a: Path, b: Path) -> str:
-    """'' when the two figure folders hold the same files and every PNG has the same pixels, else why not."""
+    """'' when the two figure folders hold the same files, every PNG has the same pixels and every PDF the same
+    bytes but its creation date, else why not."""
     import numpy as np
     from PIL import Image
 
@@ -105,7 +112,10 @@ def _same_figures(a: Path, b: Path) -> str:
     if names_a != names_b:
         return f"different figure files: {sorted(set(names_a) ^ set(names_b))}"
     for name in names_a:
-        if name.endswith(".png"):
+        if name.endswith(".pdf"):
+            if _without_creation_date((a / name).read_bytes()) != _without_creation_date((b / name).read_bytes()):
+                return f"{name}: PDF differs"
+        elif name.endswith(".png"):
             pixels_a = np.asarray(Image.open(a / name).convert("RGBA"))
             pixels_b = np.asarray(Image.open(b / name).convert("RGBA"))
             if pixels_a.shape != pixels_b.shape or not np.array_equal(pixels_a, pixels_b):
@@ -171,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                 why = _same_figures(kept["this"] / "figures", kept["baseline"] / "figures")
                 same = (kept["this"] / "summary.csv").read_bytes() == (kept["baseline"] / "summary.csv").read_bytes()
                 row.append(("summary.csv identical" if same else "SUMMARY DIFFERS") + "; "
-                           + ("figures pixel-identical" if not why else why.upper()))
+                           + ("figures identical" if not why else why.upper()))
         rows.append(row)
     header = ["command", "this checkout: wall", "CPU"]
     if args.baseline:
