@@ -1,7 +1,7 @@
 """How fast the sweep tools run on a CPU machine: ``embscale plan`` of 10,000 distinct models and ``embscale plots``
 of 1,000 runs of 100 evaluations each, optionally against another checkout, timed pair by pair.
 
-    python -m embscale.bench.sweep_tools [--dir DIR] [--repeat 5] [--baseline OTHER_PYTHON]
+    python -m embscale.bench.sweep_tools [--dir DIR] [--repeat 5] [--baseline OTHER_PYTHON] [--jobs 1]
 
 makes its inputs under ``--dir`` (kept between calls; made again only when missing):
 
@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="timed runs of each command (default 5)")
     parser.add_argument("--baseline", default=None, help="the Python of another checkout, timed in turn with this one")
     parser.add_argument("--only", choices=("plan", "plots"), default=None, help="time one command only")
+    parser.add_argument("--jobs", choices=("1", "2"), default=None,
+                        help="plots' --jobs (default: its own choice, which depends on the CPUs others leave idle "
+                             "at each run, so that a pair may compare one process with two)")
     args = parser.parse_args(argv)
 
     root = Path(args.dir).resolve()
@@ -140,11 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     cases = []
     if args.only in (None, "plan"):
         cases.append(("plan: 10,000 distinct models", ["plan", str(sweep_file)], lambda: None))
+    jobs = ["--jobs", args.jobs] if args.jobs else []
     if args.only in (None, "plots"):
         cases.append((f"plots: {args.runs} runs x {args.evals} evaluations, from run folders",
-                      ["plots", str(sweep_dir), "--quiet"], _clear_collected(sweep_dir)))
+                      ["plots", str(sweep_dir), "--quiet", *jobs], _clear_collected(sweep_dir)))
         cases.append((f"plots: {args.runs} runs x {args.evals} evaluations, collected",
-                      ["plots", str(sweep_dir), "--quiet"], lambda: None))
+                      ["plots", str(sweep_dir), "--quiet", *jobs], lambda: None))
     load = os.getloadavg()
     print(f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, Python "
           f"{platform.python_version()}; load average {load[0]:.2f} at the start", file=sys.stderr)
@@ -172,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         row = [title, _spread(walls["this"]), _spread(cpus["this"])]
         if args.baseline:
             ratios = [a / b for a, b in zip(walls["this"], walls["baseline"], strict=True)]
-            row += [_spread(walls["baseline"]),
-                    f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"]
+            cpu_ratios = [a / b for a, b in zip(cpus["this"], cpus["baseline"], strict=True)]
+            row += [_spread(walls["baseline"]), _spread(cpus["baseline"]),
+                    f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
+                    f"{statistics.median(cpu_ratios):.2f} ({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f})"]
             if command[0] == "plan":
                 same = kept["this"].read_bytes() == kept["baseline"].read_bytes()
                 row.append("table identical" if same else "TABLE DIFFERS")
@@ -185,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     header = ["command", "this checkout: wall", "CPU"]
     if args.baseline:
-        header += ["baseline: wall", "this / baseline (paired wall)", "outputs"]
+        header += ["baseline: wall", "CPU", "this / baseline (paired wall)", "(paired CPU)", "outputs"]
     print("| " + " | ".join(header) + " |")
     print("|" + " --- |" * len(header))
     for row in rows:
