@@ -236,7 +236,15 @@ def _keep_unmoved_titles(fig: plt.Figure) -> None:
     that text overlaps it or the x axis has ticks or its label on top. Where neither can happen (no top ticks or
     label, no offset text shown: the drawing just done has set both) the next draw (the PDF, after the PNG) would
     leave the title at the same place, so it is told to: the files are the same, drawn in less time. A title
-    that was moved keeps being placed by matplotlib."""
+    that was moved keeps being placed by matplotlib. (Private attributes of matplotlib's: a version without them
+    places every title at every drawing, as before.)"""
+    try:
+        _keep_titles(fig)
+    except AttributeError:
+        pass
+
+
+def _keep_titles(fig: plt.Figure) -> None:
     for ax in fig.axes:
         titles = (ax.title, ax._left_title, ax._right_title)
         if ax._autotitlepos is False or not any(title.get_text() for title in titles):
