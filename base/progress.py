@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from tqdm import tqdm
+# tqdm is imported where a bar is made (a tenth of `embscale plan`'s imports, which never shows one)
 
 
 def progress_mode(stream: TextIO | None = None) -> str:
@@ -64,6 +64,8 @@ class Progress:
         self.lines_at = initial  # the count the last plain line showed
         self.bar = None
         if self.mode == "bar":
+            from tqdm import tqdm
+
             self.bar = tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True,
                             unit_scale=unit_scale, file=sys.stderr)
 
@@ -122,9 +124,15 @@ class Progress:
 
 
 def log(message: str) -> None:
-    """A plain log line on stderr (silent when ``EMBSCALE_PROGRESS=off``)."""
-    if progress_mode() != "off":
-        tqdm.write(message, file=sys.stderr)
+    """A plain log line on stderr (silent when ``EMBSCALE_PROGRESS=off``), through tqdm when it is imported, so
+    that a bar on the screen is not broken (without tqdm there is no bar: the line is printed)."""
+    if progress_mode() == "off":
+        return
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is not None:
+        tqdm_module.tqdm.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr)
 
 
 __all__ = ["Progress", "format_duration", "log", "progress_mode"]

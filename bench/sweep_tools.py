@@ -1,7 +1,7 @@
 """How fast the sweep tools run on a CPU machine: ``embscale plan`` of 10,000 distinct models and ``embscale plots``
 of 1,000 runs of 100 evaluations each, optionally against another checkout, timed pair by pair.
 
-    python -m embscale.bench.sweep_tools [--dir DIR] [--repeat 5] [--baseline OTHER_PYTHON]
+    python -m embscale.bench.sweep_tools [--dir DIR] [--repeat 5] [--baseline OTHER_PYTHON] [--jobs 1]
 
 makes its inputs under ``--dir`` (kept between calls; made again only when missing):
 
@@ -20,8 +20,9 @@ then times each command as a whole process (start-up and imports included), ``--
 With ``--baseline`` (the Python of another checkout's environment, e.g. ``/tmp/old/.venv/bin/python``) each
 command runs alternately with this checkout's and the baseline's, and the ratio is taken pair by pair (the median
 of the ratios is robust to the machine's speed drifting, as it does when others share it). The outputs are then
-checked equal: plan's table byte for byte, plots' ``summary.csv`` byte for byte, the figures' names, and every
-PNG pixel for pixel. Prints a Markdown table; medians, with min and max.
+checked equal: plan's table byte for byte, plots' ``summary.csv`` byte for byte, the figures' names, every
+PNG pixel for pixel and every PDF byte for byte but its creation date. Prints a Markdown table; medians, with min
+and max.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -96,8 +98,13 @@ def _spread(values: list[float], unit: str = "s") -> str:
     return f"{statistics.median(values):.3g} {unit} ({min(values):.3g}-{max(values):.3g})"
 
 
+def _without_creation_date(pdf: bytes) -> bytes:
+    return re.sub(rb"/CreationDate \(D:\d+Z?\)", b"", pdf)
+
+
 def _same_figures(a: Path, b: Path) -> str:
-    """'' when the two figure folders hold the same files and every PNG has the same pixels, else why not."""
+    """'' when the two figure folders hold the same files, every PNG has the same pixels and every PDF the same
+    bytes but its creation date, else why not."""
     import numpy as np
     from PIL import Image
 
@@ -105,7 +112,10 @@ def _same_figures(a: Path, b: Path) -> str:
     if names_a != names_b:
         return f"different figure files: {sorted(set(names_a) ^ set(names_b))}"
     for name in names_a:
-        if name.endswith(".png"):
+        if name.endswith(".pdf"):
+            if _without_creation_date((a / name).read_bytes()) != _without_creation_date((b / name).read_bytes()):
+                return f"{name}: PDF differs"
+        elif name.endswith(".png"):
             pixels_a = np.asarray(Image.open(a / name).convert("RGBA"))
             pixels_b = np.asarray(Image.open(b / name).convert("RGBA"))
             if pixels_a.shape != pixels_b.shape or not np.array_equal(pixels_a, pixels_b):
@@ -122,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="timed runs of each command (default 5)")
     parser.add_argument("--baseline", default=None, help="the Python of another checkout, timed in turn with this one")
     parser.add_argument("--only", choices=("plan", "plots"), default=None, help="time one command only")
+    parser.add_argument("--jobs", choices=("1", "2"), default=None,
+                        help="plots' --jobs (default: its own choice, which depends on the CPUs others leave idle "
+                             "at each run, so that a pair may compare one process with two)")
     args = parser.parse_args(argv)
 
     root = Path(args.dir).resolve()
@@ -130,11 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     cases = []
     if args.only in (None, "plan"):
         cases.append(("plan: 10,000 distinct models", ["plan", str(sweep_file)], lambda: None))
+    jobs = ["--jobs", args.jobs] if args.jobs else []
     if args.only in (None, "plots"):
         cases.append((f"plots: {args.runs} runs x {args.evals} evaluations, from run folders",
-                      ["plots", str(sweep_dir), "--quiet"], _clear_collected(sweep_dir)))
+                      ["plots", str(sweep_dir), "--quiet", *jobs], _clear_collected(sweep_dir)))
         cases.append((f"plots: {args.runs} runs x {args.evals} evaluations, collected",
-                      ["plots", str(sweep_dir), "--quiet"], lambda: None))
+                      ["plots", str(sweep_dir), "--quiet", *jobs], lambda: None))
     load = os.getloadavg()
     print(f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, Python "
           f"{platform.python_version()}; load average {load[0]:.2f} at the start", file=sys.stderr)
@@ -162,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         row = [title, _spread(walls["this"]), _spread(cpus["this"])]
         if args.baseline:
             ratios = [a / b for a, b in zip(walls["this"], walls["baseline"], strict=True)]
-            row += [_spread(walls["baseline"]),
-                    f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"]
+            cpu_ratios = [a / b for a, b in zip(cpus["this"], cpus["baseline"], strict=True)]
+            row += [_spread(walls["baseline"]), _spread(cpus["baseline"]),
+                    f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
+                    f"{statistics.median(cpu_ratios):.2f} ({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f})"]
             if command[0] == "plan":
                 same = kept["this"].read_bytes() == kept["baseline"].read_bytes()
                 row.append("table identical" if same else "TABLE DIFFERS")
@@ -171,11 +187,11 @@ def main(argv: list[str] | None = None) -> int:
                 why = _same_figures(kept["this"] / "figures", kept["baseline"] / "figures")
                 same = (kept["this"] / "summary.csv").read_bytes() == (kept["baseline"] / "summary.csv").read_bytes()
                 row.append(("summary.csv identical" if same else "SUMMARY DIFFERS") + "; "
-                           + ("figures pixel-identical" if not why else why.upper()))
+                           + ("figures identical" if not why else why.upper()))
         rows.append(row)
     header = ["command", "this checkout: wall", "CPU"]
     if args.baseline:
-        header += ["baseline: wall", "this / baseline (paired wall)", "outputs"]
+        header += ["baseline: wall", "CPU", "this / baseline (paired wall)", "(paired CPU)", "outputs"]
     print("| " + " | ".join(header) + " |")
     print("|" + " --- |" * len(header))
     for row in rows:

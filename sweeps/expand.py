@@ -82,6 +82,17 @@ def _canonical(value: Any) -> str:
     return _CANONICAL_ENCODER.encode(value)
 
 
+_KEY_PREFIXES: dict[str, str] = {}
+
+
+def _key_prefix(name: str) -> str:
+    """``'"name":'``, the start of a key's fragment in canonical JSON (memoised: a sweep has few field names)."""
+    prefix = _KEY_PREFIXES.get(name)
+    if prefix is None:
+        prefix = _KEY_PREFIXES[name] = _canonical(name) + ":"
+    return prefix
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The plan
 # ----------------------------------------------------------------------------------------------------------
@@ -549,7 +560,10 @@ class _Expander:
         _, fragments, index = parts
         fragments = list(fragments)
         for name in changed:
-            fragments[index[name]] = f"{_canonical(name)}:{_canonical(model[name])}"
+            value = model[name]
+            # an int (an expert count) is its repr in JSON: no encoder needed for the MoE ladder's candidates
+            fragments[index[name]] = _key_prefix(name) + (int.__repr__(value) if type(value) is int
+                                                          else _canonical(value))
         return "{" + ",".join(fragments) + "}"
 
     def model_section(self, cfg: ModelConfig) -> dict[str, Any]:

@@ -127,3 +127,42 @@ def test_a_helper_process_only_for_large_sweeps_with_cpus_to_spare() -> None:
     assert default_jobs(PARALLEL_MIN_RUNS, 2.0) == two and default_jobs(5000, 1.5) == two
     assert default_jobs(PARALLEL_MIN_RUNS - 1, 2.0) == 1  # the helper's start-up would cost more than it saves
     assert default_jobs(5000, 1.2) == 1  # others keep a CPU busy: a helper would share this one's
+
+
+def test_titles_left_in_place_are_not_placed_again_for_the_pdf(tmp_path: Path) -> None:
+    """After the PNG, the axes titles matplotlib did not move are kept where they are for the PDF's drawing
+    (placing them measures every tick label again): the files are those of a figure whose titles are placed at
+    every drawing. A title that matplotlib moved (over the y axis's offset text) keeps being placed."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from embscale.analysis import style
+
+    def draw() -> tuple[plt.Figure, list[plt.Axes]]:
+        fig, axes = style.subplots(1, 2)
+        plain, offset = axes[0]
+        plain.plot([1.0, 2.0, 3.0], [3.2, 3.1, 3.05])
+        plain.set_title("plain")
+        offset.plot([1.0, 2.0, 3.0], [1e-7, 3e-7, 2e-7])  # a "1e-7" offset text above the y axis
+        offset.set_title("over the offset text", loc="left")
+        style.set_title(fig, "two panels")
+        return fig, [plain, offset]
+
+    saved = {}
+    with matplotlib.rc_context(style.STYLE):
+        for name, keep in (("kept", style._keep_unmoved_titles), ("placed", lambda fig: None)):
+            original = style._keep_unmoved_titles
+            style._keep_unmoved_titles = keep
+            try:
+                fig, (plain, offset) = draw()
+                paths = style.save_figure(fig, tmp_path, name)
+            finally:
+                style._keep_unmoved_titles = original
+            saved[name] = [path.read_bytes() for path in paths]
+            if name == "kept":
+                assert plain._autotitlepos is False  # placed once, kept for the PDF
+                assert offset._autotitlepos is True and offset._left_title.get_position()[1] > 1.0
+    (png_kept, pdf_kept), (png_placed, pdf_placed) = saved["kept"], saved["placed"]
+    assert png_kept == png_placed
+    assert _without_creation_date(pdf_kept) == _without_creation_date(pdf_placed)
+    plt.close("all")

@@ -332,3 +332,22 @@ def test_ngram_tables_are_the_models(extra):
     assert elements == sum(table.numel() for table in tables)
     assert {table.shape[1] for table in tables} == {width}
     assert lookups == len(tables) * 4  # one lookup per sub-table per token, (n - 1) k = 4 sub-tables each
+
+
+def test_section_keys_tell_config_sections_apart_as_their_json_does() -> None:
+    """The plan builds each distinct training and data section once, keyed without encoding JSON for every run:
+    equal sections share a key, sections JSON tells apart (1 and 1.0, nested values) do not, and a section with
+    values other than plain data falls back to its JSON."""
+    from embscale.sweeps.plan import _section_key
+
+    training = {"tokens": 1_000_000, "lr": 1e-3, "schedule": "wsd", "eval_tokens": None}
+    data = {"corpus": "builtin", "val_paths": {"en": "a.jsonl", "zh": ["b.jsonl", "c.jsonl"]}}
+    assert _section_key(training) == _section_key(dict(training))
+    assert _section_key(data) == _section_key({"corpus": "builtin",
+                                               "val_paths": {"en": "a.jsonl", "zh": ["b.jsonl", "c.jsonl"]}})
+    assert _section_key({**training, "lr": 1}) != _section_key({**training, "lr": 1.0})
+    assert _section_key({**training, "seed": True}) != _section_key({**training, "seed": 1})
+    assert _section_key(data) != _section_key({**data, "val_paths": {"en": "a.jsonl", "zh": ["b.jsonl"]}})
+    odd = {"corpus": "builtin", "shape": (1, 2)}
+    assert _section_key(odd) == '{"corpus": "builtin", "shape": [1, 2]}'
+    assert isinstance(hash(_section_key(training)), int) and isinstance(hash(_section_key(data)), int)
