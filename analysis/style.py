@@ -75,26 +75,47 @@ def _sci(n: float, digits: int = 2) -> str:
 
 
 class _CountLocator(ticker.Locator):
-    """Ticks of a log axis of counts: 1, 2 and 5 per decade; over a range narrower than a factor of 3 (a panel of
-    runs of nearly one size), three or so evenly spaced ticks instead."""
+    """Ticks of a log axis of counts: 1, 2 and 5 per decade, or 1 and 3, or decades only, the densest whose labels
+    have room on the axis (about 0.42 inch a label); over a range narrower than a factor of 3 (a panel of runs of
+    nearly one size), three or so evenly spaced ticks instead."""
+
+    LABEL_INCHES = 0.42  # a label such as "200M" at the tick font size, with the gap to its neighbour
+    SUBS = ((1.0, 2.0, 5.0), (1.0, 3.0), (1.0,))
 
     def __init__(self) -> None:
-        self.log = ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12)
+        self.logs = [ticker.LogLocator(base=10, subs=subs, numticks=12) for subs in self.SUBS]
         self.linear = ticker.MaxNLocator(nbins=3, min_n_ticks=2)
 
     def set_axis(self, axis) -> None:
         super().set_axis(axis)
-        self.log.set_axis(axis)
+        for locator in self.logs:
+            locator.set_axis(axis)
         self.linear.set_axis(axis)
 
     def __call__(self):
         return self.tick_values(*self.axis.get_view_interval())
 
+    def _room(self) -> int:
+        """Labels that fit along the axis (7 when it is not drawn yet)."""
+        axis = getattr(self, "axis", None)
+        if axis is None or axis.axes is None:
+            return 7
+        box = axis.axes.get_window_extent()
+        length = (box.width if axis.axis_name == "x" else box.height) / axis.axes.figure.dpi
+        return max(2, int(length / self.LABEL_INCHES))
+
     def tick_values(self, vmin: float, vmax: float):
         lo, hi = sorted((vmin, vmax))
         if lo > 0 and hi / lo < 3:
             return [t for t in self.linear.tick_values(lo, hi) if lo <= t <= hi]
-        return self.log.tick_values(vmin, vmax)
+        room = self._room()
+        for locator in self.logs:
+            ticks = locator.tick_values(vmin, vmax)
+            if sum(lo <= t <= hi for t in ticks) <= room:
+                return ticks
+        ticks = self.logs[-1].tick_values(vmin, vmax)  # decades, every other one (or fewer) until they fit
+        step = -(-sum(lo <= t <= hi for t in ticks) // room)
+        return ticks[::step]
 
 
 class _CountFormatter(ticker.Formatter):
@@ -174,12 +195,33 @@ def subplots(nrows: int, ncols: int, panel: tuple[float, float] = (3.2, 2.5), *,
 
 
 def set_title(fig: plt.Figure, text: str) -> None:
-    """The figure's title, its font shrunk (down to 7 pt) so that a long title fits the figure's width."""
+    """The figure's title, its font shrunk (down to 8 pt) so that it fits 94% of the figure's width as rendered;
+    a title still too wide at 8 pt is broken into two lines at the separator nearest its middle, at 9 pt at most
+    (two lines of a larger font would crowd the panel titles below)."""
     size = plt.rcParams["figure.titlesize"]
     size = size if isinstance(size, (int, float)) else 10.5
-    fits = fig.get_figwidth() * 72 / (0.6 * size)  # characters that fit, at about 0.6 em a character
-    fontsize = max(7.0, min(size, size * fits / len(text)))
-    fig.suptitle(text, y=1 - 0.12 / fig.get_figheight(), va="top", fontsize=fontsize)
+    title = fig.suptitle(text, y=1 - 0.12 / fig.get_figheight(), va="top", fontsize=size)
+    renderer = fig.canvas.get_renderer()
+    available = 0.94 * fig.get_figwidth() * fig.dpi
+    width = title.get_window_extent(renderer).width  # linear in the font size
+    fontsize = max(8.0, min(size, size * available / width)) if width > 0 else size
+    if width * fontsize / size > available:
+        text = _two_lines(text)
+        title.set_text(text)
+        width = title.get_window_extent(renderer).width
+        fontsize = max(6.0, min(9.0, size, size * available / width))
+    title.set_fontsize(fontsize)
+
+
+def _two_lines(text: str) -> str:
+    """``text`` broken after the separator ("; ", ", ", ": ", " (", " ") nearest its middle."""
+    middle = len(text) / 2
+    for separator, after in (("; ", 2), (", ", 2), (": ", 2), (" (", 1), (" ", 1)):  # cut after the mark
+        cuts = [i + after for i in range(len(text)) if text.startswith(separator, i)]
+        if cuts:
+            cut = min(cuts, key=lambda i: abs(i - middle))
+            return text[:cut].rstrip() + "\n" + text[cut:].lstrip()
+    return text
 
 
 def ratio_axis(ax: plt.Axes, lo: float, hi: float, log: bool) -> None:

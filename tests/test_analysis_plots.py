@@ -166,3 +166,24 @@ def test_titles_left_in_place_are_not_placed_again_for_the_pdf(tmp_path: Path) -
     assert png_kept == png_placed
     assert _without_creation_date(pdf_kept) == _without_creation_date(pdf_placed)
     plt.close("all")
+
+
+def test_count_axis_labels_never_overlap():
+    """A log axis of counts thins its 1-2-5 ticks (to 1-3, then decades) until the labels have room: on a panel
+    of 3.2 inches over 60M-30B tokens (the loss-curve figure of a large sweep) no two labels touch."""
+    import matplotlib.pyplot as plt
+
+    from embscale.analysis.style import count_axis, subplots
+
+    for span in ((6e7, 3e10), (1e3, 1e12), (2e8, 9e8)):
+        fig, axes = subplots(1, 1)
+        ax = axes[0, 0]
+        ax.plot(span, (1, 2))
+        count_axis(ax, "x", kind="tokens")
+        fig.canvas.draw()
+        boxes = sorted((label.get_window_extent() for label in ax.get_xticklabels() if label.get_text()),
+                       key=lambda box: box.x0)
+        assert len(boxes) >= 2, span
+        assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:])), (span, [lab.get_text() for lab in
+                                                                          ax.get_xticklabels()])
+        plt.close(fig)
