@@ -184,6 +184,6 @@ def test_count_axis_labels_never_overlap():
         boxes = sorted((label.get_window_extent() for label in ax.get_xticklabels() if label.get_text()),
                        key=lambda box: box.x0)
         assert len(boxes) >= 2, span
-        assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:])), (span, [lab.get_text() for lab in
-                                                                          ax.get_xticklabels()])
+        labels = [label.get_text() for label in ax.get_xticklabels()]
+        assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:], strict=False)), (span, labels)
         plt.close(fig)
