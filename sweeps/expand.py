@@ -54,7 +54,14 @@ from embscale.base.errors import ConfigError
 from embscale.models.accounting import Accounting, count_parameters
 from embscale.models.config import ModelConfig, NgramConfig, PerLayerConfig
 from embscale.sweeps.sweepfile import Sweep, apply_model_rules, load_sweep, sweep_vocab_size, training_template
-from embscale.training.config import DataConfig, RunConfig, TrainingConfig, data_identity, training_identity
+from embscale.training.config import (
+    TABLE_FIELDS,
+    DataConfig,
+    RunConfig,
+    TrainingConfig,
+    data_identity,
+    training_identity,
+)
 
 EMBEDDING_FAMILIES = ("ne", "ple", "plne")
 # Axes that describe each family's run (the others are left out of its point).
@@ -328,12 +335,11 @@ class _Expander:
         if self.lr_rule is not None:
             template["lr"] = self.lr_rule["base"]
         self.training_template: TrainingConfig = build_dataclass(TrainingConfig, template)
-        identity = training_identity(self.training_template)
-        self.training_keys = sorted(identity)
-        self.training_fragments = [f"{json.dumps(key)}:{_canonical(identity[key])}"
-                                   for key in self.training_keys]
-        self.training_index = {key: index for index, key in enumerate(self.training_keys)}
-        self.training_jsons: dict[tuple, str] = {}
+        # a model without N-gram tables trains without the table settings (they would only split its run id)
+        self.table_free_section = {k: v for k, v in self.training_section.items() if k not in TABLE_FIELDS}
+        table_free = build_dataclass(TrainingConfig, {k: v for k, v in template.items() if k not in TABLE_FIELDS})
+        self.training_variants = {True: self._training_variant(self.training_template),
+                                  False: self._training_variant(table_free)}
         self.seq_len = self.training_template.seq_len
         data = build_dataclass(DataConfig, sweep.data)
         self.data_json = _canonical(data_identity(data))
@@ -586,19 +592,29 @@ class _Expander:
             del model["eos_token_id"]
         return model
 
-    def _training_json(self, changes: dict[str, Any]) -> str:
+    @staticmethod
+    def _training_variant(template: TrainingConfig) -> dict[str, Any]:
+        """The canonical JSON fragments of a training template's identity, by field (for :meth:`_training_json`)."""
+        identity = training_identity(template)
+        keys = sorted(identity)
+        return {"fragments": [f"{json.dumps(key)}:{_canonical(identity[key])}" for key in keys],
+                "index": {key: index for index, key in enumerate(keys)}, "jsons": {}}
+
+    def _training_json(self, changes: dict[str, Any], has_tables: bool = True) -> str:
         """``json.dumps(asdict(replace(template, **changes)), sort_keys=True)`` without rebuilding it: tokens,
         lr and seed are already valid ints and floats, so only their fragments change. Memoised per change (a
-        sweep has few learning rates, seeds and budgets; the key holds the types, as 1 == 1.0 == True)."""
+        sweep has few learning rates, seeds and budgets; the key holds the types, as 1 == 1.0 == True).
+        ``has_tables``: the model has N-gram tables (else the template without the table settings)."""
+        variant = self.training_variants[has_tables]
         key = tuple((name, type(value), value) for name, value in changes.items())
-        text = self.training_jsons.get(key)
+        text = variant["jsons"].get(key)
         if text is None:
-            parts = list(self.training_fragments)
+            parts = list(variant["fragments"])
             for name, value in changes.items():
-                index = self.training_index.get(name)
+                index = variant["index"].get(name)
                 if index is not None:
                     parts[index] = f"{json.dumps(name)}:{json.dumps(value)}"
-            text = self.training_jsons[key] = "{" + ",".join(parts) + "}"
+            text = variant["jsons"][key] = "{" + ",".join(parts) + "}"
         return text
 
     def make_run(self, info: _ModelInfo, seed: int | None, lr: float | None) -> tuple[str, dict, int, float]:
@@ -607,7 +623,9 @@ class _Expander:
         cached = self.runs.get(key)
         if cached is not None:
             return cached
-        training = dict(self.training_section)
+        cfg = info.cfg
+        has_tables = cfg.ngram is not None or (cfg.per_layer is not None and cfg.per_layer.ngram is not None)
+        training = dict(self.training_section if has_tables else self.table_free_section)
         changes: dict[str, Any] = {}
         template = self.training_template
         if self.tokens_mode == "steps":
@@ -624,7 +642,7 @@ class _Expander:
         if seed is not None:
             training["seed"] = changes["seed"] = seed
         text = ('{"data":' + self.data_json + ',"model":' + info.identity_json + ',"training":'
-                + self._training_json(changes) + "}")
+                + self._training_json(changes, has_tables) + "}")
         run_id = hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
         model, info.spare_model = info.spare_model or self.model_section(info.cfg), None
         config = {"model": model, "training": training, "data": _copy(self.data_section)}

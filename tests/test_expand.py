@@ -236,6 +236,41 @@ def test_every_family_plans_runconfig_ids_and_configs(model):
     assert [run.to_dict() for run in again.runs] == [run.to_dict() for run in plan.runs]
 
 
+def test_table_settings_reach_only_models_with_ngram_tables(tmp_path):
+    """A sweep's table optimizer and row sharding (paper_280m's) go to the NE runs; the MoE runs, which have no
+    N-gram tables, train without them (the optimizer refuses a table optimizer without tables), and their run
+    ids are those of the same sweep without the settings."""
+    import torch
+
+    from embscale.models.model import build_model
+    from embscale.training.optim import build_optimizers
+
+    paper = plan_sweep(str(SWEEPS / "paper_280m.yaml"))
+    data = yaml.safe_load((SWEEPS / "paper_280m.yaml").read_text())
+    for field in ("table_optimizer", "table_sharding"):
+        del data["training"][field]
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(data))
+    plain = plan_sweep(str(tmp_path / "plain.yaml"))
+    plain_ids = {r.run_id: r.family for r in plain.runs}
+    for run in paper.runs:
+        training = run.config["training"]
+        assert to_run_config(run).run_id == run.run_id
+        if run.family == "moe":
+            assert "table_optimizer" not in training and "table_sharding" not in training
+            assert plain_ids.get(run.run_id) == "moe"
+        else:
+            assert training["table_optimizer"] == "dense" and training["table_sharding"] == "rows"
+            assert run.run_id not in plain_ids
+    # a small MoE of the same sweep shape builds its optimizers (only AdamW)
+    small = _plan(grid={"family": ["moe", "ne"], "ratio": [4]}, zip={"base_ratio": [2]},
+                  training={"table_optimizer": "dense"})
+    for run in small.runs:
+        cfg = to_run_config(run)
+        model = build_model(ModelConfig.from_dict(run.config["model"]))
+        optimizers, tables, _ = build_optimizers(model, cfg.training, torch.device("cpu"))
+        assert len(optimizers) == (2 if run.family == "ne" else 1) and bool(tables) == (run.family == "ne")
+
+
 def test_planned_run_to_dict_is_asdict():
     import dataclasses
 

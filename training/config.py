@@ -38,6 +38,9 @@ from embscale.models.config import ModelConfig
 SCHEDULES = ("cosine", "wsd")
 TABLE_OPTIMIZERS = ("adamw", "dense", "sparse")
 TABLE_OPTIMIZER_MOMENTS = ("full", "compact")
+# The training fields that concern N-gram tables only: a model without tables trains the same with any of them
+# (the sweep engine leaves them out of such a model's run, so they do not split its run id).
+TABLE_FIELDS = ("table_optimizer", "table_optimizer_moments", "table_sharding")
 NGRAM_BACKENDS = ("torch", "triton")
 # Training fields added after runs were recorded: left out of the run id at their default, so the ids of
 # earlier runs (and of runs that do not use them) stay what they were.
@@ -467,4 +470,4 @@ class RunConfig:
 
 __all__ = ["DataConfig", "OutputConfig", "RunConfig", "TrainingConfig", "DEVICES", "FORMATS", "NGRAM_BACKENDS",
            "PARALLEL_MODES",
-           "SCHEDULES", "TABLE_OPTIMIZERS", "TOKEN_FORMATS", "data_identity", "training_identity"]
+           "SCHEDULES", "TABLE_FIELDS", "TABLE_OPTIMIZERS", "TOKEN_FORMATS", "data_identity", "training_identity"]
