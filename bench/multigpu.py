@@ -195,6 +195,8 @@ def curve_difference(curve: list[float | None], reference: list[float | None], s
 
 
 def machine_info() -> dict[str, Any]:
+    """Host, Python, torch, the GPUs (from ``nvidia-smi``: this process creates no CUDA context, which would take
+    memory on GPU 0 from the ranks) and the NCCL multicast settings the ranks inherit."""
     info: dict[str, Any] = {"host": platform.node(), "python": platform.python_version(),
                             "cpus": len(os.sched_getaffinity(0))}
     with contextlib.suppress(Exception):
@@ -202,20 +204,19 @@ def machine_info() -> dict[str, Any]:
 
         info["torch"] = torch.__version__
         info["gpus"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if info["gpus"]:
-            info["gpu"] = torch.cuda.get_device_name(0)
     with contextlib.suppress(Exception):
         found = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
                                capture_output=True, text=True, timeout=30, check=False)
-        if found.returncode == 0:
+        if found.returncode == 0 and found.stdout.strip():
             info["nvidia_smi"] = found.stdout.strip().splitlines()
+            info["gpu"] = info["nvidia_smi"][0].split(",")[0].strip()
     info["env"] = {k: os.environ[k] for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
                                               "NVSHMEM_DISABLE_NVLS", "CUDA_VISIBLE_DEVICES") if k in os.environ}
     return info
 
 
 def detect_gpus() -> int:
-    """GPUs this process sees (torch's count; 0 without CUDA)."""
+    """GPUs this process sees (torch's count, which creates no CUDA context; 0 without CUDA)."""
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -381,9 +382,10 @@ class Runbook:
         return ",".join(str(i) for i in range(count))
 
     def launch(self, name: str, run_cfg: dict[str, Any], world: int, skip_checkpoints: bool = False,
-               results: Path | None = None) -> dict[str, Any]:
+               results: Path | None = None, keep_results: bool = False) -> dict[str, Any]:
         """Train ``run_cfg`` on ``world`` ranks (torchrun; one plain process for one rank) into
-        ``<work>/<name>/results``; the unit's record: state, curve, tokens/s, MFU, per-rank peaks."""
+        ``<work>/<name>/results``; the unit's record: state, curve, tokens/s, MFU, per-rank peaks. The run folder
+        is removed once read (its checkpoints would fill the disk over the units) unless ``keep_results``."""
         folder = self.work / name
         if results is None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -407,6 +409,8 @@ class Runbook:
         record: dict[str, Any] = {"world_size": world, "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES"),
                                   "exit_code": code, "command": " ".join(command[1:])}
         record.update(read_run(results, peaks))
+        if not keep_results:
+            shutil.rmtree(results, ignore_errors=True)
         if timed_out:
             record.update(state="left", error="stopped at the end of the budget")
         elif code != 0 or not record.get("loss"):
@@ -478,6 +482,7 @@ class Runbook:
                  "started_at": r["started_at"], "ended_at": r["ended_at"], "train_s": r["train_s"]}
                 for r in gather_runs(folder / "results" / name)]
         jobs.sort(key=lambda j: (math.inf if j["started_at"] is None else j["started_at"], j["run_id"]))
+        shutil.rmtree(folder / "results", ignore_errors=True)  # read: its checkpoints would only fill the disk
         record = {"gpus_per_run": gpus_per_run, "visible_gpus": visible, "runs": len(seeds), "exit_code": code,
                   "jobs": jobs, **queue_overlap(jobs)}
         if timed_out:
@@ -590,7 +595,6 @@ class Runbook:
             record["adjusted"] = adjusted
         record.update(point=planned["point"], plan_run_id=planned["run_id"], total=planned["accounting"]["total"],
                       activated=planned["accounting"]["activated"], plan_memory=planned.get("memory"))
-        shutil.rmtree(self.work / f"fsdp_{family}_w{world}" / "results", ignore_errors=True)
         return record
 
     # part 3 ------------------------------------------------------------------------------------------------
@@ -617,7 +621,7 @@ class Runbook:
         g, steps = self.gpus, self.args.dcp_steps
         half = steps // 2
         run_cfg = self.dcp_config()
-        full = self.launch("dcp_full", run_cfg, g)
+        full = self.launch("dcp_full", run_cfg, g, keep_results=True)
         if full["state"] != "done":
             return {**full, "phase": "uninterrupted run"}
         source = Path(full["run_dir"])
@@ -633,11 +637,13 @@ class Runbook:
         shutil.copytree(source, copy, copy_function=os.link,
                         ignore=lambda folder, names: [n for n in names if n in later])
         rundir.write_status(copy, "interrupted", step=half, total_steps=steps)
+        sharded = kept[0].is_dir()  # DCP: a folder of every rank's shards and a manifest; one process: a file
         resumed = self.launch("dcp_resume", run_cfg, g // 2, results=results)
+        shutil.rmtree(self.work / "dcp_full" / "results", ignore_errors=True)
         log_text = tail(self.work / "dcp_resume" / "log", 200_000)
         resumed["resumed_from_step"] = half if f"from step {half}" in log_text else None
         record = {"state": resumed["state"], "written_on": g, "resumed_on": g // 2, "checkpoint_step": half,
-                  "checkpoint_sharded": kept[0].is_dir(), "full": full, "resumed": resumed}
+                  "checkpoint_sharded": sharded, "full": full, "resumed": resumed}
         if resumed["state"] == "done" and resumed["resumed_from_step"] is None:
             record.update(state="failed", error=f"the resumed run did not say it resumed from step {half}")
         elif resumed.get("error"):
@@ -804,12 +810,14 @@ def markdown(state: dict[str, Any]) -> str:
                   + (", ".join(f"{n} ({u.get('state')})" for n, u in units.items() if u.get("state") != "done")
                      or "none") + ".", ""]
     lines += ["### 1. DDP of the benchmark MoE: 2 GPUs against 1 (same global batch and seed)", "",
-              "| run | GPUs | tokens/s (median after step 5) | MFU | loss first -> last |", "|---|---|---|---|---|"]
+              "| run | GPUs | tokens/s (median after step 5) | MFU | peak GiB/GPU (max over ranks) "
+              "| loss first -> last |",
+              "|---|---|---|---|---|---|"]
     for name in ("ddp_w1_a", "ddp_w1_b", "ddp_w2"):
         unit = units.get(name) or {}
         loss = unit.get("loss") or []
         lines.append(f"| {name} | {unit.get('world_size', '-')} | {_num(unit.get('tokens_per_s_median'), 4)} | "
-                     f"{_num(unit.get('mfu_median'))} | "
+                     f"{_num(unit.get('mfu_median'))} | {_gib(unit.get('peak_allocated_max'))} | "
                      + (f"{loss[0]:.4f} -> {loss[-1]:.4f}" if loss else unit.get("state", "not run")) + " |")
     ddp = results.get("ddp") or {}
     versus = ddp.get("vs_one_gpu") or {}
@@ -829,14 +837,15 @@ def markdown(state: dict[str, Any]) -> str:
                   + (f", NE at base ratio {choice['ne_base_ratio']} ({choice['ne_total'] / 1e9:.2f}B)"
                      if "ne_base_ratio" in choice else "") + f"; chosen by the plan for {choice['smallest_world']}"
                   f" GPUs of {FSDP_GPU_MEMORY}.", ""]
-    lines += ["| model | GPUs | peak GiB/GPU (max over ranks) | plan peak GiB | measured / plan | tokens/s | "
-              "tokens/s/GPU | MFU/GPU | scaling efficiency |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| model | GPUs | peak GiB/GPU (max over ranks) | plan peak GiB (first step) | measured / plan "
+              "| tokens/s | tokens/s/GPU | MFU/GPU | scaling efficiency |", "|---|---|---|---|---|---|---|---|---|"]
     for family, entries in (results.get("fsdp") or {}).items():
         for entry in entries:
             efficiency = (f"{entry['scaling_efficiency']:.1%} ({entry['scaling_from']} -> {entry['world_size']})"
                           if "scaling_efficiency" in entry else "-")
             lines.append(f"| {family} | {entry['world_size']} | {_gib(entry['peak_allocated_max'])} | "
-                         f"{_gib(entry['plan_peak'])} | {_num(entry['measured_over_plan'])} | "
+                         f"{_gib(entry['plan_peak'])} ({_gib(entry['plan_first_step_peak'])}) | "
+                         f"{_num(entry['measured_over_plan'])} | "
                          f"{_num(entry['tokens_per_s'], 4)} | {_num(entry['tokens_per_s_per_gpu'], 4)} | "
                          f"{_num(entry['mfu_per_gpu'])} | {efficiency} |")
     dcp = results.get("dcp")
