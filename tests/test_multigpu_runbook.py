@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,9 +87,37 @@ def test_queue_overlap_from_job_times():
     assert multigpu.queue_overlap(jobs)["shared_a_gpu_while_running"]
 
 
+def test_a_run_still_going_at_the_end_of_the_budget_is_stopped(tmp_path):
+    """The runbook's process runner stops a whole process group (a command and what it started) once the
+    call's budget is spent, and says so."""
+    args = multigpu.parse_args(["--cpu-smoke", "--out", str(tmp_path / "out"), "--budget-s", "1"])
+    multigpu.check_args(args)
+    runbook = multigpu.Runbook(args, 2, tmp_path / "out", tmp_path, {"units": {}}, multigpu.Journal())
+    child = tmp_path / "child.pid"
+    script = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+              f"time.sleep(60)']); open({str(child)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    started = time.monotonic()
+    code, timed_out = runbook.execute([sys.executable, "-c", script], dict(os.environ), tmp_path / "log")
+    assert timed_out and code is not None and code != 0
+    assert time.monotonic() - started < 30
+    pid = int(child.read_text())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists() and \
+            Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
 @pytest.mark.slow  # about 25 training processes on gloo, a submit driver and its jobs (1-2 minutes on 2 cores)
 def test_cpu_smoke_runs_every_part_and_a_second_call_runs_nothing(tmp_path):
     out = tmp_path / "out"
+    # a budget too short for any unit: nothing starts, the call says what is left and exits 3
+    short = smoke(tmp_path, "--out", str(out), "--part", "1", "--budget-s", "0.5")
+    assert short.returncode == 3, short.stderr[-4000:]
+    state = json.loads((out / multigpu.SUMMARY).read_text())
+    assert state["units"] == {} and state["calls"][0]["units_left"] == ["ddp_w1_a", "ddp_w1_b", "ddp_w2"]
+    assert {p.name for p in out.iterdir()} == FILES
+
     first = smoke(tmp_path, "--out", str(out))
     assert first.returncode == 0, first.stderr[-4000:]
     assert {p.name for p in out.iterdir()} == FILES
@@ -141,12 +170,12 @@ def test_cpu_smoke_runs_every_part_and_a_second_call_runs_nothing(tmp_path):
     second = smoke(tmp_path, "--out", str(out))
     assert second.returncode == 0, second.stderr[-4000:]
     again = json.loads((out / multigpu.SUMMARY).read_text())
-    assert len(again["calls"]) == 2 and again["calls"][1]["units_run"] == []
+    assert len(again["calls"]) == 3 and again["calls"][2]["units_run"] == []
     assert {name: unit["wall_s"] for name, unit in again["units"].items()} == walls
     assert "queue_2gpu: done in an earlier call, skipped" in second.stderr
     restored = smoke(tmp_path, "--out", str(tmp_path / "fresh"), "--restore", str(out / multigpu.SUMMARY))
     assert restored.returncode == 0, restored.stderr[-4000:]
     assert {p.name for p in (tmp_path / "fresh").iterdir()} == FILES
     fresh = json.loads((tmp_path / "fresh" / multigpu.SUMMARY).read_text())
-    assert len(fresh["calls"]) == 3 and fresh["calls"][2]["units_run"] == []
+    assert len(fresh["calls"]) == 4 and fresh["calls"][3]["units_run"] == []
     assert (tmp_path / "fresh" / multigpu.LOG).read_text().startswith((out / multigpu.LOG).read_text())
