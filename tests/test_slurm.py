@@ -86,7 +86,8 @@ def wait_until(condition, timeout: float, what: str, cluster: SlurmCluster, inte
 
 
 def two_rank_sweep(cluster: dict, name: str, slurm: dict, steps: int) -> Path:
-    """One run of ``steps`` steps whose 128-token batch is one micro-batch of 4 x 16 tokens on each of 2 ranks."""
+    """One run of ``steps`` steps whose 128-token batch is one micro-batch of 4 x 16 tokens on each of 2 ranks.
+    Such sweeps share their run ids, so they are submitted with ``--no-reuse``: each trains on Slurm itself."""
     mapping = T.sweep_mapping(name, cluster["data"], steps=steps, seeds=1, widths=(16,),
                               extra={"slurm": {"time": 10, **slurm}})
     mapping["training"]["batch_tokens"] = 128
@@ -111,7 +112,7 @@ def test_sweep_as_job_array(cluster, capsys):
     sweep = T.write_sweep(cluster["root"] / "slurm_array.yaml",
                           T.sweep_mapping("slurm_array", cluster["data"], steps=4, seeds=2,
                                           extra={"slurm": {"array_parallelism": 2, "time": 10}}))
-    code = main(["submit", str(sweep), "--executor", "slurm", "--wait", "--poll-s", "0.5",
+    code = main(["submit", str(sweep), "--executor", "slurm", "--no-reuse", "--wait", "--poll-s", "0.5",
                  "--sbatch", "comment=embscale-test"])
     assert code == 0, capsys.readouterr().err
     assert status_of(sweep, capsys)["counts"] == {"completed": 4}
@@ -125,7 +126,7 @@ def test_sweep_as_job_array(cluster, capsys):
     assert "export PYTHONPATH=" in script and str(cluster["results"] / "slurm_array" / "code") in script
     # Submitting again submits nothing: the status files say every run is done.
     capsys.readouterr()
-    assert main(["submit", str(sweep), "--executor", "slurm"]) == 0
+    assert main(["submit", str(sweep), "--executor", "slurm", "--no-reuse"]) == 0
     assert "0 to run, 4 completed" in capsys.readouterr().err
 
 
@@ -133,7 +134,7 @@ def test_two_tasks_on_one_node_match_torchrun(cluster, capsys, torchrun_referenc
     """``slurm.tasks_per_node: 2`` without GPUs: one job of two tasks, each a gloo rank set up from submitit's
     TorchDistributedEnvironment; rank 0 alone writes; the curve is torchrun's with two processes."""
     sweep = two_rank_sweep(cluster, "slurm_tasks", {"tasks_per_node": 2}, steps=6)
-    assert main(["submit", str(sweep), "--executor", "slurm", "--wait", "--poll-s", "0.5"]) == 0
+    assert main(["submit", str(sweep), "--executor", "slurm", "--no-reuse", "--wait", "--poll-s", "0.5"]) == 0
     plan = load_plan(sweep)
     run_dir = plan.run_dir(plan.runs[0])
     assert rundir.run_state(run_dir) == "completed"
@@ -159,7 +160,7 @@ def test_two_nodes_one_task_each_match_torchrun(cluster, capsys, monkeypatch, to
             pytest.skip(f"two slurmd on one machine: {exc}")
         monkeypatch.setenv("SLURM_CONF", two.env["SLURM_CONF"])
         sweep = two_rank_sweep(cluster, "slurm_nodes", {"nodes": 2, "tasks_per_node": 1}, steps=6)
-        assert main(["submit", str(sweep), "--executor", "slurm", "--wait", "--poll-s", "0.5"]) == 0
+        assert main(["submit", str(sweep), "--executor", "slurm", "--no-reuse", "--wait", "--poll-s", "0.5"]) == 0
         plan = load_plan(sweep)
         job_id, logs = task_logs(plan, 2)
         assert f"NodeList={two.nodename},{two.nodename}2" in two.run("scontrol", "show", "job", job_id).stdout
@@ -189,7 +190,7 @@ def test_requeued_job_resumes_on_the_same_curve(cluster, capsys, tmp_path, tasks
     mapping["training"]["checkpoint_every"] = 5
     mapping["training"]["eval_every"] = 10
     sweep = T.write_sweep(sweep, mapping)
-    assert main(["submit", str(sweep), "--executor", "slurm"]) == 0
+    assert main(["submit", str(sweep), "--executor", "slurm", "--no-reuse"]) == 0
     plan = load_plan(sweep)
     run_dir = plan.run_dir(plan.runs[0])
     job_id = J.JobMap.load(plan.job_map_path).latest(plan.runs[0].run_id)["job_id"]
@@ -237,7 +238,7 @@ def test_cancel_slurm_sweep(cluster, capsys):
     sweep = T.write_sweep(cluster["root"] / "slurm_cancel.yaml",
                           T.sweep_mapping("slurm_cancel", cluster["data"], steps=5000, seeds=2, widths=(16,),
                                           extra={"slurm": {"time": 10}}))
-    assert main(["submit", str(sweep), "--executor", "slurm"]) == 0
+    assert main(["submit", str(sweep), "--executor", "slurm", "--no-reuse"]) == 0
     plan = load_plan(sweep)
     slurm = cluster["cluster"]
     wait_until(lambda: any((rundir.read_status(plan.run_dir(r)) or {}).get("state") == "running" for r in plan.runs),
