@@ -199,6 +199,35 @@ def test_failures_stay_with_their_run(workspace):
     assert f"resuming run {victim.run_id} from step " in log
 
 
+def test_a_warm_run_restarts_itself_at_its_time_limit(workspace):
+    """Near the local time limit the worker signals its run (as submitit's controller does): the run checkpoints,
+    asks for a restart, and resumes in the same worker, until it completes, every step once."""
+    data, results = workspace["data"], workspace["results"]
+    first = load_plan(T.write_sweep(workspace["root"] / "warm_first.yaml",
+                                    T.sweep_mapping("warm_first", data, steps=4, seeds=1, widths=(16,))), results)
+    mapping = T.sweep_mapping("warm_limit", data, steps=200, seeds=1, widths=(16,))
+    mapping["training"]["checkpoint_every"] = 20
+    plan = load_plan(T.write_sweep(workspace["root"] / "warm_limit.yaml", mapping), results)
+    jobs = [run_job(first, first.runs[0]), run_job(plan, plan.runs[0])]
+    for job in jobs:
+        job.fn.signal_delay_s = 0.0  # timed out once a second has passed (a limit of 31 s, signalled 30 s early)
+    executor = LocalExecutor(results / "warm_limit" / "submitit", SlotPool([], cpu_jobs=1), log=lambda m: None,
+                             timeout_min=31 / 60)
+    executor.warm_workers = True
+    executor.max_requeues = 100  # however slow this machine is today
+    ended = {}
+    assert drive(executor, jobs, poll_s=0.05, on_end=ended.__setitem__) == []
+    executor.close()
+    # the first run's start-up (its imports) outlasts a second: the signal came before it trained, and waited
+    assert rundir.read_status(first.run_dir(first.runs[0]))["state"] == "completed"
+    second = ended[jobs[1].key]
+    assert second["worker_run"] == 2 and second["exit_code"] == 0
+    out = Path(second["folder"], f"{second['job_id']}_0_log.out").read_text()
+    assert "restarts (time limit)" in out
+    assert rundir.read_status(plan.run_dir(plan.runs[0]))["state"] == "completed"
+    assert pd.read_parquet(plan.run_dir(plan.runs[0]) / "metrics.parquet")["step"].tolist() == list(range(1, 201))
+
+
 # ------------------------------------------------------------------------------------------------- as before
 def test_cancel_stops_warm_workers(workspace):
     """cancel stops the driver and the worker (its process group): the running run checkpoints, both runs are

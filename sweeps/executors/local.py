@@ -308,6 +308,7 @@ class LocalExecutor(Executor):
         self.cwd = cwd
         self.processes = 1  # processes (gloo ranks) per run without GPUs, for the driver's jobs
         self.warm_workers = False  # one-process runs go to warm workers (see the module docstring)
+        self.max_requeues = 6  # restarts of a warm run near its time limit, as submitit's local controller allows
         self._jobs: dict[str, Any] = {}  # key -> submitit LocalJob of the jobs started here (adopted ones have none)
         self._workers: list[WarmWorker] = []  # the warm workers this executor started and that may take a run
         self._warm_jobs: dict[str, WarmWorker] = {}  # key -> the warm worker training it
@@ -379,6 +380,7 @@ class LocalExecutor(Executor):
     # ----- warm workers
     def _start_warm(self, job: Job, gpus: list[str], cpu_slots: int) -> Record:
         """Hand ``job`` to an idle warm worker pinned to ``gpus`` (a fresh one if there is none)."""
+        started_at = time.time()  # before a fresh worker starts: its process start counts for the run
         for _ in range(2):  # a worker that died while idle is replaced once
             worker = next((w for w in self._workers if w.key is None and w.gpus == tuple(gpus) and w.alive()),
                           None) or self._spawn_worker(gpus)
@@ -386,7 +388,8 @@ class LocalExecutor(Executor):
             pickle = job_paths(self.folder, job_id).submitted_pickle
             submitit.core.utils.cloudpickle_dump(job.fn, pickle)
             timeout_s = 60 * (self.timeout_min or DEFAULT_LOCAL_TIMEOUT_MIN)
-            task = {"job_id": job_id, "pickle": str(pickle), "timeout_s": timeout_s, "signal_delay_s": 30}
+            task = {"job_id": job_id, "pickle": str(pickle), "timeout_s": timeout_s, "signal_delay_s": 30,
+                    "max_requeues": self.max_requeues}
             if worker.send(task):
                 break
             self._drop(worker)
@@ -395,7 +398,7 @@ class LocalExecutor(Executor):
         worker.runs += 1
         worker.key, worker.job_id = job.key, job_id
         record = {"job_id": job_id, "executor": self.name, "pid": worker.pid, "pgid": worker.pid,
-                  "proc_start": worker.proc_start, "host": hostname(), "gpus": list(gpus), "started_at": time.time(),
+                  "proc_start": worker.proc_start, "host": hostname(), "gpus": list(gpus), "started_at": started_at,
                   "folder": str(self.folder), "ranks": 1, "worker_run": worker.runs}
         if cpu_slots:
             record["cpu_slots"] = cpu_slots

@@ -19,8 +19,10 @@ The driver and a worker talk through files and one pipe:
   they have and exit, as a fresh job would), after a run that a signal interrupted (``embscale cancel`` signals
   the worker's process group: the run checkpoints, and the worker takes no further run), and after a run that
   raised ``SystemExit`` or ``KeyboardInterrupt``. A run that raises an exception is failed by its RunJob, as in a
-  fresh process, and the worker goes on. A run that kills the process (a segfault, the OOM killer) leaves no
-  result file; the driver marks that run failed and starts a fresh worker for the slot's next run.
+  fresh process, and the worker goes on, unless the worker has a CUDA context (some CUDA errors leave it unusable
+  for the process's life): then a fresh worker takes the slot's next run. A run that kills the process (a
+  segfault, the OOM killer) leaves no result file; the driver marks that run failed and starts a fresh worker for
+  the slot's next run.
 
 Between runs the worker puts back what a run may change in the process (:class:`ProcessState`): environment,
 working folder, signal handlers, logging handlers, warning filters, torch's thread count, default dtype and
@@ -50,13 +52,12 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-
-from embscale.sweeps.runjob import LOCAL_REQUEUE_EXIT_CODE, RunJob
+from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE  # a task asking to be restarted (near its time limit)
 
 STOP_SUFFIX = "_0_worker_stops"  # beside a run's result: its worker takes no further run
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")
 TIMEOUT_SIGNAL = signal.SIGUSR2  # what submitit's local controller sends near a job's time limit
-MAX_REQUEUES = 6  # submitit's local controller restarts a task at most this often
+MAX_REQUEUES = 6  # submitit's local controller restarts a task at most this often (a task's default)
 
 
 def job_paths(folder: Path | str, job_id: str) -> submitit.core.utils.JobPaths:
@@ -165,6 +166,16 @@ class ProcessState:
 
 
 # ----------------------------------------------------------------------------------------------------- the worker
+def _timeout_outside_training(signum: int, frame: Any) -> None:
+    print("embscale: time-limit signal before the run trains: ignored", file=sys.stderr, flush=True)
+
+
+def cuda_in_use() -> bool:
+    """Whether this process has created a CUDA context (torch imported and CUDA initialised)."""
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
+
+
 @contextlib.contextmanager
 def output_to(stdout: Path, stderr: Path):
     """File descriptors 1 and 2 (and so ``print``, logging and C code's output) into the run's log files."""
@@ -195,6 +206,9 @@ class Worker:
 
     def serve(self, tasks: Any) -> int:
         faulthandler.enable()  # a segfault leaves a traceback in the run's error log
+        # the time-limit signal outside the trainer's loop (during a run's start-up) must not kill the worker, as
+        # submitit's own handler spares a fresh job; the trainer's handler takes it while it trains
+        signal.signal(TIMEOUT_SIGNAL, _timeout_outside_training)
         state = ProcessState.take()
         for line in tasks:
             if not line.strip():
@@ -213,30 +227,33 @@ class Worker:
         job_id = str(task["job_id"])
         paths = job_paths(self.folder, job_id)
         fn = submitit.core.utils.pickle_load(task["pickle"])
-        if isinstance(fn, RunJob):
-            # the first run counts its start-up from the worker's start (its imports), later ones from now
+        if hasattr(fn, "startup_since"):  # a RunJob: the first run counts its start-up from the worker's start
+            # (its imports), later ones from when the worker took them
             fn.started_at = None if self.runs == 1 else received
             fn.startup_since = None if self.runs == 1 else "warm worker task"
         stop = False
         with output_to(paths.stdout, paths.stderr):
             print(f"embscale: warm worker {os.getpid()}, run {self.runs} of this process (job {job_id})",
                   flush=True)
-            for attempt in range(MAX_REQUEUES + 1):
+            max_requeues = int(task.get("max_requeues", MAX_REQUEUES))
+            for attempt in range(max_requeues + 1):
                 timer = self._arm_timer(task)
                 try:
                     value = fn()
                 except SystemExit as exc:
                     timer and timer.cancel()
-                    if exc.code == LOCAL_REQUEUE_EXIT_CODE and attempt < MAX_REQUEUES:
+                    if exc.code == LOCAL_REQUEUE_RETURN_CODE and attempt < max_requeues:
                         print(f"embscale: job {job_id} restarts (time limit)", flush=True)
-                        if isinstance(fn, RunJob):
+                        if hasattr(fn, "startup_since"):
                             fn.started_at, fn.startup_since = time.time(), "warm worker task"
                         continue
                     outcome, stop = ("error", f"SystemExit({exc.code!r})"), True
                 except BaseException as exc:  # noqa: BLE001 - the run's failure is its own; the worker goes on
                     timer and timer.cancel()
                     outcome = ("error", traceback.format_exc())
-                    stop = not isinstance(exc, Exception)  # KeyboardInterrupt and the like end the worker
+                    # KeyboardInterrupt and the like end the worker; so does any error once CUDA is in use, since
+                    # some CUDA errors leave the process's context unusable: a fresh worker takes the next run
+                    stop = not isinstance(exc, Exception) or cuda_in_use()
                     print(traceback.format_exc(), file=sys.stderr, flush=True)
                 else:
                     timer and timer.cancel()
