@@ -318,7 +318,9 @@ def gather_runs(sweep_dir: Path) -> list[dict[str, Any]]:
                "train_s": (status.get("summary") or {}).get("wall_s"),
                "job_s": (job["ended_at"] - job["started_at"]) if job.get("ended_at") and job.get("started_at")
                else None,
-               "launch_s": (startup["origin"] - job["started_at"])
+               # a warm worker's first run: its process starts just after the driver's mark, and the start time has
+               # 10 ms ticks, so a few milliseconds below 0 are rounding
+               "launch_s": max(0.0, startup["origin"] - job["started_at"])
                if startup.get("since") in ("process start", "warm worker task") and job.get("started_at") else None,
                "started_at": job.get("started_at"), "ended_at": job.get("ended_at"), "startup": startup,
                "worker_run": job.get("worker_run")}

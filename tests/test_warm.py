@@ -308,6 +308,19 @@ def test_warm_workers_switch(workspace, monkeypatch):
     assert messages == ["warm workers set aside: runs of 2 processes each keep a process group per run"]
 
 
+def test_packed_benchmark_variants():
+    """``--k`` of the packed-runs benchmark: ``w`` asks for warm workers, ``--warm`` adds a warm twin of each K."""
+    from embscale.base.errors import UserError
+    from embscale.bench.packed import parse_variants, variant_name
+
+    assert parse_variants("9,3w, 1", 9, warm=False) == [(9, False), (3, True), (1, False)]
+    assert parse_variants(None, 4, warm=True) == [(4, False), (4, True), (1, False), (1, True)]
+    assert variant_name(3, True) == "3 (warm workers)" and variant_name(3, False) == "3"
+    for bad in ("0", "x", "2ww"):
+        with pytest.raises(UserError, match="--k"):
+            parse_variants(bad, 4, warm=False)
+
+
 def test_process_state_is_put_back(tmp_path):
     """What a run may change in its process is put back between runs."""
     import torch
