@@ -132,6 +132,8 @@ def test_warm_sweep_equals_fresh_processes(workspace):
     assert len(workers) == 2 and all(sorted(runs) == list(range(1, len(runs) + 1)) for runs in workers.values())
     assert max(len(runs) for runs in workers.values()) >= 2
     assert not any(J.process_alive(pid) for pid in workers)  # the driver closed them
+    worker_log = (results / "warm" / "submitit" / "warm_workers.log").read_text()
+    assert "more open file descriptors" not in worker_log, worker_log  # no run left files open
     fresh_startups = [rundir.read_run_record(results / "fresh" / r)["startup"] for r in run_ids]
     assert all(s["since"] == "process start" and s["imports_s"] > 0.2 for s in fresh_startups)
 
@@ -319,6 +321,38 @@ def test_packed_benchmark_variants():
     for bad in ("0", "x", "2ww"):
         with pytest.raises(UserError, match="--k"):
             parse_variants(bad, 4, warm=False)
+
+
+def test_worker_protocol_and_leaked_files(tmp_path):
+    """The worker alone, fed task lines on stdin: a result file per task (``success`` with the value, ``error``
+    with the traceback, the worker going on), and a run that leaves a file open is reported in its log."""
+    import functools
+
+    import submitit
+
+    from embscale.sweeps.executors.warm import job_paths, result_exit_code, run_ended
+
+    target = tmp_path / "data.txt"
+    target.write_text("x")
+    calls = {"1.1": functools.partial(os.open, str(target), os.O_RDONLY),  # leaves a descriptor open
+             "1.2": functools.partial(int, "not a number"),  # raises ValueError
+             "1.3": functools.partial(os.open, str(target), os.O_RDONLY)}
+    lines = []
+    for job_id, call in calls.items():
+        pickle = job_paths(tmp_path, job_id).submitted_pickle
+        submitit.core.utils.cloudpickle_dump(call, pickle)
+        lines.append(json.dumps({"job_id": job_id, "pickle": str(pickle)}))
+    done = subprocess.run([sys.executable, "-m", "embscale.sweeps.executors.warm", str(tmp_path)],
+                          input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert all(run_ended(tmp_path, job_id) for job_id in calls)
+    assert [result_exit_code(tmp_path, job_id) for job_id in calls] == [0, 1, 0]
+    outcome, value = submitit.core.utils.pickle_load(job_paths(tmp_path, "1.2").result_pickle)
+    assert outcome == "error" and "ValueError" in value
+    assert "ValueError" in job_paths(tmp_path, "1.2").stderr.read_text()
+    assert "run 3 of this process (job 1.3)" in job_paths(tmp_path, "1.3").stdout.read_text()
+    assert "1 more open file descriptors after run 3 than after its first run" in done.stderr
+    assert "after run 2" not in done.stderr  # run 2 opened nothing
 
 
 def test_process_state_is_put_back(tmp_path):

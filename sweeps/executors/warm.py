@@ -170,6 +170,14 @@ def _timeout_outside_training(signum: int, frame: Any) -> None:
     print("embscale: time-limit signal before the run trains: ignored", file=sys.stderr, flush=True)
 
 
+def open_descriptors() -> int | None:
+    """How many file descriptors this process holds (None without /proc)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
+
+
 def cuda_in_use() -> bool:
     """Whether this process has created a CUDA context (torch imported and CUDA initialised)."""
     torch = sys.modules.get("torch")
@@ -210,6 +218,7 @@ class Worker:
         # submitit's own handler spares a fresh job; the trainer's handler takes it while it trains
         signal.signal(TIMEOUT_SIGNAL, _timeout_outside_training)
         state = ProcessState.take()
+        baseline_fds = None
         for line in tasks:
             if not line.strip():
                 continue
@@ -218,6 +227,14 @@ class Worker:
             self.runs += 1
             stop = self.run_task(task, received)
             state.restore()
+            # files a run left open are not closed behind its back (a library may own them), but said: the count
+            # after the first run (imports open some for the process's life) is the baseline
+            fds = open_descriptors()
+            if baseline_fds is None or fds is None:
+                baseline_fds = fds
+            elif fds > baseline_fds:
+                print(f"embscale: warm worker {os.getpid()}: {fds - baseline_fds} more open file descriptors after "
+                      f"run {self.runs} than after its first run", file=sys.stderr, flush=True)
             if stop:
                 return 0
         return 0
