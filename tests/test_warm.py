@@ -325,7 +325,8 @@ def test_packed_benchmark_variants():
 
 def test_worker_protocol_and_leaked_files(tmp_path):
     """The worker alone, fed task lines on stdin: a result file per task (``success`` with the value, ``error``
-    with the traceback, the worker going on), and a run that leaves a file open is reported in its log."""
+    with the traceback for a call that raises or cannot be loaded, the worker going on), and a run that leaves a
+    file open is reported in its log."""
     import functools
 
     import submitit
@@ -342,17 +343,19 @@ def test_worker_protocol_and_leaked_files(tmp_path):
         pickle = job_paths(tmp_path, job_id).submitted_pickle
         submitit.core.utils.cloudpickle_dump(call, pickle)
         lines.append(json.dumps({"job_id": job_id, "pickle": str(pickle)}))
+    lines.insert(1, json.dumps({"job_id": "1.9", "pickle": str(tmp_path / "missing.pkl")}))  # cannot be loaded
     done = subprocess.run([sys.executable, "-m", "embscale.sweeps.executors.warm", str(tmp_path)],
                           input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert all(run_ended(tmp_path, job_id) for job_id in calls)
     assert [result_exit_code(tmp_path, job_id) for job_id in calls] == [0, 1, 0]
+    assert result_exit_code(tmp_path, "1.9") == 1  # failed alone: the worker went on
     outcome, value = submitit.core.utils.pickle_load(job_paths(tmp_path, "1.2").result_pickle)
     assert outcome == "error" and "ValueError" in value
     assert "ValueError" in job_paths(tmp_path, "1.2").stderr.read_text()
-    assert "run 3 of this process (job 1.3)" in job_paths(tmp_path, "1.3").stdout.read_text()
-    assert "1 more open file descriptors after run 3 than after its first run" in done.stderr
-    assert "after run 2" not in done.stderr  # run 2 opened nothing
+    assert "run 4 of this process (job 1.3)" in job_paths(tmp_path, "1.3").stdout.read_text()
+    assert "1 more open file descriptors after run 4 than after its first run" in done.stderr
+    assert "after run 2" not in done.stderr and "after run 3" not in done.stderr  # they opened nothing
 
 
 def test_process_state_is_put_back(tmp_path):

@@ -243,45 +243,51 @@ class Worker:
         """Train one task's run into its log files; whether the worker must stop after it."""
         job_id = str(task["job_id"])
         paths = job_paths(self.folder, job_id)
-        fn = submitit.core.utils.pickle_load(task["pickle"])
-        if hasattr(fn, "startup_since"):  # a RunJob: the first run counts its start-up from the worker's start
-            # (its imports), later ones from when the worker took them
-            fn.started_at = None if self.runs == 1 else received
-            fn.startup_since = None if self.runs == 1 else "warm worker task"
-        stop = False
         with output_to(paths.stdout, paths.stderr):
             print(f"embscale: warm worker {os.getpid()}, run {self.runs} of this process (job {job_id})",
                   flush=True)
-            max_requeues = int(task.get("max_requeues", MAX_REQUEUES))
-            for attempt in range(max_requeues + 1):
-                timer = self._arm_timer(task)
-                try:
-                    value = fn()
-                except SystemExit as exc:
-                    timer and timer.cancel()
-                    if exc.code == LOCAL_REQUEUE_RETURN_CODE and attempt < max_requeues:
-                        print(f"embscale: job {job_id} restarts (time limit)", flush=True)
-                        if hasattr(fn, "startup_since"):
-                            fn.started_at, fn.startup_since = time.time(), "warm worker task"
-                        continue
-                    outcome, stop = ("error", f"SystemExit({exc.code!r})"), True
-                except BaseException as exc:  # noqa: BLE001 - the run's failure is its own; the worker goes on
-                    timer and timer.cancel()
-                    outcome = ("error", traceback.format_exc())
-                    # KeyboardInterrupt and the like end the worker; so does any error once CUDA is in use, since
-                    # some CUDA errors leave the process's context unusable: a fresh worker takes the next run
-                    stop = not isinstance(exc, Exception) or cuda_in_use()
-                    print(traceback.format_exc(), file=sys.stderr, flush=True)
-                else:
-                    timer and timer.cancel()
-                    outcome = ("success", value)
-                    # a signal interrupted the run (cancel, a stopping driver): take no further run
-                    stop = isinstance(value, dict) and value.get("state") == "interrupted"
-                break
+            try:
+                fn = submitit.core.utils.pickle_load(task["pickle"])
+            except Exception:  # noqa: BLE001 - a task that cannot be loaded fails alone
+                outcome, stop = ("error", traceback.format_exc()), False
+                print(outcome[1], file=sys.stderr, flush=True)
+            else:
+                if hasattr(fn, "startup_since"):  # a RunJob: the first run counts its start-up from the worker's
+                    # start (its imports), later ones from when the worker took them
+                    fn.started_at = None if self.runs == 1 else received
+                    fn.startup_since = None if self.runs == 1 else "warm worker task"
+                outcome, stop = self._call(fn, task, job_id)
         if stop:  # said before the result, so a driver that sees the result knows it
             paths.folder.joinpath(f"{job_id}{STOP_SUFFIX}").touch()
         self._write_result(paths.result_pickle, outcome)
         return stop
+
+    def _call(self, fn: Any, task: dict[str, Any], job_id: str) -> tuple[tuple[str, Any], bool]:
+        """Call ``fn`` (again after each restart it asks for at its time limit): its submitit-style outcome, and
+        whether the worker must stop after it."""
+        max_requeues = int(task.get("max_requeues", MAX_REQUEUES))
+        for attempt in range(max_requeues + 1):
+            timer = self._arm_timer(task)
+            try:
+                value = fn()
+            except SystemExit as exc:
+                if exc.code == LOCAL_REQUEUE_RETURN_CODE and attempt < max_requeues:
+                    print(f"embscale: job {job_id} restarts (time limit)", flush=True)
+                    if hasattr(fn, "startup_since"):
+                        fn.started_at, fn.startup_since = time.time(), "warm worker task"
+                    continue
+                return ("error", f"SystemExit({exc.code!r})"), True
+            except BaseException as exc:  # noqa: BLE001 - the run's failure is its own; the worker goes on
+                print(traceback.format_exc(), file=sys.stderr, flush=True)
+                # KeyboardInterrupt and the like end the worker; so does any error once CUDA is in use, since
+                # some CUDA errors leave the process's context unusable: a fresh worker takes the next run
+                return ("error", traceback.format_exc()), not isinstance(exc, Exception) or cuda_in_use()
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            # a signal interrupted the run (cancel, a stopping driver): take no further run
+            return ("success", value), isinstance(value, dict) and value.get("state") == "interrupted"
+        raise AssertionError("unreachable: the last attempt returns")
 
     @staticmethod
     def _arm_timer(task: dict[str, Any]) -> threading.Timer | None:
