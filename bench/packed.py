@@ -5,6 +5,7 @@
     python -m embscale.bench.packed                      # fig2_small on one GPU, K = all its runs, then K = 1
     python -m embscale.bench.packed --k 9,3,1 --corpus /data/text.jsonl --out report/
     python -m embscale.bench.packed --tiny               # seconds on a CPU: a tiny sweep on a tiny corpus
+    python -m embscale.bench.packed --k 9,9w,1,1w        # "w": the same K with warm workers (one process per slot)
     python -m embscale.bench.packed --prepare-only --work /tmp/packed   # the corpus alone, in a call of its own
 
 What it does, in one call (``--deadline-s``, default 560 s, bounds the whole; a sweep still running then is
@@ -20,13 +21,15 @@ cancelled and reported as such):
 3. for each K of ``--k`` (default: all the sweep's runs at once, then 1): ``embscale submit`` of the sweep with
    ``executor: {type: local, runs_per_gpu: K}`` into a results folder of its own and with compile caches of its
    own (each variant compiles from cold unless ``--shared-compile-cache``), timed from launch to exit, with
-   ``nvidia-smi`` sampled for GPU utilisation and memory;
+   ``nvidia-smi`` sampled for GPU utilisation and memory. A K written ``Kw`` (or every K, with ``--warm``, as a
+   second variant) adds ``warm_workers: true``: each of the K slots per GPU is one process that trains its runs
+   one after another, so a worker's later runs skip imports, CUDA context creation and kernel builds;
 4. a markdown table per variant (each run's launch latency, start-up phases from its run.json ``startup``, training
    and job time) and a summary (end to end, speed-up over K=1), printed as each variant ends and written with the
    raw numbers to ``--out`` (``packed.md``, ``packed.json``).
 
-``--tiny`` runs a two-run sweep of tiny models on a small corpus, with one fake GPU (``EMBSCALE_FAKE_GPUS``)
-where there is none, so the whole path is exercised on a CPU in seconds.
+``--tiny`` runs a two-run sweep (``--tiny-runs`` N: N runs) of tiny models on a small corpus, with one fake GPU
+(``EMBSCALE_FAKE_GPUS``) where there is none, so the whole path is exercised on a CPU in seconds.
 """
 
 from __future__ import annotations
@@ -234,14 +237,38 @@ class GpuSampler:
                 "gpu_mem_peak_gib": round(max(s[1] for s in samples) / 1024, 1)}
 
 
+def parse_variants(text: str | None, n_runs: int, warm: bool) -> list[tuple[int, bool]]:
+    """``--k`` (``9,3w,1``: K, and ``w`` for warm workers) as (K, warm) pairs; ``--warm`` adds a warm twin of
+    each plain K."""
+    variants: list[tuple[int, bool]] = []
+    for item in (text.split(",") if text else [str(n_runs), "1"]):
+        item = item.strip().lower()
+        is_warm = item.endswith("w")
+        try:
+            k = int(item[:-1] if is_warm else item)
+        except ValueError:
+            raise UserError(f"--k: {item!r} is not a number of runs per GPU (e.g. 9 or 9w)") from None
+        if k < 1:
+            raise UserError(f"--k: every value must be at least 1, got {text}")
+        variants.append((k, is_warm))
+        if warm and not is_warm:
+            variants.append((k, True))
+    return variants
+
+
+def variant_name(k: int, warm: bool) -> str:
+    return f"{k} (warm workers)" if warm else str(k)
+
+
 def run_variant(sweep: dict[str, Any], k: int, work: Path, env: dict[str, str], timeout_s: float,
-                shared_compile_cache: bool) -> dict[str, Any]:
-    """``embscale submit`` of ``sweep`` with ``runs_per_gpu`` ``k`` into a results folder of its own, timed."""
-    folder = work / f"k{k}"
+                shared_compile_cache: bool, warm: bool = False) -> dict[str, Any]:
+    """``embscale submit`` of ``sweep`` with ``runs_per_gpu`` ``k`` (and warm workers when ``warm``) into a results
+    folder of its own, timed."""
+    folder = work / (f"k{k}w" if warm else f"k{k}")
     folder.mkdir(parents=True, exist_ok=True)
     sweep_file = folder / "sweep.yaml"
-    atomic_write_text(sweep_file, yaml.safe_dump({**sweep, "executor": {"type": "local", "runs_per_gpu": k}},
-                                                 sort_keys=False))
+    executor = {"type": "local", "runs_per_gpu": k, **({"warm_workers": True} if warm else {})}
+    atomic_write_text(sweep_file, yaml.safe_dump({**sweep, "executor": executor}, sort_keys=False))
     results = folder / "results"
     env = dict(env)
     if not shared_compile_cache:
@@ -249,7 +276,7 @@ def run_variant(sweep: dict[str, Any], k: int, work: Path, env: dict[str, str], 
         env["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "compile" / "inductor")
     command = [sys.executable, "-m", "embscale", "submit", str(sweep_file), "--executor", "local",
                "--results", str(results)]
-    log(f"runs_per_gpu {k}: {' '.join(command[1:])}")
+    log(f"runs_per_gpu {variant_name(k, warm)}: {' '.join(command[1:])}")
     timed_out = False
     with open(folder / "driver.log", "w") as driver_log, GpuSampler(folder / "gpu.csv") as sampler:
         started = time.monotonic()
@@ -264,8 +291,9 @@ def run_variant(sweep: dict[str, Any], k: int, work: Path, env: dict[str, str], 
                            env=env, capture_output=True, timeout=120, check=False)
         wall = time.monotonic() - started
     runs = gather_runs(results / str(sweep["name"]))
-    variant = {"runs_per_gpu": k, "wall_s": round(wall, 1), "exit_code": exit_code, "timed_out": timed_out,
-               "runs": runs, "completed": sum(r["state"] == "completed" for r in runs), **sampler.summary()}
+    variant = {"runs_per_gpu": k, "warm_workers": warm, "wall_s": round(wall, 1), "exit_code": exit_code,
+               "timed_out": timed_out, "runs": runs, "completed": sum(r["state"] == "completed" for r in runs),
+               **sampler.summary()}
     if exit_code != 0 and not timed_out:
         variant["driver_log_tail"] = (folder / "driver.log").read_text()[-3000:]
     return variant
@@ -290,9 +318,12 @@ def gather_runs(sweep_dir: Path) -> list[dict[str, Any]]:
                "train_s": (status.get("summary") or {}).get("wall_s"),
                "job_s": (job["ended_at"] - job["started_at"]) if job.get("ended_at") and job.get("started_at")
                else None,
-               "launch_s": (startup["origin"] - job["started_at"])
-               if startup.get("since") == "process start" and job.get("started_at") else None,
-               "started_at": job.get("started_at"), "ended_at": job.get("ended_at"), "startup": startup}
+               # a warm worker's first run: its process starts just after the driver's mark, and the start time has
+               # 10 ms ticks, so a few milliseconds below 0 are rounding
+               "launch_s": max(0.0, startup["origin"] - job["started_at"])
+               if startup.get("since") in ("process start", "warm worker task") and job.get("started_at") else None,
+               "started_at": job.get("started_at"), "ended_at": job.get("ended_at"), "startup": startup,
+               "worker_run": job.get("worker_run")}
         rows.append(row)
     return rows
 
@@ -313,10 +344,11 @@ def variant_table(variant: dict[str, Any], sweep_name: str) -> str:
     """A variant's runs as a markdown table, with the median of each timing."""
     runs = variant["runs"]
     state = "timed out (cancelled)" if variant["timed_out"] else f"exit code {variant['exit_code']}"
-    lines = [f"### {sweep_name}, runs_per_gpu {variant['runs_per_gpu']}: {variant['wall_s']:.1f} s end to end "
+    name = variant_name(variant["runs_per_gpu"], bool(variant.get("warm_workers")))
+    lines = [f"### {sweep_name}, runs_per_gpu {name}: {variant['wall_s']:.1f} s end to end "
              f"({variant['completed']}/{len(runs)} runs completed, {state})", ""]
-    header = ["run", "family", "point", "GPU", "launch s", *[f"{p.replace('_', ' ')} s" for p in PHASES],
-              "start-up s", "train s", "job s", "state"]
+    header = ["run", "family", "point", "GPU", "worker run", "launch s",
+              *[f"{p.replace('_', ' ')} s" for p in PHASES], "start-up s", "train s", "job s", "state"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     columns: dict[str, list[float]] = {}
     for run in runs:
@@ -327,11 +359,12 @@ def variant_table(variant: dict[str, Any], sweep_name: str) -> str:
             if isinstance(value, (int, float)):
                 columns.setdefault(key, []).append(float(value))
         lines.append("| " + " | ".join([run["run_id"], _cell(run["family"]), run["point"] or "-", run["gpus"] or "-",
+                                        _cell(run.get("worker_run")),
                                         *[_cell(None if v is None else float(v), 2) for v in values.values()],
                                         run["state"]]) + " |")
     medians = [_cell(statistics.median(columns[key]), 2) if columns.get(key) else "-"
-               for key in header[4:-1]]
-    lines.append("| median | | | | " + " | ".join(medians) + " | |")
+               for key in header[5:-1]]
+    lines.append("| median | | | | | " + " | ".join(medians) + " | |")
     extra = []
     if variant.get("gpu_util_mean") is not None:
         extra.append(f"GPU 0 utilisation {variant['gpu_util_mean']:.0f}% on average (nvidia-smi, 1 s samples), "
@@ -343,7 +376,8 @@ def variant_table(variant: dict[str, Any], sweep_name: str) -> str:
 
 def summary_table(variants: list[dict[str, Any]], reference_s: float | None) -> str:
     """End to end per K, the speed-up over K=1 (when measured) and over the reference wall time."""
-    base = next((v["wall_s"] for v in variants if v["runs_per_gpu"] == 1 and not v["timed_out"]), None)
+    base = next((v["wall_s"] for v in variants if v["runs_per_gpu"] == 1 and not v.get("warm_workers")
+                 and not v["timed_out"]), None)
     header = ["runs_per_gpu", "end to end s", "runs completed", "speed-up vs K=1",
               f"speed-up vs {reference_s:.0f} s" if reference_s else "reference", "median start-up s",
               "median job s", "GPU util %", "GPU mem peak GiB"]
@@ -353,7 +387,7 @@ def summary_table(variants: list[dict[str, Any]], reference_s: float | None) -> 
         jobs = [r["job_s"] for r in v["runs"] if r["job_s"] is not None]
         wall = f"{v['wall_s']:.1f}" + (" (timed out)" if v["timed_out"] else "")
         lines.append("| " + " | ".join([
-            str(v["runs_per_gpu"]), wall, f"{v['completed']}/{len(v['runs'])}",
+            variant_name(v["runs_per_gpu"], bool(v.get("warm_workers"))), wall, f"{v['completed']}/{len(v['runs'])}",
             f"{base / v['wall_s']:.2f}x" if base and not v["timed_out"] else "-",
             f"{reference_s / v['wall_s']:.2f}x" if reference_s and not v["timed_out"] else "-",
             _cell(statistics.median(startups), 2) if startups else "-",
@@ -386,7 +420,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prepare-only", action="store_true",
                         help="build the corpus, tokenizer and shards (in --work and the cache) and stop")
     parser.add_argument("--k", default=None,
-                        help="comma list of runs_per_gpu values, run in this order (default: all runs, then 1)")
+                        help="comma list of runs_per_gpu values, run in this order (default: all runs, then 1); "
+                             "a value ending in w (9w) runs with warm workers")
+    parser.add_argument("--warm", action="store_true", help="after each plain K of --k, the same K with warm workers")
+    parser.add_argument("--tiny-runs", type=int, default=2, help="--tiny: runs of the tiny sweep (default 2)")
     parser.add_argument("--out", default=None, help="folder for packed.md and packed.json")
     parser.add_argument("--work", default=None, help="folder for the corpus, sweeps and results (default: temp)")
     parser.add_argument("--deadline-s", type=float, default=560.0,
@@ -407,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "EMBSCALE_PROGRESS": "plain"}
     if args.tiny:
         sweep = json.loads(json.dumps(TINY))
+        sweep["grid"]["seed"] = list(range(max(1, args.tiny_runs)))
         data = write_tiny_corpus(work / "corpus")
         if not shutil.which("nvidia-smi"):
             env["EMBSCALE_FAKE_GPUS"] = "1"  # the packing path on a CPU machine: every run on "GPU 0"
@@ -434,9 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep_file = work / "plan.yaml"
     atomic_write_text(sweep_file, yaml.safe_dump(sweep, sort_keys=False))
     n_runs = len(load_plan(sweep_file, work / "plan-results").runs)
-    ks = [int(k) for k in args.k.split(",")] if args.k else [n_runs, 1]
-    if any(k < 1 for k in ks):
-        raise UserError(f"--k: every value must be at least 1, got {args.k}")
+    ks = parse_variants(args.k, n_runs, args.warm)
     if not args.tiny:
         warm = ("import torch, embscale.training.trainer; "
                 "torch.zeros(1, device='cuda') if torch.cuda.is_available() else None")
@@ -458,12 +494,13 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_json(out / "packed.json", report)
         return text
 
-    for k in ks:
+    for k, warm in ks:
         left = args.deadline_s - (time.monotonic() - started)
         if left < 20:
-            log(f"runs_per_gpu {k}: skipped, {left:.0f}s left of --deadline-s {args.deadline_s:.0f}")
+            log(f"runs_per_gpu {variant_name(k, warm)}: skipped, {left:.0f}s left of --deadline-s "
+                f"{args.deadline_s:.0f}")
             continue
-        variant = run_variant(sweep, k, work, env, left - 10, args.shared_compile_cache)
+        variant = run_variant(sweep, k, work, env, left - 10, args.shared_compile_cache, warm)
         report["variants"].append(variant)
         sections.append(variant_table(variant, str(sweep["name"])))
         print(sections[-1], file=sys.stderr, flush=True)  # as it ends; the whole report goes to stdout last

@@ -50,6 +50,10 @@ class RunJob(submitit.helpers.Checkpointable):
         self.signal_delay_s = signal_delay_s
         self.planned = planned or {}
         self.max_requeues = max_requeues
+        # set by a warm worker (embscale.sweeps.executors.warm) for its second and later runs: start-up counts
+        # from when it took the run, not from its process's start
+        self.started_at: float | None = None
+        self.startup_since: str | None = None
 
     def __call__(self) -> dict[str, Any]:
         share_compile_caches()
@@ -62,11 +66,14 @@ class RunJob(submitit.helpers.Checkpointable):
         run_dir = Path(self.run_dir)
         print(f"embscale: run {self.run_id} in {run_dir}; code from {Path(embscale.__file__).parent.parent}; "
               f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}; rank {rank}", flush=True)
-        # A job of its own (local, Slurm) times start-up from its process's start; a debug job shares the driver's.
-        process_start = process_started_at() if self.executor != "debug" else None
+        # A job of its own (local, Slurm) times start-up from its process's start; a debug job shares the driver's;
+        # a warm worker's later run counts from when the worker took it.
+        process_start = getattr(self, "started_at", None)
+        if process_start is None and self.executor != "debug":
+            process_start = process_started_at()
         try:
             summary = train_run(RunConfig.from_dict(self.config), run_dir, resume=True, planned=self.planned,
-                                started_at=process_start)
+                                started_at=process_start, startup_since=getattr(self, "startup_since", None))
         except SystemExit as exc:  # a trainer that exits on a signal after checkpointing
             self._after_interruption(rank, started)
             raise SystemExit(exc.code) from None

@@ -23,6 +23,7 @@ EXECUTOR_KEYS = {
     "gpus_per_run": "local: GPUs each run gets, one process (rank) per GPU (default 1 on a GPU machine)",
     "processes": "local: processes (gloo ranks) of each run on a machine without GPU (default 1)",
     "runs_per_gpu": "local: one-GPU runs sharing each GPU at once (default 1; packs small runs)",
+    "warm_workers": "local: one process per slot trains its one-process runs one after another (default false)",
     "timeout_min": "local: time limit of one job in minutes",
     "poll_s": "seconds between looks at the jobs",
     "log_interval_s": "seconds between progress lines",
@@ -71,6 +72,8 @@ def executor_options(section: dict[str, Any]) -> dict[str, Any]:
         gpu_memory(out["gpu_memory"], "executor.gpu_memory")
     if "runs_per_gpu" in out:
         check_runs_per_gpu(out["runs_per_gpu"], out.get("gpus_per_run"))
+    if "warm_workers" in out and not isinstance(out["warm_workers"], bool):
+        raise ConfigError("executor.warm_workers", f"must be true or false, got {out['warm_workers']!r}")
     for key in ("timeout_min", "poll_s", "log_interval_s"):
         if key in out and (not isinstance(out[key], (int, float)) or isinstance(out[key], bool) or out[key] <= 0):
             raise ConfigError(f"executor.{key}", f"must be a positive number, got {out[key]!r}")

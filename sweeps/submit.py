@@ -59,6 +59,7 @@ class SubmitOptions:
     gpus_per_run: int | None = None
     processes: int | None = None  # local, without GPU: processes (gloo ranks) per run
     runs_per_gpu: int | None = None
+    warm_workers: bool | None = None  # local: one-process runs trained by warm workers (None: the sweep's setting)
     timeout_min: float | None = None
     slurm: dict[str, Any] = field(default_factory=dict)  # overrides of the sweep's slurm: section
     wait: bool = True
@@ -112,6 +113,11 @@ def make_executor(plan: SweepPlan, options: SubmitOptions, snapshot: Path | None
                              extra_env=job_environment(snapshot),
                              cwd=snapshot if sys.version_info < (3, 11) else None)  # no PYTHONSAFEPATH before 3.11
     executor.processes = local_processes(options, section, gpus_per_run if gpus else 0, log)
+    warm = options.warm_workers if options.warm_workers is not None else bool(section.get("warm_workers", False))
+    ranks = gpus_per_run if gpus else executor.processes
+    if warm and ranks > 1:
+        log(f"warm workers set aside: runs of {ranks} processes each keep a process group per run")
+    executor.warm_workers = warm and ranks == 1
     return executor, gpus_per_run
 
 
@@ -251,6 +257,8 @@ class _Driver:
                 where += f", {gpus_per_run} GPUs (processes) per run"
             if not pool.has_gpus and executor.processes > 1:
                 where += f", {executor.processes} processes (gloo ranks) per run"
+            if executor.warm_workers:
+                where += ", warm workers (one process per slot trains its runs one after another)"
             self.log(f"local queue: {len(jobs)} runs, {where}")
         if isinstance(executor, SlurmExecutor):  # all at once, as one job array: Slurm queues them
             try:
@@ -295,6 +303,7 @@ class _Driver:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            self.executor.close()  # idle warm workers exit; busy ones after their run
             if self.bar is not None:
                 self.bar.close()
         if stopping["now"]:

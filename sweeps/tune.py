@@ -274,6 +274,7 @@ def _tune(plan: SweepPlan, spec: TuneSpec, options: SubmitOptions,
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        executor.close()  # idle warm workers exit; busy ones after their trial
     if stopping["now"]:
         log(f"tuner stopped; {len(flights)} trials keep running; `embscale tune` again continues the studies")
     return {group.label: _best(group, spec) for group in groups}

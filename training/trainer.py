@@ -167,15 +167,18 @@ class StartupClock:
     ``data`` (process group, corpus, tokenizer and shards), ``model`` (device, model, optimizers, batches) and
     ``first_step`` (checkpoint restore, run.json, data-parallel wrap, and the first optimizer step with its
     compilation and kernel builds). Started by ``train_run`` with the process's start time, or without one (a
-    run trained inside a longer-lived process), when the phases count from the call and ``imports`` is 0."""
+    run trained inside a longer-lived process), when the phases count from the call and ``imports`` is 0, or with
+    the moment a warm worker took the run (``since`` "warm worker task": its imports were done before)."""
 
     PHASES = ("imports", "data", "model", "first_step")
 
-    def __init__(self, started_at: float | None = None):
+    def __init__(self, started_at: float | None = None, since: str | None = None):
         now = time.time()
         self.from_process = started_at is not None and started_at <= now
         self.origin = started_at if self.from_process else now
         self.marks: dict[str, float] = {"imports": now}
+        # what ``started_at`` was, when not the process's start (a warm worker's "warm worker task")
+        self.since = (since or "process start") if self.from_process else "train_run call"
 
     def mark(self, phase: str) -> None:
         self.marks[phase] = time.time()
@@ -183,8 +186,7 @@ class StartupClock:
     def record(self) -> dict[str, Any]:
         """The phases marked so far in seconds, with ``total_s`` (origin to the last mark), ``since`` (``process
         start`` or ``train_run call``) and ``origin`` (seconds since the epoch)."""
-        out: dict[str, Any] = {"since": "process start" if self.from_process else "train_run call",
-                               "origin": round(self.origin, 3)}
+        out: dict[str, Any] = {"since": self.since, "origin": round(self.origin, 3)}
         previous = self.origin
         for phase in self.PHASES:
             if phase in self.marks:
@@ -206,18 +208,20 @@ def run_dir_for(run_cfg: RunConfig) -> Path:
 
 
 def train_run(run_cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = True,
-              planned: dict[str, Any] | None = None, *, started_at: float | None = None) -> dict[str, Any]:
+              planned: dict[str, Any] | None = None, *, started_at: float | None = None,
+              startup_since: str | None = None) -> dict[str, Any]:
     """Train (or resume, or return the stored result of) one run; returns its summary.
 
     The summary has ``run_id``, ``run_dir``, ``state`` (completed, diverged, interrupted), ``step``,
     ``total_steps``, ``tokens``, ``train_loss`` (mean of the last 10 steps), ``val_<split>_loss`` (last
     evaluation), ``wall_s``, ``tokens_per_s`` and, where it applies, ``diverged_at`` and ``signal``. ``planned``:
     the sweep engine's planned run.json record, whose keys the trainer's run.json keeps. ``started_at``: when the
-    process that trains only this run started (:func:`process_started_at`), so start-up counts from there. Raises
+    process that trains only this run started (:func:`process_started_at`), so start-up counts from there;
+    ``startup_since`` names that moment when it is not the process's start (a warm worker's later run). Raises
     ConfigError / UserError on bad input (nothing written), re-raises training errors after writing status
     ``failed``.
     """
-    startup = StartupClock(started_at)
+    startup = StartupClock(started_at, startup_since)
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(run_cfg)
     dist = Distributed("cuda" if wants_cuda(run_cfg.training.device) else "cpu")
     trainer = None

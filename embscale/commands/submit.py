@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "runs on GPUs have one process per GPU")
     local.add_argument("--runs-per-gpu", type=int, default=None,
                        help="one-GPU runs sharing each GPU at once (default: executor.runs_per_gpu, else 1)")
+    local.add_argument("--warm-workers", action=argparse.BooleanOptionalAction, default=None,
+                       help="one process per slot (GPU slot or CPU job) trains its one-process runs one after "
+                            "another: imports, CUDA context and kernel builds once per slot, not once per run "
+                            "(default: executor.warm_workers, else off)")
     local.add_argument("--timeout-min", type=float, default=None, help="time limit of one local job (minutes)")
     slurm = parser.add_argument_group("slurm executor (override the sweep's slurm: section)")
     slurm.add_argument("--partition")
@@ -95,6 +99,7 @@ def options_from_args(args: argparse.Namespace, plan: SweepPlan) -> SubmitOption
         gpus_per_run=args.gpus_per_run,
         processes=args.processes,
         runs_per_gpu=args.runs_per_gpu,
+        warm_workers=args.warm_workers,
         timeout_min=args.timeout_min,
         slurm=slurm_overrides(args),
         wait=executor != "slurm" or args.wait,

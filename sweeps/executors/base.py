@@ -87,6 +87,11 @@ class Executor(ABC):
     def running(self) -> list[str]:
         return list(self.tracked)
 
+    def close(self) -> None:
+        """Let go of what the executor keeps between jobs (the local executor's idle warm workers); running jobs
+        go on. Nothing by default."""
+        return None
+
     def describe(self, record: Record) -> str:
         """Where a started job runs, for a log line."""
         return f"job {record.get('job_id')}"

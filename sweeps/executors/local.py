@@ -14,12 +14,20 @@ job is a submitit local job (``python -m submitit.local._local``) started in a s
   job map (pid, process start time) and waits for them instead of starting them twice;
 - ``embscale cancel`` stops a job and everything it started by signalling its process group.
 
+With ``warm_workers`` on, one-process runs go to warm workers instead (:mod:`.warm`): one long-lived process per
+slot, pinned to the slot's GPU, trains the slot's runs one after another (imports, CUDA context and kernel builds
+paid once per worker, not once per run). Each run is still a job of its own in the job map: job id
+``<worker pid>.<n>`` (the worker's n-th run), the worker's pid and process group, and its own logs and result file;
+the same two guarantees hold (a killed driver's workers finish their run and exit; cancel signals the worker's
+group). Runs of several processes keep a process group per run.
+
 ``EMBSCALE_FAKE_GPUS=N`` pretends the machine has N GPUs (ids 0..N-1), to test the pinning on a CPU machine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -34,6 +42,7 @@ import submitit
 
 from embscale.sweeps.executors.base import Executor, Job, Record
 from embscale.sweeps.executors.jobmap import hostname, proc_start_time, process_alive
+from embscale.sweeps.executors.warm import job_paths, result_exit_code, run_ended, worker_stops
 
 FAKE_GPUS_ENV = "EMBSCALE_FAKE_GPUS"
 # submitit's local jobs time out after 2 minutes unless told otherwise; a training run may take days.
@@ -298,7 +307,11 @@ class LocalExecutor(Executor):
         self.extra_env = dict(extra_env or {})
         self.cwd = cwd
         self.processes = 1  # processes (gloo ranks) per run without GPUs, for the driver's jobs
+        self.warm_workers = False  # one-process runs go to warm workers (see the module docstring)
+        self.max_requeues = 6  # restarts of a warm run near its time limit, as submitit's local controller allows
         self._jobs: dict[str, Any] = {}  # key -> submitit LocalJob of the jobs started here (adopted ones have none)
+        self._workers: list[WarmWorker] = []  # the warm workers this executor started and that may take a run
+        self._warm_jobs: dict[str, WarmWorker] = {}  # key -> the warm worker training it
 
     def slots(self) -> int:
         return self.pool.capacity()
@@ -331,10 +344,12 @@ class LocalExecutor(Executor):
         return started
 
     def _start(self, job: Job, gpus: list[str], cpu_slots: int) -> Record:
-        executor = PinnedLocalExecutor(self.folder)
         if self.timeout_min and hasattr(job.fn, "timeout_min"):  # a RunJob restarts itself near the limit
             job.fn.timeout_min = self.timeout_min
         ranks = len(gpus) if gpus else max(1, job.processes)  # one process per GPU, else the CPU processes
+        if self.warm_workers and ranks == 1:
+            return self._start_warm(job, gpus, cpu_slots)
+        executor = PinnedLocalExecutor(self.folder)
         executor.update_parameters(timeout_min=self.timeout_min or DEFAULT_LOCAL_TIMEOUT_MIN,
                                    tasks_per_node=ranks, gpus_per_node=len(gpus))
         executor.devices = ",".join(gpus)
@@ -343,11 +358,7 @@ class LocalExecutor(Executor):
         if ranks > 1:  # the ranks meet on this machine, on a port nothing else uses (submitit's own choice is
             # a port drawn from the job id, which may be taken)
             executor.extra_env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-        if not self.pool.has_gpus:  # each process its share of the cores
-            threads = cpu_job_environment(max(self.pool.cpu_jobs, ranks))
-            executor.extra_env = {**threads, **executor.extra_env}
-        elif self.pool.runs_per_gpu > 1:  # packed runs share the cores as CPU jobs do
-            executor.extra_env = {**cpu_job_environment(self.pool.capacity()), **executor.extra_env}
+        executor.extra_env = {**self._thread_environment(ranks), **executor.extra_env}
         submitted = executor.submit(job.fn)
         pid = int(submitted.job_id)
         record = {"job_id": submitted.job_id, "executor": self.name, "pid": pid, "pgid": pid,
@@ -359,27 +370,114 @@ class LocalExecutor(Executor):
         self._jobs[job.key] = submitted
         return dict(record)
 
+    def _thread_environment(self, ranks: int) -> dict[str, str]:
+        if not self.pool.has_gpus:  # each process its share of the cores
+            return cpu_job_environment(max(self.pool.cpu_jobs, ranks))
+        if self.pool.runs_per_gpu > 1:  # packed runs share the cores as CPU jobs do
+            return cpu_job_environment(self.pool.capacity())
+        return {}
+
+    # ----- warm workers
+    def _start_warm(self, job: Job, gpus: list[str], cpu_slots: int) -> Record:
+        """Hand ``job`` to an idle warm worker pinned to ``gpus`` (a fresh one if there is none)."""
+        started_at = time.time()  # before a fresh worker starts: its process start counts for the run
+        for _ in range(2):  # a worker that died while idle is replaced once
+            worker = next((w for w in self._workers if w.key is None and w.gpus == tuple(gpus) and w.alive()),
+                          None) or self._spawn_worker(gpus)
+            job_id = f"{worker.pid}.{worker.runs + 1}"
+            pickle = job_paths(self.folder, job_id).submitted_pickle
+            submitit.core.utils.cloudpickle_dump(job.fn, pickle)
+            timeout_s = 60 * (self.timeout_min or DEFAULT_LOCAL_TIMEOUT_MIN)
+            task = {"job_id": job_id, "pickle": str(pickle), "timeout_s": timeout_s, "signal_delay_s": 30,
+                    "max_requeues": self.max_requeues}
+            if worker.send(task):
+                break
+            self._drop(worker)
+        else:
+            raise RuntimeError(f"no warm worker could take {job.key}: see {self.folder / WORKER_LOG}")
+        worker.runs += 1
+        worker.key, worker.job_id = job.key, job_id
+        record = {"job_id": job_id, "executor": self.name, "pid": worker.pid, "pgid": worker.pid,
+                  "proc_start": worker.proc_start, "host": hostname(), "gpus": list(gpus), "started_at": started_at,
+                  "folder": str(self.folder), "ranks": 1, "worker_run": worker.runs}
+        if cpu_slots:
+            record["cpu_slots"] = cpu_slots
+        self.tracked[job.key] = record
+        self._warm_jobs[job.key] = worker
+        return dict(record)
+
+    def _spawn_worker(self, gpus: list[str]) -> WarmWorker:
+        env = dict(os.environ)
+        env.update(self._thread_environment(1))
+        env.update(self.extra_env)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # like a job controller, a worker must not hold the driver's stdout, and lives in a session of its own
+        with open(self.folder / WORKER_LOG, "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "embscale.sweeps.executors.warm", str(self.folder)],
+                env=env, cwd=str(self.cwd) if self.cwd else None, stdin=subprocess.PIPE, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True, text=True)
+        worker = WarmWorker(process, tuple(gpus))
+        self._workers.append(worker)
+        return worker
+
+    def _drop(self, worker: WarmWorker) -> None:
+        """Take no further run to ``worker``: it exits once its stdin ends (after the run it has, if any)."""
+        worker.close()
+        if worker in self._workers:
+            self._workers.remove(worker)
+
+    def _warm_ended(self, key: str, record: Record) -> tuple[bool, int | None]:
+        """Whether the warm run ``key`` ended, and its exit code (0/1 from its result; the worker's exit code
+        when the worker died without one)."""
+        worker = self._warm_jobs[key]
+        job_id = str(record["job_id"])
+        if run_ended(self.folder, job_id):
+            worker.key = worker.job_id = None
+            if worker_stops(self.folder, job_id) or not worker.alive():
+                self._drop(worker)
+            return True, result_exit_code(self.folder, job_id)
+        if worker.process.poll() is not None:
+            self._drop(worker)
+            return True, worker.process.returncode
+        return False, None
+
+    def close(self) -> None:
+        """End every warm worker's stdin: idle ones exit now, busy ones after their run."""
+        for worker in list(self._workers):
+            self._drop(worker)
+
     def poll(self) -> list[tuple[str, Record]]:
         ended = []
         for key, record in list(self.tracked.items()):
             submitted = self._jobs.get(key)
-            if submitted is not None:
+            if key in self._warm_jobs:
+                done, exit_code = self._warm_ended(key, record)
+                if not done:
+                    continue
+            elif submitted is not None:
                 process = submitted._process
                 exit_code = process.poll() if process is not None else None
                 if process is not None and exit_code is None:
                     continue
-            elif process_alive(record.get("pid"), record.get("proc_start")):
+            elif process_alive(record.get("pid"), record.get("proc_start")) and not (
+                    record.get("worker_run") and run_ended(record.get("folder") or self.folder, str(record["job_id"]))):
                 continue
             else:
-                exit_code = None
+                exit_code = (result_exit_code(record.get("folder") or self.folder, str(record["job_id"]))
+                             if record.get("worker_run") else None)
             del self.tracked[key]
             self._jobs.pop(key, None)
+            self._warm_jobs.pop(key, None)
             self.pool.release([str(g) for g in record.get("gpus") or []], int(record.get("cpu_slots") or 1))
             ended.append((key, {**record, "ended_at": time.time(), "exit_code": exit_code}))
         return ended
 
     def describe(self, record: Record) -> str:
         where = f"GPU {','.join(record['gpus'])}" if record.get("gpus") else "CPU"
+        if record.get("worker_run"):
+            return f"{where} (warm worker pid {record.get('pid')}, its run {record['worker_run']})"
         ranks = int(record.get("ranks") or 1)
         return f"{where} (pid {record.get('pid')}" + (f", {ranks} processes)" if ranks > 1 else ")")
 
@@ -400,7 +498,45 @@ def local_job_alive(record: Record | None) -> bool | None:
         return False
     if record.get("host") not in (None, hostname()):
         return None
+    if record.get("worker_run") and run_ended(record.get("folder") or ".", str(record.get("job_id"))):
+        return False  # a warm worker's run that ended: the worker may live on with another run
     return process_alive(record.get("pid"), record.get("proc_start"))
+
+
+WORKER_LOG = "warm_workers.log"  # what warm workers print outside their runs
+
+
+class WarmWorker:
+    """The driver's handle on one warm worker: its process, the GPUs it is pinned to, the runs it took, and the
+    run it trains now (``key``, ``job_id``; None while idle)."""
+
+    def __init__(self, process: subprocess.Popen, gpus: tuple[str, ...]):
+        self.process = process
+        self.pid = process.pid
+        self.proc_start = proc_start_time(process.pid)
+        self.gpus = gpus
+        self.runs = 0
+        self.key: str | None = None
+        self.job_id: str | None = None
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def send(self, task: dict[str, Any]) -> bool:
+        """Write one task line; False when the worker is gone."""
+        if not self.alive() or self.process.stdin is None or self.process.stdin.closed:
+            return False
+        try:
+            self.process.stdin.write(json.dumps(task) + "\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.process.stdin is not None and not self.process.stdin.closed:
+            with contextlib.suppress(OSError, ValueError):
+                self.process.stdin.close()
 
 
 def ended_at(record: Record) -> float:
@@ -413,6 +549,7 @@ def ended_at(record: Record) -> float:
         return time.time()
 
 
-__all__ = ["DEFAULT_LOCAL_TIMEOUT_MIN", "LocalExecutor", "PinnedLocalExecutor", "SlotPool", "available_gpus",
+__all__ = ["DEFAULT_LOCAL_TIMEOUT_MIN", "LocalExecutor", "PinnedLocalExecutor", "SlotPool", "WarmWorker",
+           "available_gpus",
            "cpu_job_environment", "default_cpu_jobs", "ended_at", "free_port", "kill_process_groups",
            "local_job_alive"]
