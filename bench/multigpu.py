@@ -581,18 +581,9 @@ class Runbook:
             return {"state": "failed", "error": f"the plan has no {family} run"}
         planned = runs[0]
         run_cfg = {**planned["config"], "output": {"sweep": "multigpu_fsdp", "log_interval_s": 5}}
-        adjusted = None
-        model = run_cfg["model"]
-        if not model.get("ngram") and not model.get("per_layer") and \
-                run_cfg["training"].get("table_optimizer", "adamw") != "adamw":
-            # the sweep's table optimizer reaches its MoE runs too, which the trainer refuses (no N-gram tables)
-            adjusted = "training.table_optimizer adamw, table_sharding replicate: the model has no N-gram tables"
-            run_cfg["training"] = {**run_cfg["training"], "table_optimizer": "adamw", "table_sharding": "replicate"}
         if self.smoke:
             run_cfg["training"] = {**run_cfg["training"], "device": "cpu"}
         record = self.launch(f"fsdp_{family}_w{world}", run_cfg, world, skip_checkpoints=True)
-        if adjusted:
-            record["adjusted"] = adjusted
         record.update(point=planned["point"], plan_run_id=planned["run_id"], total=planned["accounting"]["total"],
                       activated=planned["accounting"]["activated"], plan_memory=planned.get("memory"))
         return record
