@@ -21,6 +21,24 @@ under DDP, their row-sparse gradients averaged by :func:`embscale.training.table
 with ``rows`` :func:`parallelize` first shards them by rows over each shard group
 (:func:`embscale.training.table_shard.shard_table_rows`): each rank keeps and steps only its rows.
 
+A sharded run's model is never built whole on every rank (:func:`build_sharded_model`, as torchtitan and
+torchtune do). Global rank 0 builds it with its initialisation in host memory (on the CPU, with every CPU it may
+use: the values do not depend on the thread count), so its parameters are bit for bit those of one process with
+the same seed on the CPU; every rank, rank 0 included, builds it again on the ``meta`` device (no memory) and
+:func:`parallelize` shards that. Each rank then materialises only its shards (:func:`materialise`, ``to_empty``)
+and :func:`load_from_rank0` fills them from rank 0's copy: the row-sharded N-gram tables first, each rank's rows
+scattered (:func:`embscale.training.table_shard.scatter_table_rows`; rank 0 lets go of each whole table once it
+is sent), then every other parameter and persistent buffer with ``set_model_state_dict(full_state_dict=True,
+broadcast_from_rank0=True)``, one tensor at a time (each rank keeps its shard of it), then the buffers outside the
+state dict (the MoE load counters, whose ``to_empty`` memory is garbage) broadcast whole. Rotary angles are no
+buffer (recomputed each forward), so nothing needs recomputing. Rank 0's whole copy is freed when the shards are
+placed (its own shards are copies, not views of it), and every rank's torch RNG is set to rank 0's after its
+initialisation. Host memory while building: rank 0 the whole model plus its shards; every other rank its shards
+plus, briefly, one whole dense tensor (the largest: a token table or LM head; an N-gram table trained by AdamW
+under FSDP, ``table_optimizer: adamw``, is one such tensor) and one scatter round. On CUDA the initial values
+are drawn by the CPU generator, not the GPU's: the same distribution as a one-GPU run with the same seed, other
+draws (building on the GPU would need the whole model to fit in one GPU).
+
 A sharded run's checkpoints are written shard by shard by every rank with ``torch.distributed.checkpoint``
 (:mod:`embscale.training.sharded_checkpoint`). :func:`load_full_state` puts a single-file checkpoint (one
 process's, written by an earlier attempt at one rank) back into a sharded model and optimizer (each rank keeps its
@@ -29,8 +47,12 @@ own shard of the full tensors, with no communication).
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -112,6 +134,8 @@ def parallelize(model: torch.nn.Module, mesh: torch.distributed.device_mesh.Devi
                 cfg: TrainingConfig, ignored: Sequence[torch.nn.Parameter] = ()) -> torch.nn.Module:
     """Apply the run's activation checkpointing and, with a ``mesh``, per-block compilation and FSDP2 sharding
     to ``model`` in place (returns it). Call before the optimizers are built: sharding replaces the parameters.
+    ``model`` may be on the ``meta`` device (:func:`build_sharded_model` shards it so, then materialises the
+    shards), or real: each rank then keeps its shards of the values it holds.
     ``ignored``: parameters left outside the FSDP units (the N-gram tables of a table optimizer). With
     ``training.table_sharding: rows`` the N-gram tables are first sharded by rows
     (:func:`embscale.training.table_shard.shard_table_rows`) and their local shards left out instead of
@@ -146,6 +170,152 @@ def parallelize(model: torch.nn.Module, mesh: torch.distributed.device_mesh.Devi
     fully_shard(model, mesh=mesh, mp_policy=root_policy, reshard_after_forward=False,
                 ignored_params=ignored_params)
     return model
+
+
+@dataclass(frozen=True)
+class ShardedBuild:
+    """How :func:`build_sharded_model` built one rank's model, measured on its tensors (bytes of parameters and
+    buffers): ``whole_copy_bytes`` of the initialised whole model this rank held (rank 0's copy; 0 elsewhere),
+    ``unsharded_bytes`` of the model being sharded that were materialised before sharding (0: built on ``meta``),
+    ``local_bytes`` of this rank's shards afterwards, and ``seconds`` the build took."""
+
+    whole_copy_bytes: int
+    unsharded_bytes: int
+    local_bytes: int
+    seconds: float
+
+
+def materialised_bytes(module: torch.nn.Module) -> int:
+    """Bytes of ``module``'s parameters and buffers that hold memory on this rank (each tensor once; a DTensor
+    counts its local shard; ``meta`` tensors count nothing)."""
+    from torch.distributed.tensor import DTensor
+
+    seen, total = set(), 0
+    for tensor in (*module.parameters(), *module.buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        if not local.is_meta:
+            total += local.numel() * local.element_size()
+    return total
+
+
+def build_sharded_model(model_cfg: Any, mesh: torch.distributed.device_mesh.DeviceMesh, cfg: TrainingConfig,
+                        device: torch.device) -> tuple[torch.nn.Module, ShardedBuild]:
+    """The model of a sharded run, sharded by :func:`parallelize` over ``mesh`` and holding on each rank only its
+    shards on ``device``, with the values global rank 0 initialised (see the module docstring). Call on every
+    rank at once, right after seeding (rank 0's initialisation is that of ``build_model`` in one process on the
+    CPU); afterwards every rank's torch RNG is where rank 0's was after initialising, as if each had built the
+    whole model on the CPU."""
+    from embscale.models.model import build_model
+
+    started = time.monotonic()
+    whole, source_state = 0, None
+    if torch.distributed.get_rank() == 0:
+        with _all_cpu_threads():  # the other ranks wait in their first collective meanwhile
+            source = build_model(model_cfg, device="cpu")
+        whole, source_state = materialised_bytes(source), whole_state(source)
+        del source  # from here only source_state holds the whole copy, and load_from_rank0 lets it go
+    rng = torch.get_rng_state()
+    model = build_model(model_cfg, device="meta")
+    unsharded = materialised_bytes(model)
+    table_params = model.ngram_tables() if cfg.table_optimizer != "adamw" else []
+    parallelize(model, mesh, cfg, ignored=table_params)  # training.table_sharding rows: shards the tables
+    materialise(model, device)
+    load_from_rank0(model, source_state)
+    torch.set_rng_state(_broadcast_from_rank0(rng, device))
+    return model, ShardedBuild(whole_copy_bytes=whole, unsharded_bytes=unsharded, local_bytes=materialised_bytes(model),
+                               seconds=time.monotonic() - started)
+
+
+@contextlib.contextmanager
+def _all_cpu_threads() -> Iterator[None]:
+    """Every CPU this process may run on for torch's intra-op threads (``torchrun`` starts ranks with one),
+    put back afterwards. The CPU generator draws the same values whatever the number of threads."""
+    threads = torch.get_num_threads()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(threads, usable))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def whole_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every value a model's initialisation sets: its state dict (parameters, persistent buffers) and its other
+    buffers (e.g. the MoE load counters), by qualified name; what :func:`load_from_rank0` takes."""
+    state = model.state_dict()
+    state.update({name: buffer for name, buffer in model.named_buffers() if name not in state})
+    return state
+
+
+def materialise(model: torch.nn.Module, device: torch.device) -> None:
+    """Give the ``meta`` parameters and buffers of a sharded ``model`` memory on ``device``, uninitialised: each
+    FSDP parameter its local shard, each row-sharded table its rows (``nn.Module.to_empty``). Python attributes of
+    the plain parameters (e.g. a table's ``sparse_grads`` list) are carried over to the new parameter objects."""
+    from torch.distributed.tensor import DTensor
+
+    attributes = {name: {key: value for key, value in vars(param).items() if not key.startswith("_")}
+                  for name, param in model.named_parameters(remove_duplicate=False)
+                  if not isinstance(param, DTensor)}
+    model.to_empty(device=device)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        for key, value in attributes.get(name, {}).items():
+            if not hasattr(param, key):
+                setattr(param, key, value)
+
+
+@torch.no_grad()
+def load_from_rank0(model: torch.nn.Module, state: dict[str, torch.Tensor] | None) -> None:
+    """Fill a sharded, materialised ``model`` with ``state``, the :func:`whole_state` of the same model whole and
+    initialised, which global rank 0 passes and every other rank passes as None; call on every rank at once.
+    Row-sharded N-gram tables first: each rank's rows scattered
+    (:func:`embscale.training.table_shard.scatter_table_rows`), and rank 0 lets go of each whole table once it is
+    sent. Then the parameters and persistent buffers through ``set_model_state_dict(full_state_dict=True,
+    broadcast_from_rank0=True)`` (rank 0 broadcasts one tensor at a time, each rank keeps its shard) and the other
+    buffers broadcast whole. ``state`` is emptied (rank 0's copy is freed unless the caller keeps references).
+    Rank 0 checks that ``state`` has exactly the model's entries, so nothing is left uninitialised."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from embscale.training.table_shard import row_sharded_tables, scatter_table_rows
+
+    is_source = torch.distributed.get_rank() == 0
+    if (state is not None) != is_source:
+        raise ValueError("the initialised whole model is passed on global rank 0 and only there")
+    entries = set(model.state_dict())
+    other_buffers = {name: buffer for name, buffer in model.named_buffers() if name not in entries}
+    if state is not None and set(state) != entries | set(other_buffers):
+        raise RuntimeError(f"the whole model and the sharded one differ in entries: "
+                           f"{sorted(set(state) ^ (entries | set(other_buffers)))[:8]}")
+    tables = {f"{name}.weight": table for name, table in row_sharded_tables(model).items()}
+    done: set[int] = set()
+    for key, table in tables.items():  # the same order on every rank; a table shared by several modules once
+        full = state.pop(key) if state is not None else None
+        if id(table) not in done:
+            done.add(id(table))
+            scatter_table_rows(table, full)
+        del full
+    dense = {key: value for key, value in state.items() if key in entries} if state is not None else {}
+    buffers = {key: state.pop(key) for key in other_buffers} if state is not None else {}
+    if state is not None:
+        state.clear()
+    # strict=False: the row-sharded tables are left out (each would be broadcast whole): they are filled above
+    set_model_state_dict(model, dense, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                strict=False))
+    dense.clear()
+    for name, buffer in other_buffers.items():  # not persistent (the MoE load counters): in no state dict
+        if is_source:
+            buffer.copy_(buffers[name])
+        torch.distributed.broadcast(buffer, src=0)
+
+
+def _broadcast_from_rank0(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Global rank 0's ``tensor`` on every rank (sent through ``device``, the one the collectives run on), on
+    the CPU."""
+    moved = tensor.to(device)
+    torch.distributed.broadcast(moved, src=0)
+    return moved.cpu()
 
 
 def clip_sharded_gradients(params: Sequence[torch.nn.Parameter], tables: Sequence[torch.Tensor],
@@ -210,5 +380,6 @@ def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mo
                                                    src_data_rank=None)
 
 
-__all__ = ["SHARDED", "build_mesh", "checkpoint_activations", "clip_sharded_gradients", "is_sharded",
-           "load_full_state", "mesh_shape", "parallelize"]
+__all__ = ["SHARDED", "ShardedBuild", "build_mesh", "build_sharded_model", "checkpoint_activations",
+           "clip_sharded_gradients", "is_sharded", "load_from_rank0", "load_full_state", "materialise",
+           "materialised_bytes", "mesh_shape", "parallelize", "whole_state"]

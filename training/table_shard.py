@@ -39,8 +39,11 @@ A single-file checkpoint (one process's) goes back in through :func:`local_table
 :func:`local_table_optimizer_state`, which cut each rank's rows out of the full tensors.
 
 The collectives use process groups of their own (one per shard group and per replicate group), so they never
-interleave with FSDP's on the mesh's groups. The model is still built whole on every rank before it is sharded
-(as FSDP's parameters are); the whole table is freed once the shard is cut.
+interleave with FSDP's on the mesh's groups. A sharded run builds its model on the ``meta`` device on every rank
+(:func:`embscale.training.parallelize.build_sharded_model`), so :func:`shard_table_rows` cuts meta rows; once
+they are materialised, :func:`scatter_table_rows` fills them from the whole table, which only global rank 0 holds
+(its initialisation), in rounds of at most :data:`SCATTER_ROUND_BYTES` per rank. A table cut from a real (not meta)
+one keeps its rows' values and the whole table is freed once the shard is cut.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from embscale.kernels.table_optim import merge_row_grads
 from embscale.training.table_ddp import all_reduce_table_grads
 
 ROW_STATE_KEYS = ("exp_avg", "exp_avg_sq", "row_step")  # TableAdamW's per-row states (dim 0 = table rows)
+SCATTER_ROUND_BYTES = 16 * 2**20  # rows rank 0 sends each rank per round of scatter_table_rows
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,59 @@ def shard_table_rows(model: nn.Module, mesh: Any) -> list[RowShardedTable]:
     return list(sharded.values())
 
 
+def shard_rank_of_each_rank(mesh: Any) -> list[int]:
+    """Each global rank's position in its shard group (the mesh's last dimension), indexed by global rank."""
+    rows = mesh.mesh.reshape(-1, mesh.mesh.shape[-1]).tolist()
+    positions = {rank: position for row in rows for position, rank in enumerate(row)}
+    return [positions[rank] for rank in range(len(positions))]
+
+
+@torch.no_grad()
+def scatter_table_rows(table: RowShardedTable, full: torch.Tensor | None, round_bytes: int | None = None) -> None:
+    """Fill this rank's rows of ``table`` (materialised, e.g. by ``to_empty``) from ``full``, the whole table,
+    which global rank 0 passes and every other rank passes as None; call on every rank of the default group at
+    once. Rank 0 scatters (``dist.scatter``) each rank its rows ``row_range(num_rows, W, shard rank)``, the same
+    rows to every replica under ``hsdp``, in rounds of at most ``round_bytes`` per rank (None:
+    :data:`SCATTER_ROUND_BYTES`). Each rank receives straight into its rows (a round past the end of a shorter
+    range goes through a buffer of one round); rank 0 sends views of ``full`` where it can (the same device, a
+    whole round) and zero-padded copies of one round otherwise (on CUDA every piece is copied to the device the
+    collective runs on: one round per rank). So no rank other than 0 ever holds more than its own rows plus one
+    round."""
+    is_source = dist.get_rank() == 0
+    if (full is not None) != is_source:
+        raise ValueError("the whole table is passed on global rank 0 and only there")
+    weight, width = table.weight.detach(), table.width
+    if full is not None and tuple(full.shape) != (table.num_rows, width):
+        raise ValueError(f"the whole table is {tuple(full.shape)}, the sharded one {(table.num_rows, width)}")
+    shard_ranks = shard_rank_of_each_rank(table.mesh)
+    per = table.rows_per_shard
+    round_bytes = SCATTER_ROUND_BYTES if round_bytes is None else round_bytes
+    step = max(1, min(per, round_bytes // max(1, width * weight.element_size())))
+    own_rows = table.row_stop - table.row_start
+    for offset in range(0, per, step):
+        rows = min(step, per - offset)
+        keep = max(0, min(rows, own_rows - offset))
+        whole_round = keep == rows
+        received = (weight[offset:offset + rows] if whole_round
+                    else torch.empty(rows, width, dtype=weight.dtype, device=weight.device))
+        pieces = None
+        if full is not None:
+            pieces = []
+            for shard_rank in shard_ranks:
+                start, stop = row_range(table.num_rows, table.groups.shard_size, shard_rank)
+                first, last = min(stop, start + offset), min(stop, start + offset + rows)
+                if (last - first == rows and full.device == weight.device and full.dtype == weight.dtype
+                        and full.is_contiguous()):
+                    pieces.append(full[first:last])
+                else:
+                    piece = torch.zeros(rows, width, dtype=weight.dtype, device=weight.device)
+                    piece[: last - first].copy_(full[first:last])
+                    pieces.append(piece)
+        dist.scatter(received, pieces, src=0)
+        if not whole_round:
+            weight[offset:offset + keep].copy_(received[:keep])
+
+
 def row_sharded_tables(model: nn.Module) -> dict[str, RowShardedTable]:
     """Every :class:`RowShardedTable` of ``model`` by each of its qualified names (a shared table under all of
     them)."""
@@ -288,4 +345,5 @@ def local_table_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Modu
 __all__ = ["ROW_STATE_KEYS", "RowShardedTable", "ShardGroups", "as_row_dtensor", "build_shard_groups", "local_rows",
            "tables_by_optimizer_index",
            "local_table_optimizer_state", "local_table_state",
-           "reduce_row_grads", "row_range", "row_sharded_tables", "shard_groups_of", "shard_table_rows"]
+           "reduce_row_grads", "row_range", "row_sharded_tables", "scatter_table_rows", "shard_groups_of",
+           "shard_rank_of_each_rank", "shard_table_rows", "SCATTER_ROUND_BYTES"]

@@ -4,9 +4,12 @@ whose steps a reader can hold in mind one at a time:
 1. :meth:`Trainer.build` validates everything before anything is written: the batch against the world size, the
    corpus and tokenizer (from the shared cache, built on a miss), the model against the tokenizer, and an existing
    run folder against this config. Bad input raises ``ConfigError`` / ``UserError`` (exit code 2) and leaves no
-   results folder behind. Then it builds the model (seeded), shards it under ``training.parallel`` ``fsdp`` /
-   ``hsdp`` (:func:`.parallelize.parallelize`, before the optimizers: sharding replaces the parameters), the
-   optimizers (:mod:`.optim`) and the batches.
+   results folder behind. Then it builds the model (seeded), the optimizers (:mod:`.optim`) and the batches.
+   Under ``training.parallel`` ``fsdp`` / ``hsdp`` on several ranks the model is never whole on every rank
+   (:func:`.parallelize.build_sharded_model`): rank 0 builds it with its initialisation in host memory, every rank
+   builds it on the ``meta`` device and shards it (:func:`.parallelize.parallelize`, before the optimizers:
+   sharding replaces the parameters), then materialises only its shards and receives their values from rank 0,
+   whose whole copy is freed at once (``Trainer.sharded_build`` records the bytes each rank held).
 2. :meth:`Trainer.restore` resumes from the newest intact checkpoint, if there is one: model, optimizers, data
    position, step and every RNG, with the metrics cut back to the checkpoint's step. On CPU a resumed run
    reproduces the uninterrupted loss curve bit for bit.
@@ -67,7 +70,9 @@ from embscale.training.distributed import Distributed, resolve_device, wants_cud
 from embscale.training.metrics import Metrics
 from embscale.training.optim import build_optimizers, clip_gradients, learning_rate
 from embscale.training.parallelize import (
+    ShardedBuild,
     build_mesh,
+    build_sharded_model,
     clip_sharded_gradients,
     is_sharded,
     parallelize,
@@ -278,6 +283,7 @@ class Trainer:
         self.last_checkpoint_step = -1
         self.sharded = False  # the model sharded with FSDP2 (training.parallel fsdp / hsdp on several ranks)
         self.table_groups = None  # process groups of row-sharded N-gram tables (training.table_sharding rows)
+        self.sharded_build: ShardedBuild | None = None  # how a sharded model was built on this rank
 
     # ------------------------------------------------------------------------------------------------- build
     @classmethod
@@ -312,12 +318,20 @@ class Trainer:
         self.flops_per_token = self.accounting.flops_per_token(cfg.seq_len)
         self.peak = peak_flops(self.device) * dist.world_size
         seed_everything(cfg.seed)
-        self.model = build_model(self.model_cfg, device=self.device)
         # sharding (training.parallel fsdp / hsdp) replaces the parameters: before the optimizers are built
         self.sharded = is_sharded(cfg, dist.world_size)
-        mesh = (build_mesh(cfg, dist.world_size, dist.local_world_size, self.device) if self.sharded else None)
-        table_params = self.model.ngram_tables() if cfg.table_optimizer != "adamw" else []
-        parallelize(self.model, mesh, cfg, ignored=table_params)  # training.table_sharding rows: shards the tables
+        if self.sharded:  # built on meta, sharded, each rank's shards filled from rank 0's one whole copy
+            mesh = build_mesh(cfg, dist.world_size, dist.local_world_size, self.device)
+            self.model, self.sharded_build = build_sharded_model(self.model_cfg, mesh, cfg, self.device)
+            if dist.is_main:
+                built = self.sharded_build
+                log(f"[{self.run_id}] model built on rank 0 ({built.whole_copy_bytes / 2**30:.2f} GiB in host "
+                    f"memory) and sharded over {dist.world_size} ranks ({built.local_bytes / 2**30:.2f} GiB on "
+                    f"rank 0) in {built.seconds:.1f}s")
+        else:
+            self.model = build_model(self.model_cfg, device=self.device)
+            table_params = self.model.ngram_tables() if cfg.table_optimizer != "adamw" else []
+            parallelize(self.model, None, cfg, ignored=table_params)  # activation checkpointing
         self.table_groups = shard_groups_of(self.model)  # their process groups (None: tables replicated)
         self.optimizers, self.tables, self.group_counts = build_optimizers(self.model, cfg, self.device)
         self.batches = TrainBatches(self.shards.train.tokens(), cfg.seq_len, cfg.sequences_per_step,
