@@ -59,14 +59,7 @@ def status_json(sweep: Path, env: dict[str, str]) -> dict:
     return json.loads(out.stdout)
 
 
-def wait_until(condition, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+wait_until = T.wait_until
 
 
 def run_states(results: Path, name: str) -> dict[str, str]:

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -61,13 +60,7 @@ def embscale(args: list[str], env: dict[str, str], timeout: float = 300) -> subp
 
 
 def wait_until(condition, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    return T.wait_until(condition, timeout, what, interval)
 
 
 def run_states(results: Path, name: str) -> dict[str, str]:

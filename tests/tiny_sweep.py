@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +105,15 @@ def assert_same_curve(got: pd.DataFrame, expected: pd.DataFrame, steps: int) -> 
     assert got["step"].tolist() == list(range(1, steps + 1))
     for column in ("train_loss", "grad_norm", "val_code_loss"):
         np.testing.assert_allclose(got[column], expected[column], rtol=1e-6, err_msg=column)
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.2):
+    """``condition()``'s first truthy value, polled every ``interval`` seconds; AssertionError after
+    ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
