@@ -196,8 +196,8 @@ def subplots(nrows: int, ncols: int, panel: tuple[float, float] = (3.2, 2.5), *,
 
 def set_title(fig: plt.Figure, text: str) -> None:
     """The figure's title, its font shrunk (down to 8 pt) so that it fits 94% of the figure's width as rendered;
-    a title still too wide at 8 pt is broken into two lines at the separator nearest its middle, at 9 pt at most
-    (two lines of a larger font would crowd the panel titles below)."""
+    a title still too wide at 8 pt is broken into two lines at the separator nearest its middle, at 9 pt at most,
+    and the panels move down by the second line's height."""
     size = plt.rcParams["figure.titlesize"]
     size = size if isinstance(size, (int, float)) else 10.5
     title = fig.suptitle(text, y=1 - 0.12 / fig.get_figheight(), va="top", fontsize=size)
@@ -210,6 +210,8 @@ def set_title(fig: plt.Figure, text: str) -> None:
         title.set_text(text)
         width = title.get_window_extent(renderer).width
         fontsize = max(6.0, min(9.0, size, size * available / width))
+        # the second line takes room from the panels, not from their titles
+        fig.subplots_adjust(top=fig.subplotpars.top - 1.25 * fontsize / 72 / fig.get_figheight())
     title.set_fontsize(fontsize)
 
 
