@@ -31,21 +31,8 @@ EMBSCALE = [sys.executable, "-m", "embscale"]
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A corpus, a warm tokenizer cache and the environment for drivers and jobs."""
-    root = tmp_path_factory.mktemp("dispatch")
-    data = T.write_corpus(root / "corpus")
-    env = T.job_environment(root / "cache", root / "results")
-    env.pop("EMBSCALE_FAKE_GPUS", None)
-    saved = dict(os.environ)
-    os.environ.update({k: env[k] for k in ("EMBSCALE_CACHE", "EMBSCALE_RESULTS", "EMBSCALE_PROGRESS")})
-    try:
-        from embscale.training.config import DataConfig
-        from embscale.training.data.shards import prepare_data
-
-        prepare_data(DataConfig(**data))  # the jobs then all find the tokenizer and shards cached
-        yield {"root": root, "data": data, "env": env, "results": root / "results"}
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    with T.prepared_workspace(tmp_path_factory.mktemp("dispatch")) as workspace:
+        yield workspace
 
 
 def embscale(args: list[str], env: dict[str, str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
@@ -71,13 +58,7 @@ def run_states(results: Path, name: str) -> dict[str, str]:
     return out
 
 
-def max_overlap(intervals: list[tuple[float, float]]) -> int:
-    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
-    best = current = 0
-    for _, delta in events:
-        current += delta
-        best = max(best, current)
-    return best
+max_overlap = T.max_overlap
 
 
 # ------------------------------------------------------------------------------------------------- the sweep

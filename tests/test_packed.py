@@ -30,13 +30,7 @@ from embscale.training.data import fingerprint_cache
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def max_overlap(intervals: list[tuple[float, float]]) -> int:
-    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
-    best = current = 0
-    for _, delta in events:
-        current += delta
-        best = max(best, current)
-    return best
+max_overlap = T.max_overlap
 
 
 # ------------------------------------------------------------------------------------------------- the pool

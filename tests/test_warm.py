@@ -37,22 +37,8 @@ TIMING_COLUMNS = ("tokens_per_s", "mfu")  # wall-clock measurements: the only co
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A corpus, a warm tokenizer cache and the environment for drivers and jobs."""
-    root = tmp_path_factory.mktemp("warm")
-    data = T.write_corpus(root / "corpus")
-    env = T.job_environment(root / "cache", root / "results")
-    env.pop("EMBSCALE_FAKE_GPUS", None)
-    saved = dict(os.environ)
-    os.environ.update({k: env[k] for k in ("EMBSCALE_CACHE", "EMBSCALE_RESULTS", "EMBSCALE_PROGRESS",
-                                           "OMP_NUM_THREADS")})
-    try:
-        from embscale.training.config import DataConfig
-        from embscale.training.data.shards import prepare_data
-
-        prepare_data(DataConfig(**data))
-        yield {"root": root, "data": data, "env": env, "results": root / "results"}
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    with T.prepared_workspace(tmp_path_factory.mktemp("warm"), extra_env=("OMP_NUM_THREADS",)) as workspace:
+        yield workspace
 
 
 def embscale(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:

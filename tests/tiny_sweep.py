@@ -8,11 +8,13 @@ the corpus whatever their working folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +119,34 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.2):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@contextlib.contextmanager
+def prepared_workspace(root: Path, extra_env: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """A corpus under ``root`` with its tokenizer and shards already built (the jobs then all find them cached),
+    and the environment for drivers and jobs, also set in this process (with the ``extra_env`` keys) until the
+    block ends: ``{"root", "data", "env", "results"}``."""
+    data = write_corpus(root / "corpus")
+    env = job_environment(root / "cache", root / "results")
+    env.pop("EMBSCALE_FAKE_GPUS", None)
+    saved = dict(os.environ)
+    os.environ.update({k: env[k] for k in ("EMBSCALE_CACHE", "EMBSCALE_RESULTS", "EMBSCALE_PROGRESS", *extra_env)})
+    try:
+        from embscale.training.config import DataConfig
+        from embscale.training.data.shards import prepare_data
+
+        prepare_data(DataConfig(**data))
+        yield {"root": root, "data": data, "env": env, "results": root / "results"}
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def max_overlap(intervals: list[tuple[float, float]]) -> int:
+    """The most intervals ``(start, end)`` that overlap at one time."""
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    best = current = 0
+    for _, delta in events:
+        current += delta
+        best = max(best, current)
+    return best
