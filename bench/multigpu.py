@@ -12,9 +12,9 @@ run is one plain process), the FSDP model is chosen by ``embscale plan``, and th
 ``embscale submit --executor local``. The rank entry point (``python -m embscale.bench.multigpu train-rank
 RUN.yaml``) is ``embscale train`` plus one thing the trainer's metrics lack: it writes each rank's
 ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` (the whole process: model build, steps and the final
-evaluation) after the run. ``--skip-checkpoints``, used for the FSDP throughput runs only, also turns the
-trainer's checkpoint into a metrics flush: the final checkpoint of a 13B-parameter run is about 160 GB of disk
-(more than a 2-GPU machine has) and minutes of writing.
+evaluation) after the run. The FSDP throughput runs train with ``training.keep_checkpoints: 0`` (no checkpoint):
+the final checkpoint of a 13B-parameter run is about 160 GB of disk (more than a 2-GPU machine has) and minutes
+of writing.
 
 The measurements, in three parts (``--part 1``, ``2``, ``3``, a comma list, or ``all``), in this order:
 
@@ -235,8 +235,6 @@ def train_rank(argv: list[str]) -> int:
     parser.add_argument("run_file")
     parser.add_argument("--results", required=True)
     parser.add_argument("--peak-dir", required=True)
-    parser.add_argument("--skip-checkpoints", action="store_true",
-                        help="the trainer's checkpoints only flush the metrics (throughput runs)")
     args = parser.parse_args(argv)
     import torch
 
@@ -244,8 +242,6 @@ def train_rank(argv: list[str]) -> int:
     from embscale.training.config import RunConfig
 
     run_cfg = RunConfig.from_yaml(args.run_file).replace(output={"root": args.results})
-    if args.skip_checkpoints:
-        trainer.Trainer.checkpoint = lambda self: self.metrics.flush()  # type: ignore[method-assign]
     summary = trainer.train_run(run_cfg, resume=True, started_at=trainer.process_started_at())
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     peak: dict[str, Any] = {"rank": rank, "local_rank": local_rank, "state": summary["state"],
@@ -381,7 +377,7 @@ class Runbook:
     def visible(self, count: int) -> str:
         return ",".join(str(i) for i in range(count))
 
-    def launch(self, name: str, run_cfg: dict[str, Any], world: int, skip_checkpoints: bool = False,
+    def launch(self, name: str, run_cfg: dict[str, Any], world: int,
                results: Path | None = None, keep_results: bool = False) -> dict[str, Any]:
         """Train ``run_cfg`` on ``world`` ranks (torchrun; one plain process for one rank) into
         ``<work>/<name>/results``; the unit's record: state, curve, tokens/s, MFU, per-rank peaks. The run folder
@@ -396,7 +392,7 @@ class Runbook:
         peaks = folder / "peak"
         shutil.rmtree(peaks, ignore_errors=True)
         rank_args = ["-m", "embscale.bench.multigpu", "train-rank", str(run_file), "--results", str(results),
-                     "--peak-dir", str(peaks)] + (["--skip-checkpoints"] if skip_checkpoints else [])
+                     "--peak-dir", str(peaks)]
         if world == 1:
             command = [sys.executable, *rank_args]
         else:
@@ -581,9 +577,11 @@ class Runbook:
             return {"state": "failed", "error": f"the plan has no {family} run"}
         planned = runs[0]
         run_cfg = {**planned["config"], "output": {"sweep": "multigpu_fsdp", "log_interval_s": 5}}
+        # a throughput run: no checkpoint (a 13B model's is about 160 GB, more than a 2-GPU machine's disk)
+        run_cfg["training"] = {**run_cfg["training"], "keep_checkpoints": 0}
         if self.smoke:
             run_cfg["training"] = {**run_cfg["training"], "device": "cpu"}
-        record = self.launch(f"fsdp_{family}_w{world}", run_cfg, world, skip_checkpoints=True)
+        record = self.launch(f"fsdp_{family}_w{world}", run_cfg, world)
         record.update(point=planned["point"], plan_run_id=planned["run_id"], total=planned["accounting"]["total"],
                       activated=planned["accounting"]["activated"], plan_memory=planned.get("memory"))
         return record

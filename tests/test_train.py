@@ -118,6 +118,20 @@ def test_moe_run_reports_load_statistics(corpus, tmp_path):
     assert frame["zero_expert_fraction"].between(0, 1).all() and (frame["aux_loss"] > 0).all()
 
 
+def test_keep_checkpoints_zero_writes_no_checkpoint(corpus, tmp_path):
+    """``training.keep_checkpoints: 0`` (a throughput run whose checkpoint would not fit the disk): the run
+    completes with every metrics row and evaluation, and no checkpoint is ever written; a negative count is a
+    ConfigError naming the field."""
+    from embscale.base.errors import ConfigError
+
+    summary = train_run(RunConfig.from_dict(config(corpus, tmp_path, steps=8, keep_checkpoints=0)))
+    assert summary["state"] == "completed" and len(metrics_of(summary)) == 8
+    assert not list((Path(summary["run_dir"]) / "checkpoints").glob("*"))
+    with pytest.raises(ConfigError) as info:
+        TrainingConfig(steps=8, keep_checkpoints=-1)
+    assert info.value.field == "keep_checkpoints"
+
+
 def test_one_held_out_split_reads_as_val_loss(corpus, tmp_path):
     """A corpus without named validation sets holds 2% out as split ``val``: its column is ``val_loss`` (not
     ``val_val_loss``), the collected column ``final_val_loss``, and its panels say "validation loss"."""

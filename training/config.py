@@ -76,6 +76,8 @@ class TrainingConfig:
     Schedules: ``cosine`` (linear warmup over ``warmup_fraction`` of the steps, cosine decay to
     ``lr * min_lr_ratio``) and ``wsd`` (warmup, constant, then linear decay to ``lr * min_lr_ratio`` over the
     last ``decay_fraction`` of the steps). ``eval_every`` / ``checkpoint_every`` of 0 mean only at the end.
+    ``keep_checkpoints`` of 0 writes no checkpoint at all (a throughput measurement of a model whose checkpoint
+    would not fit the disk; such a run cannot resume: trained again, it starts over).
     ``table_optimizer``: ``adamw`` trains the N-gram tables in the ordinary AdamW with dense gradients;
     ``dense`` / ``sparse`` give every ``NgramEmbedding``'s ``tables.weight`` row-sparse gradients and train
     it with ``kernels.table_optim.TableAdamW`` in that mode (``dense``: exactly AdamW; ``sparse``: lazy
@@ -137,9 +139,11 @@ class TrainingConfig:
         _require(self.tokens >= 0, "tokens", f"must be non-negative, got {self.tokens}")
         _require((self.steps > 0) != (self.tokens > 0), "steps",
                  "set exactly one of training.steps and training.tokens (a positive number)")
-        for name in ("batch_tokens", "micro_batch_size", "seq_len", "eval_tokens", "keep_checkpoints"):
+        for name in ("batch_tokens", "micro_batch_size", "seq_len", "eval_tokens"):
             value = getattr(self, name)
             _require(value > 0, name, f"must be positive, got {value}")
+        _require(self.keep_checkpoints >= 0, "keep_checkpoints",
+                 f"must be non-negative (0: no checkpoint at all), got {self.keep_checkpoints}")
         _require(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be positive, got {self.lr}")
         _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         _require(self.schedule in SCHEDULES, "schedule",

@@ -518,9 +518,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- checkpoint
     def checkpoint(self) -> None:
         """Flush the metrics and save a checkpoint of the current step (rank 0 writes it; a sharded model's
-        ranks each write their shards); every rank waits."""
+        ranks each write their shards); every rank waits. ``training.keep_checkpoints`` 0: the metrics only."""
         self.metrics.flush()
-        if self.sharded:
+        if self.cfg.keep_checkpoints == 0:
+            pass
+        elif self.sharded:
             from embscale.training.sharded_checkpoint import save_sharded_checkpoint
 
             state = {"run_id": self.run_id, "data": self.batches.state_dict(), "loss_ema": self.loss_ema,
