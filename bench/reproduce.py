@@ -70,6 +70,7 @@ SKIPPED_PARTS = {"checkpoints", "code", "submitit", "tensorboard", "wandb", "__p
 SKIPPED_NAMES = {"jobs.json"}  # job records: their processes do not outlive the machine
 MAX_PACKED_FILE_BYTES = 4 << 20  # larger files (logs gone wild) stay behind
 PROGRESS_FILE = "progress.json"
+REPORT_FILE = "REPRODUCTION.md"
 CACHE_PREFIX = "_cache"  # archive members restored into the embscale cache (the trained tokenizer)
 MAX_EPOCHS = 0.95  # a run may see at most this share of its training split: no repeated data, with a margin
 
@@ -538,6 +539,11 @@ def reproduce(args: argparse.Namespace) -> dict[str, Any]:
     atomic_write_json(call.results / RESOLVED_DIR / PROGRESS_FILE, progress)
     pack(call, names, tokenizers)
     atomic_write_json(call.out / PROGRESS_FILE, progress)
+    if progress["done"]:
+        result = subprocess.run(_command("findings", "--results", str(call.results), "--manifest",
+                                         str(manifest.path), "--out", str(call.out / REPORT_FILE)),
+                                env=env, capture_output=True, text=True, check=False)
+        call.log(f"findings: exit {result.returncode} {(result.stdout + result.stderr).strip().splitlines()[:1]}")
     call.log(f"done: {progress['done']}; this call {call.elapsed():.0f}s, all calls {progress['device_s_so_far']}s")
     atomic_write_text(call.out / "reproduce.log", "\n".join(call.lines) + "\n")
     return progress
@@ -602,7 +608,8 @@ def _previous_progress(results: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m embscale.bench.reproduce", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="folder for results.tar.gz, progress.json, reproduce.log")
+    parser.add_argument("--out", required=True, help="folder for results.tar.gz, progress.json, reproduce.log "
+                        "(and REPRODUCTION.md, embscale findings, once everything is done)")
     parser.add_argument("--manifest", default=str(DEFAULT_MANIFEST), help="tune and reproduction sweep files")
     parser.add_argument("--results", default="results", help="results root (default ./results)")
     parser.add_argument("--restore", default=None, help="results.tar.gz of an earlier call, on a fresh machine")

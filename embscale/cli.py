@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "tune": "tune hyperparameters of a sweep with Optuna",
     "collect": "gather a sweep's runs into runs.parquet and curves.parquet",
     "plots": "fit and regenerate a sweep's figures",
+    "findings": "the paper's findings as the reproduction sweeps measured them (REPRODUCTION.md)",
     "collisions": "n-gram hash hit and collision rates against table size",
     "bench": "GPU benchmarks into BENCHMARKS.md",
     "decode-bench": "decoding speed of a model or an NE/MoE pair over batch sizes, against its memory floor",

@@ -430,7 +430,10 @@ class _Expander:
             self._need_experts(base)
             lo = self._min_experts(base)
             curve = self.expert_curve(base)
-            n, achieved = closest_integer(lambda n: curve(n)[1].ratio, ratio, lo, MAX_EXPERTS)
+            # with no zero experts the activated count does not depend on the expert count, so the ratio is
+            # affine in it
+            affine = self.zero_ratio is None and base.n_zero_experts == 0
+            n, achieved = closest_integer(lambda n: curve(n)[1].ratio, ratio, lo, MAX_EXPERTS, affine=affine)
             cfg, acc = self._register(*curve(n))
             error = achieved / ratio - 1
             if abs(error) > self.limits.ratio_tolerance:

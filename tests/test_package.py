@@ -60,6 +60,7 @@ print(json.dumps({"embscale": embscale.__file__, "models": models.WHOSE, "analys
                   "sweeps": sorted(p.name for p in SWEEP_DIR.glob("*.yaml")),
                   "reproduction": sorted(p.name for p in (SWEEP_DIR / "reproduction").iterdir()),
                   "manifest_sweeps": len(load_manifest(DEFAULT_MANIFEST).sweeps),
+                  "next_sweeps": len(load_manifest(DEFAULT_MANIFEST.parent / "next" / "manifest.yaml").sweeps),
                   "bench_config": ModelConfig.from_yaml(CONFIG_DIR / "bench_moe_100m.yaml").d_model}))
 """
 BARE_CHECK = "import importlib.util, json; print(json.dumps([n for n in {names} if importlib.util.find_spec(n)]))"
@@ -111,6 +112,7 @@ def test_wheel_has_one_namespace_beside_a_researchers_own_modules(wheel_venv, tm
     assert seen["bench_config"] == 1024  # read from the wheel's package data
     assert {"manifest.yaml", "README.md", "base.yaml", "fig2_ladder.yaml"} <= set(seen["reproduction"])
     assert seen["manifest_sweeps"] == 5  # the runbook finds its shipped manifest and sweeps in the wheel
+    assert seen["next_sweeps"] == 5  # and the next-scale ones that REPRODUCTION.md points to
     bare = run(wheel_venv, BARE_CHECK.format(names=list(BARE)), tmp_path)
     assert bare.returncode == 0 and json.loads(bare.stdout) == [], bare.stdout + bare.stderr
     missing = run(wheel_venv, "import models", tmp_path)

@@ -121,7 +121,10 @@ def test_runbook_tunes_runs_collects_packs_and_resumes_from_its_archive(tmp_path
     first = _call(tmp_path, manifest, tmp_path / "r1", tmp_path / "o1", "--budget-s", "500")
     assert first.returncode == 0, first.stdout + first.stderr
     out = tmp_path / "o1"
-    assert sorted(p.name for p in out.iterdir()) == ["progress.json", "reproduce.log", "results.tar.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["REPRODUCTION.md", "progress.json", "reproduce.log",
+                                                     "results.tar.gz"]
+    # the tiny manifest's sweeps are no figure's: every finding is reported as not measured, none made up
+    assert "0 agree, 0 disagree, 0 inconclusive, 12 not measured" in (out / "REPRODUCTION.md").read_text()
     progress = json.loads((out / "progress.json").read_text())
     rate = progress["learning_rates"]["16x1"]
     assert 1.0e-3 <= rate <= 1.0e-2

@@ -1,0 +1,160 @@
+"""``embscale findings``: the paper's findings as the reproduction sweeps measured them, as ``REPRODUCTION.md``.
+
+    embscale findings [--results results] [--manifest sweeps/reproduction/manifest.yaml] [--out REPRODUCTION.md]
+
+One row per claim (:mod:`embscale.analysis.findings` says how each is measured and judged), then where every
+number came from: each sweep's runs (completed, failed, their GPU seconds), the tuned learning rates and the device
+time of the runbook's calls (``results/reproduction/progress.json``), and the command that redraws each sweep's
+figures. For the rows that do not agree, the "to settle it" column names the next-scale sweep (``next/`` beside the
+manifest) and its planned GPU-hours (``embscale plan``, with the tunes of the sizes it trains).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+from embscale.analysis.findings import SWEEPS, render_markdown, reproduction_findings, verdict_counts
+from embscale.analysis.store import load
+from embscale.base.files import atomic_write_text
+from embscale.bench.reproduce import DEFAULT_MANIFEST, load_manifest, model_size, sweep_sizes
+from embscale.sweeps.sweepfile import load_sweep_mapping
+
+#: which figure key of :data:`embscale.analysis.findings.SWEEPS` a finding key belongs to
+FIGURE_OF_FINDING = {"fig2": "fig2", "fig4": "fig4", "fig5": "fig5", "fig6": "fig67", "fig7": "fig67",
+                     "fig9": "fig9"}
+NEXT_DIR = "next"
+
+
+def figure_key(sweep_file: Path) -> str | None:
+    """The figure key of a reproduction sweep file, from its name (``fig67_width_depth.yaml`` -> ``fig67``)."""
+    key = sweep_file.stem.split("_")[0]
+    return key if key in SWEEPS else None
+
+
+def sweep_names(sweep_files: list[Path]) -> dict[str, str]:
+    """Figure key -> the ``name:`` of the manifest's sweep for it."""
+    names = {}
+    for path in sweep_files:
+        key = figure_key(path)
+        if key is not None:
+            names[key] = str(load_sweep_mapping(path)["name"])
+    return names
+
+
+def next_scale(manifest_dir: Path) -> dict[str, str]:
+    """Finding key prefix (figure key) -> "`file`: runs, GPU-hours" of the next-scale sweep, tunes included."""
+    from embscale.sweeps.plan import load_plan
+
+    manifest_path = manifest_dir / NEXT_DIR / "manifest.yaml"
+    if not manifest_path.is_file():
+        return {}
+    manifest = load_manifest(manifest_path)
+    tunes = {}
+    for path in manifest.tune:
+        mapping = load_sweep_mapping(path)
+        trials = int((mapping.get("tune") or {}).get("trials") or 1)
+        tunes[model_size(mapping)] = (path, trials * load_plan(path).plan.gpu_hours())
+    out = {}
+    for path in manifest.sweeps:
+        key = figure_key(path)
+        if key is None:
+            continue
+        plan = load_plan(path).plan
+        needed = [tunes[size] for size in sweep_sizes(load_sweep_mapping(path)) if size in tunes]
+        tune_hours = sum(hours for _, hours in needed)
+        relative = path.relative_to(manifest_dir.parent.parent) if manifest_dir.parent.parent in path.parents \
+            else path
+        text = f"`{relative}`: {len(plan.runs)} runs, {plan.gpu_hours():.3g} GPU-h"
+        if needed:
+            text += f" (+{tune_hours:.3g} GPU-h to tune {len(needed)} size(s) first)"
+        out[key] = text + " at 35% MFU of an H100/H200"
+    return out
+
+
+def _progress(results: Path) -> dict[str, Any]:
+    path = results / "reproduction" / "progress.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _runs_section(results: Path, names: dict[str, str]) -> list[str]:
+    lines = ["| sweep | runs completed | failed or diverged | excluded from fits | seconds of its runs (wall) "
+             "| device |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name in names.values():
+        sweep_dir = results / name
+        if not sweep_dir.is_dir():
+            lines.append(f"| `{name}` | - | - | - | - | - |")
+            continue
+        runs, _ = load(sweep_dir, curves=False)
+        done = int((runs["state"] == "completed").sum())
+        failed = int(runs["state"].isin(["failed", "diverged"]).sum())
+        excluded = int((~runs["fit_ok"].astype(bool)).sum())
+        seconds = float(runs["wall_time_s"].fillna(0).sum()) if "wall_time_s" in runs else float("nan")
+        devices = ", ".join(sorted({str(d) for d in runs.get("device", []) if isinstance(d, str)})) or "-"
+        lines.append(f"| `{name}` | {done} | {failed} | {excluded} | {seconds:,.0f} | {devices} |")
+    return lines
+
+
+def report(results: Path, manifest_path: Path) -> str:
+    """The text of ``REPRODUCTION.md`` for the results under ``results``."""
+    manifest = load_manifest(manifest_path)
+    names = sweep_names(list(manifest.sweeps))
+    findings = reproduction_findings(results, names)
+    settle_by_figure = next_scale(manifest_path.parent)
+    settle = {f.key: settle_by_figure.get(FIGURE_OF_FINDING.get(f.key.split("_")[0], ""), "") for f in findings}
+    counts = verdict_counts(findings)
+    progress = _progress(results)
+    today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+    lines = [
+        "# The paper's findings, as the harness measured them",
+        "",
+        f"Written by `embscale findings` on {today} from the collected results of the "
+        f"reproduction sweeps (`{manifest_path.name}` in `{manifest_path.parent.name}/`: why these sizes, tokens and "
+        "learning rates is in the README beside it). Regenerate each sweep's figures with `embscale plots "
+        "results/<sweep>`.",
+        "",
+        f"**{counts['agree']} agree, {counts['disagree']} disagree, {counts['inconclusive']} inconclusive, "
+        f"{counts['not measured']} not measured.**",
+        "",
+        "How a row is judged (fixed before the results): each claim is one or more loss differences between arms "
+        "that differ only in what the claim is about, taken seed by seed; the interval is the range over the seeds "
+        "(two seeds) or the 95% t-interval of the mean (three or more). A row agrees when every difference lies "
+        "entirely on the side the paper reports, for the training loss and every validation split; disagrees when "
+        "every one lies entirely on the other side; otherwise it is inconclusive. Magnitudes are reported, not "
+        "judged. Losses are the mean of each run's last evaluations (`final_<split>_loss`).",
+        "",
+        render_markdown(findings, settle).rstrip("\n"),
+        "",
+        "## Where the numbers come from",
+        "",
+        *_runs_section(results, names),
+    ]
+    if progress:
+        rates = ", ".join(f"{size}: {rate:.3g}" if isinstance(rate, (int, float)) else f"{size}: -"
+                          for size, rate in progress.get("learning_rates", {}).items())
+        calls = progress.get("calls", [])
+        lines += ["", f"Tuned learning rates (width x depth): {rates or '-'}.", "",
+                  f"The runbook's calls: {len(calls)}, {sum(c.get('wall_s', 0) for c in calls):,.0f} s in all "
+                  f"({', '.join(format(c.get('wall_s', 0), ',.0f') + ' s' for c in calls)}); corpus: "
+                  + "; ".join(f"{c.get('corpus')} ({c.get('train_tokens', 0):,} training tokens)"
+                              for c in progress.get("corpora", []))]
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results", default="results", help="results folder holding the sweeps (default results)")
+    parser.add_argument("--manifest", default=str(DEFAULT_MANIFEST),
+                        help="the reproduction manifest whose sweeps are read (default the shipped one)")
+    parser.add_argument("--out", default="REPRODUCTION.md", help="file written (default REPRODUCTION.md)")
+
+
+def run(args: argparse.Namespace) -> int:
+    text = report(Path(args.results), Path(args.manifest))
+    atomic_write_text(Path(args.out), text)
+    print(next(line for line in text.splitlines() if line.startswith("**")))
+    print(f"wrote {args.out}")
+    return 0
