@@ -119,52 +119,63 @@ def swiglu_parameters(d_model: int, hidden: int, has_up: bool = True) -> int:
 def count_parameters(cfg: ModelConfig) -> Accounting:
     """Exact counts for ``cfg`` (see the module docstring for groups and conventions)."""
     d, v, n_layers = cfg.d_model, cfg.vocab_size, cfg.n_layers
-    groups = dict.fromkeys(GROUPS, 0)
+    # sweep expansion counts tens of thousands of candidates: plain locals, one dict built at the end
+    embedding = ngram_tables = ngram_projections = per_layer_tables = per_layer_projections = norms = 0
 
     # embeddings
     if cfg.ngram is None:
-        groups["embedding"] = v * d
+        embedding = v * d
         if cfg.embedding_amplification == "layernorm":
-            groups["norms"] += 2 * d
+            norms += 2 * d
     else:
         from embscale.models.sizes import ngram_parameter_counts
 
         ne = ngram_parameter_counts(cfg.ngram, v, d)
-        groups["embedding"] += ne["token"]
-        groups["ngram_tables"] += ne["tables"]
-        groups["ngram_projections"] += ne["projections"]
-        groups["norms"] += ne.get("norm", 0)
+        embedding = ne["token"]
+        ngram_tables = ne["tables"]
+        ngram_projections = ne["projections"]
+        norms += ne["norm"]
     if cfg.per_layer is not None:
         from embscale.models.sizes import per_layer_parameter_counts
 
         pl = per_layer_parameter_counts(cfg)
-        groups["per_layer_tables"] += pl["tables"]
-        groups["per_layer_projections"] += pl["projections"]
-        groups["norms"] += pl.get("norm", 0)
+        per_layer_tables = pl["tables"]
+        per_layer_projections = pl["projections"]
+        norms += pl.get("norm", 0)
 
     # layers
     n_attn = n_layers * cfg.attentions_per_layer
     attn_matrices, attn_norms = attention_parameters(cfg)
-    groups["attention"] += n_attn * attn_matrices
-    groups["norms"] += n_attn * attn_norms
-    groups["norms"] += n_layers * d * (4 if cfg.layer_type == "shortcut" else 2)
-    per_layer_mlps = cfg.per_layer_mlp_indices
-    for index in range(cfg.dense_mlps_per_layer):
-        has_up = index not in per_layer_mlps
-        groups["dense"] += n_layers * swiglu_parameters(d, cfg.dense_hidden, has_up=has_up)
-    per_expert = swiglu_parameters(d, cfg.expert_hidden) if cfg.is_moe else 0
-    if cfg.is_moe:
-        groups["experts"] += n_layers * cfg.n_experts * per_expert
-        groups["router"] += n_layers * d * cfg.n_router_outputs
-    groups["shared_experts"] += n_layers * cfg.n_shared_experts * swiglu_parameters(d, cfg.expert_hidden)
+    attention = n_attn * attn_matrices
+    norms += n_attn * attn_norms + n_layers * d * (4 if cfg.layer_type == "shortcut" else 2)
+    is_moe = cfg.is_moe
+    dense = 0
+    n_dense = cfg.dense_mlps_per_layer
+    if n_dense:
+        per_layer_mlps = cfg.per_layer_mlp_indices
+        for index in range(n_dense):
+            dense += n_layers * swiglu_parameters(d, cfg.dense_hidden, has_up=index not in per_layer_mlps)
+    per_expert = swiglu_parameters(d, cfg.expert_hidden) if is_moe else 0
+    experts = n_layers * cfg.n_experts * per_expert if is_moe else 0
+    router = n_layers * d * cfg.n_router_outputs if is_moe else 0
+    shared_experts = n_layers * cfg.n_shared_experts * swiglu_parameters(d, cfg.expert_hidden)
 
     # head
-    groups["norms"] += d
-    groups["lm_head"] = 0 if cfg.tie_embeddings else v * d
+    norms += d
+    lm_head = 0 if cfg.tie_embeddings else v * d
 
-    total = sum(groups.values())
-    always = sum(n for g, n in groups.items() if g not in LOOKUP_GROUPS + ("experts", "lm_head")) + v * d
-    if cfg.is_moe:
+    groups = {
+        "embedding": embedding, "ngram_tables": ngram_tables, "ngram_projections": ngram_projections,
+        "per_layer_tables": per_layer_tables, "per_layer_projections": per_layer_projections,
+        "attention": attention, "dense": dense, "experts": experts, "shared_experts": shared_experts,
+        "router": router, "norms": norms, "lm_head": lm_head,
+    }
+    total = (embedding + ngram_tables + ngram_projections + per_layer_tables + per_layer_projections + attention
+             + dense + experts + shared_experts + router + norms + lm_head)
+    # what every token runs through: every group but the lookups (LOOKUP_GROUPS), the routed experts and the
+    # head's parameters, plus the output projection's v * d (computed for every token, tied or not)
+    always = ngram_projections + per_layer_projections + attention + dense + shared_experts + router + norms + v * d
+    if is_moe:
         e, z, k = cfg.n_experts, cfg.n_zero_experts, cfg.top_k
         real_min, real_max = max(0, k - z), min(k, e)
         # expected real experts per token k e / (e + z): the activated count as one exact fraction, an int when
