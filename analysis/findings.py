@@ -265,7 +265,7 @@ def fig2_findings(runs: pd.DataFrame, metrics: list[str]) -> list[Finding]:
         fit = r2.get(metric, math.nan)
         if slope.sign == -1 and fit >= 0.9:
             verdicts[metric] = AGREE
-        elif slope.sign == 1 or fit < 0.5:
+        elif slope.sign == 1 or (slope.sign == -1 and fit < 0.5):  # rises, or falls but not along a line
             verdicts[metric] = DISAGREE
         else:
             verdicts[metric] = INCONCLUSIVE
@@ -279,7 +279,8 @@ def fig2_findings(runs: pd.DataFrame, metrics: list[str]) -> list[Finding]:
                                         else INCONCLUSIVE) if verdicts else NOT_MEASURED,
         measured_override=measured if verdicts else None, metric_verdicts=verdicts,
         notes=("agree: the slope is negative in every seed and the seed-mean losses fit a line in ln ratio with "
-               "R² >= 0.9; disagree: the slope is positive in every seed or R² < 0.5",), **common)
+               "R² >= 0.9; disagree: the slope is positive in every seed, or negative in every seed with R² < 0.5 "
+               "(the loss falls, but not along a line); otherwise inconclusive",), **common)
 
     ne = runs[runs["family"] == "ne"]
     low_base = sorted({float(r) for r in ne[ne["base_ratio"] == ne["base_ratio"].min()]["target_ratio"]}) \

@@ -170,3 +170,10 @@ def test_every_next_scale_sweep_plans_and_is_named_for_a_figure():
     assert sorted(settle) == ["fig2", "fig4", "fig5", "fig67", "fig9"]
     for text in settle.values():
         assert "GPU-h" in text and "to tune" in text
+
+
+def test_a_flat_ladder_is_inconclusive_not_a_disagreement():
+    rows = [_run(f"moe{r}s{s}", "moe", s, 5.0 + 0.01 * ((r + s) % 3 - 1), target_ratio=float(r), ratio=float(r))
+            for s in (0, 1) for r in (2, 4, 8, 12, 16)]
+    log_linear = _by_key(F.fig2_findings(pd.DataFrame(rows), ["train"]))["fig2_log_linear"]
+    assert log_linear.verdict == F.INCONCLUSIVE  # noise around a flat line says nothing either way
