@@ -496,10 +496,17 @@ def verdict_counts(findings: Sequence[Finding]) -> dict[str, int]:
     return counts
 
 
-def render_markdown(findings: Sequence[Finding], next_runs: dict[str, str] | None = None) -> str:
+#: the figure of ``embscale plots`` that shows each finding (by the finding key's first part)
+FIGURE_FILES = {"fig2": "fig2_loss_vs_ratio", "fig4": "fig4_ngram_nk", "fig5": "fig5_norms",
+                "fig6": "fig6_width_loss_reduction", "fig7": "fig7_depth_loss_reduction", "fig9": "fig9_per_layer"}
+
+
+def render_markdown(findings: Sequence[Finding], next_runs: dict[str, str] | None = None,
+                    figures: dict[str, list[str]] | None = None) -> str:
     """The findings as a Markdown table (one row per claim) followed by each finding's notes. ``next_runs``: per
-    finding key, what to run to settle it at a larger scale (shown for the rows that are not ``agree``)."""
-    next_runs = next_runs or {}
+    finding key, what to run to settle it at a larger scale (shown for the rows that are not ``agree``);
+    ``figures``: per finding key, the paths of its figures as the table should link them."""
+    next_runs, figures = next_runs or {}, figures or {}
     lines = ["| figure | the paper's claim | measured: mean [interval] per metric | verdict | scale here (paper) "
              "| to settle it |", "| --- | --- | --- | --- | --- | --- |"]
     for f in findings:
@@ -509,7 +516,9 @@ def render_markdown(findings: Sequence[Finding], next_runs: dict[str, str] | Non
             verdict += " (" + ", ".join(f"{_metric_name(m)}: {v}" for m, v in per_metric.items()) + ")"
         settle = next_runs.get(f.key, "") if f.verdict != AGREE else ""
         scale = f"{f.scale} ({f.paper_scale})" if f.scale else f"- ({f.paper_scale})"
-        lines.append(f"| {f.figure} | {f.claim} | {_cell(f.measured())} | **{verdict}** | {scale} | {settle} |")
+        links = " ".join(f"[{Path(path).stem}]({path})" for path in figures.get(f.key, []))
+        shown = f"{f.figure}<br>{links}" if links else f.figure
+        lines.append(f"| {shown} | {f.claim} | {_cell(f.measured())} | **{verdict}** | {scale} | {settle} |")
     notes = [(f, note) for f in findings for note in f.notes]
     if notes:
         lines += ["", "Notes:", ""]

@@ -150,6 +150,9 @@ def test_report_from_committed_tables_names_the_next_scale_sweep(tmp_path):
     results = tmp_path / "results"
     manifest = load_manifest(DEFAULT_MANIFEST)
     _write(results, "repro_fig5_amplification", _fig5({0: -0.02, 1: +0.01}))
+    figures = results / "repro_fig5_amplification" / "figures"
+    figures.mkdir()
+    (figures / "fig5_norms.png").write_bytes(b"\x89PNG")  # as embscale plots leaves it; linked, not read
     out = tmp_path / "REPRODUCTION.md"
     done = subprocess.run([sys.executable, "-m", "embscale", "findings", "--out", str(out), "--results",
                            str(results), "--manifest", str(manifest.path)], capture_output=True, text=True,
@@ -159,6 +162,7 @@ def test_report_from_committed_tables_names_the_next_scale_sweep(tmp_path):
     text = out.read_text()
     row = next(line for line in text.splitlines() if "sqrt(D)" in line)
     assert "**inconclusive**" in row
+    assert "[fig5_norms](results/repro_fig5_amplification/figures/fig5_norms.png)" in row  # relative to the file
     assert "sqrt_d - none: train -0.005 [-0.020, +0.010]" in row
     assert "`sweeps/reproduction/next/fig5_amplification.yaml`: 6 runs" in row and "GPU-h" in row
     assert "| `repro_fig5_amplification` | 6 | 0 | 0 | 360 | cuda |" in text

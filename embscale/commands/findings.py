@@ -14,10 +14,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from embscale.analysis.findings import SWEEPS, render_markdown, reproduction_findings, verdict_counts
+from embscale.analysis.findings import (
+    FIGURE_FILES,
+    SWEEPS,
+    Finding,
+    render_markdown,
+    reproduction_findings,
+    verdict_counts,
+)
 from embscale.analysis.store import load
 from embscale.base.files import atomic_write_text
 from embscale.bench.reproduce import DEFAULT_MANIFEST, load_manifest, model_size, sweep_sizes
@@ -99,8 +107,20 @@ def _runs_section(results: Path, names: dict[str, str]) -> list[str]:
     return lines
 
 
-def report(results: Path, manifest_path: Path) -> str:
-    """The text of ``REPRODUCTION.md`` for the results under ``results``."""
+def figure_links(findings: list[Finding], results: Path, out_dir: Path) -> dict[str, list[str]]:
+    """Per finding, its sweep's PNG figures that show it (drawn by ``embscale plots``), relative to ``out_dir``."""
+    links = {}
+    for finding in findings:
+        prefix = FIGURE_FILES.get(finding.key.split("_")[0])
+        folder = results / finding.sweep / "figures"
+        if prefix and folder.is_dir():
+            links[finding.key] = [os.path.relpath(path, out_dir) for path in sorted(folder.glob(f"{prefix}*.png"))]
+    return links
+
+
+def report(results: Path, manifest_path: Path, out_dir: Path = Path(".")) -> str:
+    """The text of ``REPRODUCTION.md`` for the results under ``results``, its figure links relative to
+    ``out_dir`` (where the file goes)."""
     manifest = load_manifest(manifest_path)
     names = sweep_names(list(manifest.sweeps))
     findings = reproduction_findings(results, names)
@@ -127,7 +147,7 @@ def report(results: Path, manifest_path: Path) -> str:
         "every one lies entirely on the other side; otherwise it is inconclusive. Magnitudes are reported, not "
         "judged. Losses are the mean of each run's last evaluations (`final_<split>_loss`).",
         "",
-        render_markdown(findings, settle).rstrip("\n"),
+        render_markdown(findings, settle, figure_links(findings, results, out_dir)).rstrip("\n"),
         "",
         "## Where the numbers come from",
         "",
@@ -150,11 +170,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", default=str(DEFAULT_MANIFEST),
                         help="the reproduction manifest whose sweeps are read (default the shipped one)")
     parser.add_argument("--out", default="REPRODUCTION.md", help="file written (default REPRODUCTION.md)")
+    parser.add_argument("--plots", action="store_true",
+                        help="first draw each reproduction sweep's figures (embscale plots), which the table links")
 
 
 def run(args: argparse.Namespace) -> int:
-    text = report(Path(args.results), Path(args.manifest))
-    atomic_write_text(Path(args.out), text)
+    results = Path(args.results)
+    if args.plots:
+        from embscale.analysis.report import plot_sweep
+
+        for name in sweep_names(list(load_manifest(Path(args.manifest)).sweeps)).values():
+            if (results / name).is_dir():
+                drawn = plot_sweep(name, results=results, jobs=None)
+                print(f"{name}: {len(drawn.figures)} figure files")
+    out = Path(args.out)
+    text = report(results, Path(args.manifest), out.resolve().parent)
+    atomic_write_text(out, text)
     print(next(line for line in text.splitlines() if line.startswith("**")))
     print(f"wrote {args.out}")
     return 0
