@@ -180,7 +180,7 @@ def fig_loss_vs_ratio(result: Analysis, out_dir: Path, log: Log, sizes: Sequence
                 for key, (x, stats, fitted) in drawn.items():
                     base = key[base_i] if base_i is not None else None
                     color = series_color(key[fam_i], base, anchors)
-                    label = series_label(key[fam_i], base) + ("" if fitted is not None else " (no fit: < 3 ratios)")
+                    label = series_label(key[fam_i], base, None if fitted is not None else "no fit: < 3 ratios")
                     ax.errorbar(x, stats["mean"], yerr=stats["std"], fmt="o", color=color, ms=3.5, capsize=1.5,
                                 label=label, zorder=3)
                     if fitted is None:
@@ -207,7 +207,7 @@ def fig_loss_vs_ratio(result: Analysis, out_dir: Path, log: Log, sizes: Sequence
                     ax.set_ylabel("final loss")
                 if row == 0:
                     ax.set_title(split_title(split))
-        legend(axes[0, 0], loc="upper right")
+        legend(axes[0, 0], loc="best")  # where it covers the fewest points, bars and bands of the panel
         width, depth = size_of.get("width"), size_of.get("depth")
         title = f"Loss against sparsity ratio ({size_label(width, depth, activated)})"
         name = f"fig2_loss_vs_ratio_{slug(width, depth)}"
@@ -325,7 +325,9 @@ def fig_ngram_nk(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
 
 def norm_components(columns: Sequence[str], limit: int = 12) -> list[str]:
     """``norm_embedding`` first, then sub-layer norms in layer and execution order, at most ``limit``."""
-    norms = [c for c in columns if c.startswith("norm_") and c != "norm_embedding"]
+    # the recorded output norms (LanguageModel.output_norms: norm_layer{i}.{sub-layer}), not the model config's
+    # fields that share the prefix (norm_eps)
+    norms = [c for c in columns if c.startswith("norm_layer") and "." in c]
 
     def order(name: str) -> tuple:
         body = name[len("norm_"):]
@@ -553,7 +555,7 @@ def fig_pareto(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
             ax.set_xlabel(AXIS_LABELS[axis])
         axes[0, 0].set_ylabel(f"final {split_title(split)}")
         legend(axes[0, -1], loc="upper right")
-        set_title(fig, f"Pareto frontiers, {split_title(split)} (points: runs; lines: frontier per family)")
+        set_title(fig, f"Pareto frontiers of the {split_title(split)}: points are runs, lines the frontier per family")
         paths += save_figure(fig, out_dir, f"pareto_{split}")
     return paths
 
@@ -691,5 +693,5 @@ def fig_loss_curves(result: Analysis, curves: pd.DataFrame, out_dir: Path, log: 
     if len(finite):
         low, high = np.nanpercentile(finite, [0.5, 95])
         axes[0, 0].set_ylim(low - 0.05 * (high - low), high)
-    set_title(fig, f"Loss curves, one size and seed per series ({split_title(split)}); dashed: L(D) fit, 95% band")
+    set_title(fig, f"Loss curves, one size and seed per series: {split_title(split)}; dashed: L(D) fit, 95% band")
     return save_figure(fig, out_dir, "loss_curves")

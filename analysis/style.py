@@ -148,11 +148,12 @@ def split_title(split: str) -> str:
     return "validation loss" if split == "val" else f"validation loss ({split[len('val_'):]})"
 
 
-def series_label(family: str, base_ratio: object = None) -> str:
+def series_label(family: str, base_ratio: object = None, note: str | None = None) -> str:
+    """``NE (base ratio 12)``; a ``note`` joins the parenthesis (``NE (base ratio 12; no fit)``)."""
     name = FAMILY_NAMES.get(family, str(family))
-    if family != "moe" and not is_nan(base_ratio):
-        return f"{name} (base ratio {float(base_ratio):g})"
-    return name
+    details = [f"base ratio {float(base_ratio):g}"] if family != "moe" and not is_nan(base_ratio) else []
+    details += [note] if note else []
+    return f"{name} ({'; '.join(details)})" if details else name
 
 
 def series_color(family: str, base_ratio: object, anchors: Sequence[float]) -> str:

@@ -187,3 +187,12 @@ def test_count_axis_labels_never_overlap():
         labels = [label.get_text() for label in ax.get_xticklabels()]
         assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:], strict=False)), (span, labels)
         plt.close(fig)
+
+
+def test_norm_figure_shows_recorded_norms_not_config_fields_of_the_same_prefix():
+    from embscale.analysis.figures import norm_components
+
+    # a real runs table: the recorded norms beside the model config's norm_eps (flattened from run.json)
+    columns = ["run_id", "norm_eps", "norm_layer1.moe", "norm_embedding", "norm_layer0.attn1", "norm_layer0.attn0"]
+    assert norm_components(columns) == ["norm_embedding", "norm_layer0.attn0", "norm_layer0.attn1",
+                                        "norm_layer1.moe"]
