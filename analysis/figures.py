@@ -575,6 +575,7 @@ def fig_param_law(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
     fam_i = keys.index("family")
     base_i = keys.index("base_ratio") if "base_ratio" in keys else None
     anchors = sorted({float(k[base_i]) for k, _ in fits if base_i is not None and not is_nan(k[base_i])})
+    bounded = False
     for ax, split in zip(axes[0], split_names, strict=True):
         lo, hi = math.inf, -math.inf
         for (key, s), fit in fits.items():
@@ -585,16 +586,21 @@ def fig_param_law(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
             pred = fit.predict(members["activated"].to_numpy(), members["total"].to_numpy())
             obs = members[loss_column(split)].to_numpy()
             base = key[base_i] if base_i is not None else None
-            label = f"{series_label(key[fam_i], base)}: a_act {fit.alpha[0]:.2f}, a_tot {fit.alpha[1]:.2f}"
+            marks = ["*" if fit.exponent_at_bound(i) else "" for i in range(2)]
+            bounded = bounded or any(marks)
+            label = (f"{series_label(key[fam_i], base)}: a_act {fit.alpha[0]:.2f}{marks[0]}, "
+                     f"a_tot {fit.alpha[1]:.2f}{marks[1]}")
             ax.scatter(pred, obs, s=7, color=series_color(key[fam_i], base, anchors), label=label, alpha=0.6,
                        lw=0, rasterized=True)
             lo, hi = min(lo, pred.min(), obs.min()), max(hi, pred.max(), obs.max())
         ax.plot([lo, hi], [lo, hi], color="#444444", lw=0.8)
         ax.set_xlabel("predicted final loss")
         ax.set_title(split_title(split))
-        legend(ax, loc="upper left")
+        legend(ax, loc="best")
     axes[0, 0].set_ylabel("observed final loss")
-    set_title(fig, "Parameter law L = E + A/N_act^a_act + B/N_tot^a_tot (Huber in log space, L-BFGS-B)")
+    set_title(fig, "Parameter law L = E + A/N_act^a_act + B/N_tot^a_tot (Huber in log space, L-BFGS-B)"
+              + (f"; *: exponent on its bound (0 or {laws.MAX_EXPONENT:g}), not determined by these runs"
+                 if bounded else ""))
     return save_figure(fig, out_dir, "param_law")
 
 

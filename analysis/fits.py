@@ -130,11 +130,14 @@ def summary_table(result: Analysis) -> pd.DataFrame:
                          "heldout_mre": row["heldout_mre"], "note": row["heldout_note"]})
     for _, row in result.param_laws.table.iterrows():
         for name in ("alpha_act", "alpha_tot", "E", "A_act", "A_tot"):
+            bound = name.startswith("alpha") and laws.exponent_at_bound(float(row[name]))
+            note = (f"at the fit's bound [0, {laws.MAX_EXPONENT:g}]: not determined by these runs; " if bound
+                    else "") + row["heldout_note"]
             rows.append({"law": "param: L = E + A_act/N_act^alpha_act + A_tot/N_tot^alpha_tot",
                          "group": row["label"], "split": row["split"], "parameter": name,
                          "estimate": row[name], "ci_lo": row[f"{name}_lo"], "ci_hi": row[f"{name}_hi"],
                          "n_runs": row["n_runs"], "heldout_mae": row["heldout_mae"],
-                         "heldout_mre": row["heldout_mre"], "note": row["heldout_note"]})
+                         "heldout_mre": row["heldout_mre"], "note": note})
     keys = result.ratio_laws.keys
     for _, row in result.crossovers.iterrows():
         label = laws.group_label({k: row[k] for k in keys if k in row.index})
@@ -164,7 +167,8 @@ def format_summary(summary: pd.DataFrame, max_rows: int = 40) -> str:
         for _, row in group.head(max_rows).iterrows():
             label = " ".join(w for w in str(row["group"]).split() if w not in common)
             held = f"  held-out MAE {row['heldout_mae']:.4f}" if np.isfinite(row["heldout_mae"]) else ""
-            note = f"  ({row['note']})" if row["parameter"] == "r*" and row["note"] else ""
+            note = f"  ({row['note']})" if row["parameter"] == "r*" and row["note"] else \
+                "  (at its bound: not determined)" if str(row["note"]).startswith("at the fit's bound") else ""
             lines.append(f"  {row['split']:<10} {label[:60]:<60} {row['parameter']:>9} = "
                          f"{row['estimate']:9.4g} [{row['ci_lo']:.4g}, {row['ci_hi']:.4g}]{held}{note}")
         if len(group) > max_rows:

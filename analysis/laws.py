@@ -291,6 +291,15 @@ def _grid_objective(grid: np.ndarray, xc: np.ndarray, logy: np.ndarray, delta: f
     return out
 
 
+MAX_EXPONENT = 3.0  # the power laws' exponents are fitted in [0, MAX_EXPONENT]
+
+
+def exponent_at_bound(alpha: float, max_exponent: float = MAX_EXPONENT) -> bool:
+    """An exponent on (within 0.001 of) 0 or ``max_exponent``: the fit ran into its bound (near 0, the term is a
+    constant that trades with E)."""
+    return alpha <= 1e-3 or alpha >= max_exponent - 1e-3
+
+
 @dataclass
 class PowerSumFit:
     """``L = E + sum_i A_i / X_i^alpha_i``; ``names`` name the size variables."""
@@ -307,6 +316,11 @@ class PowerSumFit:
     heldout_mae: float = math.nan
     heldout_mre: float = math.nan
     heldout_note: str = ""
+    max_exponent: float = MAX_EXPONENT
+
+    def exponent_at_bound(self, index: int) -> bool:
+        """Whether exponent ``index`` ended on its bound (0 or ``max_exponent``): the runs do not determine it."""
+        return exponent_at_bound(float(self.alpha[index]), self.max_exponent)
 
     def predict(self, *sizes: np.ndarray | float) -> np.ndarray:
         return powersum_predict(self.theta, self.x_ref, sizes)
@@ -486,7 +500,8 @@ def _replicate(start: np.ndarray, xt: np.ndarray, logy: np.ndarray, weights: np.
 @single_threaded_blas()
 def fit_power_sum(sizes: Sequence[Sequence[float]], loss: Sequence[float], names: Sequence[str], *,
                   n_boot: int = DEFAULT_BOOTSTRAP, delta: float = HUBER_DELTA, seed: int = 0,
-                  n_starts: int = 4, max_exponent: float = 3.0, mapper: Mapper | None = None) -> PowerSumFit:
+                  n_starts: int = 4, max_exponent: float = MAX_EXPONENT, mapper: Mapper | None = None
+                  ) -> PowerSumFit:
     """Fit ``L = E + sum_i A_i / X_i^alpha_i`` in log space (Huber, L-BFGS-B from the best grid points).
 
     ``sizes`` holds one sequence per size variable (``X_i``), each as long as ``loss``. The grid (4 values of
@@ -525,7 +540,7 @@ def fit_power_sum(sizes: Sequence[Sequence[float]], loss: Sequence[float], names
     boot = np.array((mapper or _each)(_replicate, calls)).reshape(-1, len(best_theta))
     params = _theta_to_params(best_theta, x_ref)
     return PowerSumFit(tuple(names), float(params[0]), params[1::2].copy(), params[2::2].copy(), x_ref,
-                       best_theta, len(y), boot, best_value)
+                       best_theta, len(y), boot, best_value, max_exponent=max_exponent)
 
 
 def fit_param_law(activated: Sequence[float], total: Sequence[float], loss: Sequence[float], *,

@@ -218,3 +218,15 @@ def test_param_laws_through_a_mapper_are_the_same_fits() -> None:
     assert len(plain.fits) == len(mapped.fits) == 2
     for fit, again in zip(plain.fits.values(), mapped.fits.values(), strict=True):  # keys hold NaN: by order
         assert np.array_equal(fit.boot, again.boot) and fit.params() == again.params()
+
+
+def test_an_exponent_the_runs_do_not_determine_is_flagged_at_its_bound() -> None:
+    # the loss does not depend on the total: its exponent runs to a bound, which the fit says, not hides
+    rng = np.random.default_rng(3)
+    activated = np.repeat([1e6, 2e6, 4e6, 8e6, 16e6], 2)
+    total = activated * rng.choice([2.0, 4.0, 8.0], size=activated.size)
+    loss = 2.0 + 30.0 / activated**0.3 + rng.normal(0, 1e-4, activated.size)
+    fit = laws.fit_param_law(activated, total, loss, n_boot=0, heldout=False)
+    assert not fit.exponent_at_bound(0)
+    assert fit.exponent_at_bound(1) and (fit.alpha[1] < 1e-3 or fit.alpha[1] > 3.0 - 1e-3)
+    assert laws.exponent_at_bound(3.0) and laws.exponent_at_bound(0.0) and not laws.exponent_at_bound(0.4)
