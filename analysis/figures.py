@@ -468,6 +468,28 @@ def fig_reduction(result: Analysis, out_dir: Path, log: Log, by: str) -> list[Pa
 # ----------------------------------------------------------------------------------------------------------
 # figure 9: NE, PLE, PLNE
 
+def _ratio_for_grouping(candidates: pd.DataFrame, ne: pd.DataFrame, tolerance: float = 0.02) -> pd.Series:
+    """Each run's target ratio; a run planned without one (PLE: its size is fixed by the model) takes the target
+    ratio of the NE run of the same backbone whose total is nearest, within ``tolerance``, so that it is drawn
+    beside the NE it was sized against (else its own ratio)."""
+    ratios = candidates["target_ratio"].astype(float) if "target_ratio" in candidates else \
+        pd.Series(math.nan, index=candidates.index)
+    backbone = [k for k in ("corpus_fingerprint", "width", "depth") if k in candidates.columns]
+    out = ratios.copy()
+    for index, row in candidates[ratios.isna()].iterrows():
+        twins = ne
+        for name in backbone:
+            twins = twins[twins[name] == row[name]]
+        twins = twins[twins["target_ratio"].notna()]
+        if len(twins):
+            error = (twins["total"].astype(float) / float(row["total"]) - 1).abs()
+            if float(error.min()) <= tolerance:
+                out[index] = float(twins.loc[error.idxmin(), "target_ratio"])
+                continue
+        out[index] = round(float(row["ratio"]), 2)
+    return out
+
+
 def fig_per_layer(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
     runs = usable(result.runs)
     emb = runs[runs["family"].isin(["ne", "ple", "plne"])]
@@ -476,6 +498,7 @@ def fig_per_layer(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
         return []
     ne = frontier.dominant_variant(emb[emb["family"] == "ne"])
     candidates = pd.concat([ne, emb[emb["family"] != "ne"], runs[runs["family"] == "moe"]])
+    candidates = candidates.assign(target_ratio=_ratio_for_grouping(candidates, ne))
     keys = [k for k in ("corpus_fingerprint", "width", "depth", "target_ratio") if k in candidates.columns]
     configs = []
     for key, group in candidates.groupby(keys, dropna=False):
@@ -491,6 +514,7 @@ def fig_per_layer(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
     step = 0.8 / len(families)
     for ax, split in zip(axes[0], split_names, strict=True):
         ymin, ymax = math.inf, -math.inf
+        labelled: set[str] = set()
         for c_i, (_fixed, group) in enumerate(configs):
             for f_i, family in enumerate(families):
                 sub = group[group["family"] == family]
@@ -499,7 +523,8 @@ def fig_per_layer(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
                 mean, std = sub[loss_column(split)].mean(), sub[loss_column(split)].std()
                 x = c_i + (f_i - (len(families) - 1) / 2) * step
                 ax.errorbar([x], [mean], yerr=[0.0 if is_nan(std) else std], fmt="s", ms=5, capsize=2,
-                            color=FAMILY_COLORS[family], label=FAMILY_NAMES[family] if c_i == 0 else None)
+                            color=FAMILY_COLORS[family], label=None if family in labelled else FAMILY_NAMES[family])
+                labelled.add(family)
                 ax.annotate(human(float(sub["total"].median())), (x, mean), textcoords="offset points",
                             xytext=(0, 5), ha="center", fontsize=6)
                 spread = 0.0 if is_nan(std) else std

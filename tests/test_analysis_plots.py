@@ -196,3 +196,19 @@ def test_norm_figure_shows_recorded_norms_not_config_fields_of_the_same_prefix()
     columns = ["run_id", "norm_eps", "norm_layer1.moe", "norm_embedding", "norm_layer0.attn1", "norm_layer0.attn0"]
     assert norm_components(columns) == ["norm_embedding", "norm_layer0.attn0", "norm_layer0.attn1",
                                         "norm_layer1.moe"]
+
+
+def test_ple_is_drawn_beside_the_ne_of_its_total():
+    from embscale.analysis.figures import _ratio_for_grouping
+
+    # PLE has no ratio knob (its table is fixed by the model): it is planned without a target ratio
+    runs = pd.DataFrame({
+        "family": ["ne", "ne", "ple", "plne", "ple"],
+        "width": [240, 240, 240, 240, 120],
+        "depth": [2, 2, 2, 2, 2],
+        "target_ratio": [4.0, 5.0, float("nan"), 5.0, float("nan")],
+        "total": [22.8e6, 28.4e6, 22.9e6, 28.4e6, 9.0e6],
+        "ratio": [4.0, 4.96, 4.30, 4.47, 3.14159],
+    })
+    grouped = _ratio_for_grouping(runs, runs[runs["family"] == "ne"])
+    assert grouped.tolist() == [4.0, 5.0, 4.0, 5.0, 3.14]  # the lone PLE (no NE of its width) keeps its own ratio
