@@ -100,9 +100,12 @@ class RunJob(submitit.helpers.Checkpointable):
         return env.global_rank
 
     def _timed_out(self, started: float) -> bool:
+        """Whether the job is near its time limit, counted from when its clock started: a warm worker's task sets
+        ``clock_started`` when it arms the time-limit signal; else from ``started`` (this call's start)."""
         if not self.timeout_min:
             return False
         limit = 60.0 * float(self.timeout_min)
+        started = min(started, getattr(self, "clock_started", started))
         return time.time() - started >= limit - self.signal_delay_s - 30.0
 
     def _after_interruption(self, rank: int, started: float) -> None:

@@ -357,3 +357,18 @@ def test_process_state_is_put_back(tmp_path):
     assert torch.get_num_threads() == before_threads and torch.get_default_dtype() == torch.float32
     assert signal.getsignal(signal.SIGTERM) == before_handler
     assert handler not in logging.getLogger().handlers
+
+
+def test_a_warm_task_is_timed_from_its_clock_not_from_its_imports():
+    """The worker arms the time-limit signal, then the run imports its modules and starts its own timer: the
+    signal it gets must count as the time limit however long those imports took (else the run stopped as
+    'interrupted' instead of restarting, whenever the imports were quick)."""
+    import time
+
+    from embscale.sweeps.runjob import RunJob
+
+    job = RunJob("r", "/nonexistent", {}, executor="local", timeout_min=31 / 60, signal_delay_s=0.0)
+    started = time.time()  # the run's own start, after its imports
+    assert not job._timed_out(started)
+    job.clock_started = started - 1.5  # the worker armed the 1 s signal 1.5 s ago
+    assert job._timed_out(started)

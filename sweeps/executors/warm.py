@@ -267,6 +267,9 @@ class Worker:
         whether the worker must stop after it."""
         max_requeues = int(task.get("max_requeues", MAX_REQUEUES))
         for attempt in range(max_requeues + 1):
+            # the job's clock starts with its timer (just before it): the run judges "timed out" from here, as a
+            # fresh job's controller times it from the job's start (not from when the run has imported its modules)
+            fn.clock_started = time.time()
             timer = self._arm_timer(task)
             try:
                 value = fn()
