@@ -181,3 +181,12 @@ def test_a_flat_ladder_is_inconclusive_not_a_disagreement():
             for s in (0, 1) for r in (2, 4, 8, 12, 16)]
     log_linear = _by_key(F.fig2_findings(pd.DataFrame(rows), ["train"]))["fig2_log_linear"]
     assert log_linear.verdict == F.INCONCLUSIVE  # noise around a flat line says nothing either way
+
+
+def test_bad_input_exits_2_and_writes_nothing(tmp_path):
+    out = tmp_path / "REPRODUCTION.md"
+    for args in (["--results", str(tmp_path / "nowhere")], ["--manifest", str(tmp_path / "nowhere.yaml")]):
+        done = subprocess.run([sys.executable, "-m", "embscale", "findings", "--out", str(out), *args],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert done.returncode == 2 and "nowhere" in done.stderr, done.stderr
+        assert not out.exists()

@@ -27,6 +27,7 @@ from embscale.analysis.findings import (
     verdict_counts,
 )
 from embscale.analysis.store import load
+from embscale.base.errors import UserError
 from embscale.base.files import atomic_write_text
 from embscale.bench.reproduce import DEFAULT_MANIFEST, load_manifest, model_size, sweep_sizes
 from embscale.sweeps.sweepfile import load_sweep_mapping
@@ -175,7 +176,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    load_manifest(Path(args.manifest))  # a bad manifest is named before anything else
     results = Path(args.results)
+    if not results.is_dir():
+        raise UserError(f"--results {results}: no such folder (the results root holding the reproduction sweeps)")
     if args.plots:
         from embscale.analysis.report import plot_sweep
 
