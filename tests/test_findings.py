@@ -5,6 +5,8 @@ and ``embscale findings`` that writes the file, its next-scale column planned fr
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ import pandas as pd
 import pytest
 
 from embscale.analysis import findings as F
+from embscale.analysis.figures import _ratio_for_grouping, norm_components
 from embscale.analysis.store import atomic_write_parquet
 from embscale.bench.reproduce import DEFAULT_MANIFEST, load_manifest
 from embscale.commands.findings import next_scale
@@ -190,3 +193,33 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path):
                               capture_output=True, text=True, cwd=tmp_path, timeout=120)
         assert done.returncode == 2 and "nowhere" in done.stderr, done.stderr
         assert not out.exists()
+
+
+@pytest.mark.slow  # five sweeps fitted and drawn (about 15 s)
+def test_real_runs_of_every_reproduction_sweep_load_fit_plot_and_report(tmp_path):
+    """The CPU pilot (tests/fixtures/cpu_pilot/README.md: real runs of every reproduction sweep, trained too
+    briefly to mean anything) through `embscale findings --plots`, as the GPU results will go."""
+    results = tmp_path / "results"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "cpu_pilot", results)
+    out = tmp_path / "REPRODUCTION.md"
+    done = subprocess.run([sys.executable, "-m", "embscale", "findings", "--plots", "--results", str(results),
+                           "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=900,
+                          env={**os.environ, "MPLBACKEND": "Agg"})
+    assert done.returncode == 0, done.stderr
+    assert "0 not measured" in done.stdout  # every claim measured from the real tables
+    figures = {p.relative_to(results).as_posix() for p in results.glob("*/figures/*.png")}
+    for expected in ("repro_fig2_ladder/figures/fig2_loss_vs_ratio_w240_d2.png",
+                     "repro_fig4_nk/figures/fig4_ngram_nk.png", "repro_fig5_amplification/figures/fig5_norms.png",
+                     "repro_fig67_width_depth/figures/fig6_width_loss_reduction.png",
+                     "repro_fig67_width_depth/figures/fig7_depth_loss_reduction.png",
+                     "repro_fig9_per_layer/figures/fig9_per_layer.png"):
+        assert expected in figures, sorted(figures)
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| Fig.")]
+    assert len(rows) == 12 and all("](results/repro_" in row for row in rows)  # each row links its figure
+    assert "| `repro_fig2_ladder` | 18 | 0 | 0 |" in text and "| `repro_fig67_width_depth` | 24 | 0 | 0 |" in text
+
+    runs = pd.read_parquet(results / "repro_fig9_per_layer" / "runs.parquet")
+    assert "norm_eps" in runs.columns and "norm_eps" not in norm_components(list(runs.columns))
+    grouped = _ratio_for_grouping(runs, runs[runs["family"] == "ne"])
+    assert set(grouped[runs["family"] == "ple"]) == {4.0}  # PLE (22.9M) beside NE at ratio 4 (22.8M)
