@@ -91,12 +91,12 @@ def _progress(results: Path) -> dict[str, Any]:
 
 def _runs_section(results: Path, names: dict[str, str]) -> list[str]:
     lines = ["| sweep | runs completed | failed or diverged | excluded from fits | seconds of its runs (wall) "
-             "| device |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| first start to last end | device |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name in names.values():
         sweep_dir = results / name
         if not sweep_dir.is_dir():
-            lines.append(f"| `{name}` | - | - | - | - | - |")
+            lines.append(f"| `{name}` | - | - | - | - | - | - |")
             continue
         runs, _ = load(sweep_dir, curves=False)
         done = int((runs["state"] == "completed").sum())
@@ -104,7 +104,7 @@ def _runs_section(results: Path, names: dict[str, str]) -> list[str]:
         excluded = int((~runs["fit_ok"].astype(bool)).sum())
         seconds = float(runs["wall_time_s"].fillna(0).sum()) if "wall_time_s" in runs else float("nan")
         devices = ", ".join(sorted({str(d) for d in runs.get("device", []) if isinstance(d, str)})) or "-"
-        lines.append(f"| `{name}` | {done} | {failed} | {excluded} | {seconds:,.0f} | {devices} |")
+        lines.append(f"| `{name}` | {done} | {failed} | {excluded} | {seconds:,.0f} | {_span(runs)} | {devices} |")
     return lines
 
 
@@ -117,6 +117,20 @@ def figure_links(findings: list[Finding], results: Path, out_dir: Path) -> dict[
         if prefix and folder.is_dir():
             links[finding.key] = [os.path.relpath(path, out_dir) for path in sorted(folder.glob(f"{prefix}*.png"))]
     return links
+
+
+def _span(runs: Any) -> str:
+    """From the first run's start (its last update less its wall time) to the last run's end: how long the sweep
+    took, its runs packed or not (sweeps the runbook ran side by side overlap)."""
+    import pandas as pd
+
+    if "updated_at" not in runs or "wall_time_s" not in runs:
+        return "-"
+    ended = pd.to_datetime(runs["updated_at"], utc=True, errors="coerce")
+    started = ended - pd.to_timedelta(runs["wall_time_s"].astype(float), unit="s")
+    if ended.isna().all():
+        return "-"
+    return f"{(ended.max() - started.min()).total_seconds():,.0f} s"
 
 
 def report(results: Path, manifest_path: Path, out_dir: Path = Path(".")) -> str:
