@@ -8,7 +8,7 @@ or the base ratio), the contrast is the difference of two differences, again see
 
 **Intervals.** With two seeds a contrast's interval is the range of its per-seed differences; with three or more
 it is the 95% Student-t interval of their mean. A contrast is *resolved* when its interval excludes zero, and then
-has a sign.
+has a sign; a contrast with one seed left (the other's run failed) has no interval and is never resolved.
 
 **Verdicts** (fixed before any result was seen, and the same for every finding): a finding *agrees* on a metric
 when each of its contrasts is resolved in the direction the paper reports, *disagrees* when each is resolved the
@@ -84,19 +84,22 @@ class Interval:
 
     @property
     def kind(self) -> str:
-        return "range" if self.n <= 2 else "95% t"
+        return "one seed" if self.n == 1 else "range" if self.n == 2 else "95% t"
 
     @property
     def sign(self) -> int:
-        """+1 or -1 when the interval excludes zero, else 0."""
+        """+1 or -1 when the interval excludes zero, else 0 (always 0 for fewer than two seeds: one seed has no
+        interval, so it can never settle a claim)."""
         low, high = self.bounds
-        if self.n == 0 or not (math.isfinite(low) and math.isfinite(high)):
+        if self.n < 2 or not (math.isfinite(low) and math.isfinite(high)):
             return 0
         return 1 if low > 0 else -1 if high < 0 else 0
 
     def text(self, digits: int = 3) -> str:
         if self.n == 0:
             return "-"
+        if self.n == 1:
+            return f"{self.mean:+.{digits}f} (one seed)"
         low, high = self.bounds
         return f"{self.mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
 

@@ -65,6 +65,8 @@ def test_intervals_are_the_seed_range_for_two_seeds_and_a_t_interval_for_more():
     low, high = three.bounds  # mean 2, sd 1, t(0.975, 2) = 4.303
     assert math.isclose(high - 2.0, 4.302652729 / math.sqrt(3), rel_tol=1e-6) and math.isclose(low + high, 4.0)
     assert F.Interval(()).sign == 0 and F.Interval(()).text() == "-"
+    lone = F.Interval((-0.5,))  # a seed lost to a failed run: no interval, so it settles nothing
+    assert lone.sign == 0 and lone.text() == "-0.500 (one seed)"
 
 
 @pytest.mark.parametrize(("deltas", "verdict"), [

@@ -157,7 +157,8 @@ def report(results: Path, manifest_path: Path, out_dir: Path = Path(".")) -> str
         "",
         "How a row is judged (fixed before the results): each claim is one or more loss differences between arms "
         "that differ only in what the claim is about, taken seed by seed; the interval is the range over the seeds "
-        "(two seeds) or the 95% t-interval of the mean (three or more). A row agrees when every difference lies "
+        "(two seeds) or the 95% t-interval of the mean (three or more); one seed settles nothing. A row agrees when "
+        "every difference lies "
         "entirely on the side the paper reports, for the training loss and every validation split; disagrees when "
         "every one lies entirely on the other side; otherwise it is inconclusive. Magnitudes are reported, not "
         "judged. Losses are the mean of each run's last evaluations (`final_<split>_loss`).",
