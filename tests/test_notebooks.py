@@ -1,4 +1,5 @@
-"""Both notebooks run top to bottom against the committed results fixture, so they never rot."""
+"""Both notebooks run top to bottom against the committed results fixtures, so they never rot: the synthetic one,
+and the CPU pilot of the reproduction sweeps (real runs of five sweeps at once, tests/fixtures/cpu_pilot)."""
 
 import shutil
 from pathlib import Path
@@ -8,13 +9,16 @@ import pytest
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURE = ROOT / "tests" / "fixtures" / "results"
+FIXTURES = {"synthetic": (ROOT / "tests" / "fixtures" / "results", 1),
+            "cpu_pilot": (ROOT / "tests" / "fixtures" / "cpu_pilot", 5)}
 
 
+@pytest.mark.parametrize("fixture", sorted(FIXTURES))
 @pytest.mark.parametrize("name", ["explore.ipynb", "frontiers.ipynb"])
-def test_notebook_runs(name, tmp_path, monkeypatch):
+def test_notebook_runs(name, fixture, tmp_path, monkeypatch):
+    source, sweeps = FIXTURES[fixture]
     results = tmp_path / "results"
-    shutil.copytree(FIXTURE, results)  # the notebooks collect into the folder; keep the fixture untouched
+    shutil.copytree(source, results)  # the notebooks collect into the folder; keep the fixture untouched
     monkeypatch.setenv("EMBSCALE_RESULTS", str(results))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -24,4 +28,4 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
-    assert "runs from 1 sweep(s)" in text
+    assert f"runs from {sweeps} sweep(s)" in text
