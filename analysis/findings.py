@@ -132,10 +132,7 @@ class Finding:
     def verdict(self) -> str:
         if self.verdict_override is not None:
             return self.verdict_override
-        if not self.contrasts:
-            return NOT_MEASURED
-        verdicts = set(self.per_metric().values())
-        return verdicts.pop() if len(verdicts) == 1 else INCONCLUSIVE
+        return combined(self.per_metric()) if self.contrasts else NOT_MEASURED
 
     def per_metric(self) -> dict[str, str]:
         if self.metric_verdicts:
@@ -156,6 +153,14 @@ class Finding:
             parts = [f"{_metric_name(m)} {iv.text()}" for m, iv in contrast.by_metric.items()]
             lines.append(f"{contrast.label}: " + "; ".join(parts))
         return "<br>".join(lines) if lines else "-"
+
+
+def combined(per_metric: dict[str, str]) -> str:
+    """The row's verdict from its per-metric ones: the one they all give, else inconclusive (none: not measured)."""
+    verdicts = set(per_metric.values())
+    if not verdicts:
+        return NOT_MEASURED
+    return verdicts.pop() if len(verdicts) == 1 else INCONCLUSIVE
 
 
 def _metric_name(split: str) -> str:
@@ -278,8 +283,7 @@ def fig2_findings(runs: pd.DataFrame, metrics: list[str]) -> list[Finding]:
                             for m, s in slopes.items()))
     log_linear = Finding(
         "fig2_log_linear", claim="MoE loss is log-linear in the ratio (falls as a straight line in ln ratio)",
-        contrasts=(), verdict_override=(set(verdicts.values()).pop() if len(set(verdicts.values())) == 1
-                                        else INCONCLUSIVE) if verdicts else NOT_MEASURED,
+        contrasts=(), verdict_override=combined(verdicts),
         measured_override=measured if verdicts else None, metric_verdicts=verdicts,
         notes=("agree: the slope is negative in every seed and the seed-mean losses fit a line in ln ratio with "
                "R² >= 0.9; disagree: the slope is positive in every seed, or negative in every seed with R² < 0.5 "
@@ -388,7 +392,7 @@ def fig5_findings(runs: pd.DataFrame, metrics: list[str]) -> list[Finding]:
         verdict, measured = NOT_MEASURED, None
     else:
         low, high = plain.bounds
-        verdict = AGREE if low >= 10 ** 0.5 and high <= 10 ** 1.5 else \
+        verdict = INCONCLUSIVE if plain.n < 2 else AGREE if low >= 10 ** 0.5 and high <= 10 ** 1.5 else \
             DISAGREE if high < 10 ** 0.5 or low > 10 ** 1.5 else INCONCLUSIVE
         measured = "first attention output RMS / embedding output RMS at the last evaluation: " + "; ".join(
             f"{name} {iv.mean:.2f} [{iv.bounds[0]:.2f}, {iv.bounds[1]:.2f}]" for name, iv in ratios.items())
