@@ -2,11 +2,12 @@
 
     embscale findings [--results results] [--manifest sweeps/reproduction/manifest.yaml] [--out REPRODUCTION.md]
 
-One row per claim (:mod:`embscale.analysis.findings` says how each is measured and judged), then where every
-number came from: each sweep's runs (completed, failed, their GPU seconds), the tuned learning rates and the device
-time of the runbook's calls (``results/reproduction/progress.json``), and the command that redraws each sweep's
-figures. For the rows that do not agree, the "to settle it" column names the next-scale sweep (``next/`` beside the
-manifest) and its planned GPU-hours (``embscale plan``, with the tunes of the sizes it trains).
+One row per claim (:mod:`embscale.analysis.findings` says how each is measured and judged), linking the figures of
+its sweep (``--plots`` draws them first), then where every number came from: each sweep's runs (completed, failed,
+excluded, their seconds, the span from the first start to the last end, the device), the tuned learning rates and
+the device time of the runbook's calls (``results/reproduction/progress.json``). For the rows that do not agree,
+the "to settle it" column names the next-scale sweep (``next/`` beside the manifest) and its planned GPU-hours
+(``embscale plan``, with the tunes of the sizes it trains). A missing manifest or results folder exits 2.
 """
 
 from __future__ import annotations
