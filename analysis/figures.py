@@ -214,7 +214,9 @@ def fig_loss_vs_ratio(result: Analysis, out_dir: Path, log: Log, sizes: Sequence
         if multi_print:
             title += f", corpus {str(size_of.get('corpus_fingerprint'))[:8]}"
             name += f"_{str(size_of.get('corpus_fingerprint'))[:8]}"
-        crossed = any(not _crossings_for(result, size_of, split).empty for split in split_names)
+        # the title names the dashed lines only when one is drawn (a crossover inside the ratios run)
+        crossed = any(bool(_crossings_for(result, size_of, split).get("in_range", pd.Series(dtype=bool)).any())
+                      for split in split_names)
         set_title(fig, title + ("; dashed: crossover r* with 95% CI" if crossed else ""))
         paths += save_figure(fig, out_dir, name)
     return paths
