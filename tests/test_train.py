@@ -20,7 +20,7 @@ import torch
 import yaml
 from test_data import write_text_corpus
 
-from embscale.base.rundir import read_status
+from embscale.base.rundir import read_status, write_status
 from embscale.cli import main as cli_main
 from embscale.training.config import RunConfig, TrainingConfig
 from embscale.training.optim import learning_rate, parameter_groups
@@ -130,6 +130,14 @@ def test_keep_checkpoints_zero_writes_no_checkpoint(corpus, tmp_path):
     with pytest.raises(ConfigError) as info:
         TrainingConfig(steps=8, keep_checkpoints=-1)
     assert info.value.field == "keep_checkpoints"
+
+    # killed before it finished (the reproduction runbook cancels what a device call cannot finish): trained again,
+    # it starts over, and its metrics hold each step once
+    run_dir = Path(summary["run_dir"])
+    pd.read_parquet(run_dir / "metrics.parquet").head(5).to_parquet(run_dir / "metrics.parquet")
+    write_status(run_dir, "running", step=5)
+    again = train_run(RunConfig.from_dict(config(corpus, tmp_path, steps=8, keep_checkpoints=0)))
+    assert again["state"] == "completed" and metrics_of(again)["step"].tolist() == list(range(1, 9))
 
 
 def test_one_held_out_split_reads_as_val_loss(corpus, tmp_path):
