@@ -263,7 +263,7 @@ def variant_name(k: int, warm: bool) -> str:
 def run_variant(sweep: dict[str, Any], k: int, work: Path, env: dict[str, str], timeout_s: float,
                 shared_compile_cache: bool, warm: bool = False) -> dict[str, Any]:
     """``embscale submit`` of ``sweep`` with ``runs_per_gpu`` ``k`` (and warm workers when ``warm``) into a results
-    folder of its own, timed."""
+    folder of its own, timed; the runs' checkpoints are removed once the runs are read."""
     folder = work / (f"k{k}w" if warm else f"k{k}")
     folder.mkdir(parents=True, exist_ok=True)
     sweep_file = folder / "sweep.yaml"
@@ -291,6 +291,10 @@ def run_variant(sweep: dict[str, Any], k: int, work: Path, env: dict[str, str], 
                            env=env, capture_output=True, timeout=120, check=False)
         wall = time.monotonic() - started
     runs = gather_runs(results / str(sweep["name"]))
+    # each run's final checkpoint was written inside the timed runs; kept, the variants' checkpoints (about a GB
+    # per large run) would pile up on the device's 64 GiB disk
+    for checkpoints in (results / str(sweep["name"])).glob("*/checkpoints"):
+        shutil.rmtree(checkpoints, ignore_errors=True)
     variant = {"runs_per_gpu": k, "warm_workers": warm, "wall_s": round(wall, 1), "exit_code": exit_code,
                "timed_out": timed_out, "runs": runs, "completed": sum(r["state"] == "completed" for r in runs),
                **sampler.summary()}

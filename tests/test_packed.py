@@ -250,6 +250,9 @@ def test_packed_benchmark_tiny(tmp_path):
         folder = tmp_path / "work" / f"k{variant['runs_per_gpu']}"
         assert yaml.safe_load((folder / "sweep.yaml").read_text())["executor"] == {
             "type": "local", "runs_per_gpu": variant["runs_per_gpu"]}
+        # the runs' checkpoints go once the runs are read (they would fill the device's disk over the variants)
+        run_dirs = [p for p in (folder / "results" / "packed_tiny").iterdir() if (p / "run.json").is_file()]
+        assert len(run_dirs) == 2 and not list(folder.glob("results/packed_tiny/*/checkpoints"))
     logs = list((tmp_path / "work" / "k2" / "results" / "packed_tiny" / "submitit").glob("*_0_log.err"))
     assert len(logs) == 2 and all("start-up" in path.read_text() for path in logs)
     text = (tmp_path / "out" / "packed.md").read_text()
