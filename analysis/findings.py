@@ -33,7 +33,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from embscale.analysis.store import load, loss_column, resolve_sweep_dir, splits, usable
+from embscale.analysis.store import load, loss_column, splits, usable
+from embscale.analysis.style import human
 
 AGREE, DISAGREE, INCONCLUSIVE, NOT_MEASURED = "agree", "disagree", "inconclusive", "not measured"
 
@@ -231,17 +232,10 @@ def _scale(runs: pd.DataFrame) -> str:
     activated = sorted({float(a) for a in runs["activated"].dropna()})
     tokens = sorted({float(t) for t in runs["tokens"].dropna()})
     low, high = activated[0], activated[-1]
-    size = _human(low) if high / low < 1.1 else f"{_human(low)}-{_human(high)}"
-    budget = "/".join(_human(t) for t in tokens)
+    size = human(low) if high / low < 1.1 else f"{human(low)}-{human(high)}"
+    budget = "/".join(human(t) for t in tokens)
     seeds = runs["seed"].nunique()
     return f"{size} activated, {budget} tokens, {seeds} seed(s)"
-
-
-def _human(value: float) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(value) >= size:
-            return f"{value / size:.3g}{unit}"
-    return f"{value:.3g}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -454,8 +448,8 @@ def fig9_findings(runs: pd.DataFrame, metrics: list[str]) -> list[Finding]:
             nearest = float((ratio_of - total).abs().idxmin())
             twin = ne[ne["target_ratio"] == nearest]
             mismatch = float(twin["total"].mean()) / total - 1
-            contrasts.append(contrast(f"{family.upper()} - NE (totals {_human(total)} vs "
-                                      f"{_human(float(twin['total'].mean()))}, {mismatch:+.1%})", expected, metrics,
+            contrasts.append(contrast(f"{family.upper()} - NE (totals {human(total)} vs "
+                                      f"{human(float(twin['total'].mean()))}, {mismatch:+.1%})", expected, metrics,
                                       lambda m, arm=arm, twin=twin: seed_differences(arm, twin, m)))
         out.append(Finding(f"fig9_{family}", claim=claim, contrasts=tuple(contrasts), **common))
     return out
@@ -474,11 +468,8 @@ def reproduction_findings(results: str | Path = "results", sweeps: dict[str, str
     found: list[Finding] = []
     for key, default in SWEEPS.items():
         sweep = (sweeps or {}).get(key, default)
-        try:
-            sweep_dir = resolve_sweep_dir(sweep, results)
-        except Exception:  # noqa: BLE001 - any missing or unreadable sweep is reported as not measured
-            sweep_dir = None
-        if sweep_dir is None or not sweep_dir.is_dir():
+        sweep_dir = Path(results) / sweep  # under the results root only, never a folder of that name elsewhere
+        if not sweep_dir.is_dir():
             found.extend(FINDINGS[key](_empty_runs(), ["train"]))
             continue
         runs, _ = load(sweep_dir, curves=False)

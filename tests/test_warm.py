@@ -210,16 +210,21 @@ def test_a_warm_run_restarts_itself_at_its_time_limit(workspace):
 
 
 # ------------------------------------------------------------------------------------------------- as before
+def start_warm_driver(sweep: Path, env: dict[str, str]) -> subprocess.Popen:
+    """``embscale submit --warm-workers`` of ``sweep`` on one CPU job, in a session of its own (to be killed)."""
+    return subprocess.Popen(EMBSCALE + ["submit", str(sweep), "--executor", "local", "--cpu-jobs", "1",
+                                        "--warm-workers"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            cwd=ROOT)
+
+
 def test_cancel_stops_warm_workers(workspace):
     """cancel stops the driver and the worker (its process group): the running run checkpoints, both runs are
     cancelled, and the worker takes no further run."""
     sweep = T.write_sweep(workspace["root"] / "warm_cancel.yaml",
                           T.sweep_mapping("warm_cancel", workspace["data"], steps=2000, seeds=2, widths=(16,)))
     env, results = workspace["env"], workspace["results"]
-    driver = subprocess.Popen(EMBSCALE + ["submit", str(sweep), "--executor", "local", "--cpu-jobs", "1",
-                                          "--warm-workers"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                              cwd=ROOT)
+    driver = start_warm_driver(sweep, env)
     try:
         wait_until(lambda: "running" in run_states(results, "warm_cancel").values(), 120, "a running run")
         job_map = J.JobMap.load(results / "warm_cancel" / "jobs.json")
@@ -245,10 +250,7 @@ def test_killed_driver_leaves_warm_workers_to_finish_their_run(workspace):
     sweep = T.write_sweep(workspace["root"] / "warm_kill.yaml",
                           T.sweep_mapping("warm_kill", workspace["data"], steps=60, seeds=3, widths=(16,)))
     env, results = workspace["env"], workspace["results"]
-    driver = subprocess.Popen(EMBSCALE + ["submit", str(sweep), "--executor", "local", "--cpu-jobs", "1",
-                                          "--warm-workers"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                              cwd=ROOT)
+    driver = start_warm_driver(sweep, env)
     try:
         def midway():
             states = run_states(results, "warm_kill").values()
