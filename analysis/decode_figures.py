@@ -19,7 +19,7 @@ from typing import Any
 import matplotlib
 from matplotlib import ticker
 
-from embscale.analysis.style import FAMILY_COLORS, STYLE, save_figure, set_title, subplots
+from embscale.analysis.style import FAMILY_COLORS, STYLE, make_room_right, save_figure, set_title, subplots
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
@@ -72,7 +72,7 @@ def experts_figure(report: dict[str, Any], out_dir: Path) -> list[Path]:
         _batch_axis(ax, batches)
     ax.set_ylim(bottom=0)
     ax.set_ylabel("distinct real experts per step\n(mean over MoE layers)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    make_room_right(fig, ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0)))
     set_title(fig, f"Active experts per decode step ({_subtitle(report)})")
     return save_figure(fig, out_dir, "decode_experts")
 
@@ -108,7 +108,7 @@ def throughput_figure(report: dict[str, Any], out_dir: Path) -> list[Path]:
         h, lab = ax.get_legend_handles_labels()
         handles += h
         labels += lab
-    step.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.03, 1.0))
+    make_room_right(fig, step.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.03, 1.0)))
     bandwidth = report.get("copy_bandwidth_gb_s")
     note = f"; floor at {bandwidth:.1f} GB/s copy bandwidth" if bandwidth else ""
     set_title(fig, f"Decoding speed ({_subtitle(report)}{note})")

@@ -388,18 +388,20 @@ def fig_norms(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
     if len(variants) > 1:
         reference = "none" if "none" in variants else variants[0]
         others = [v for v in variants if v != reference]
-        step = 0.8 / max(1, len(split_names))
-        for s_i, split in enumerate(split_names):
-            means = group.groupby("_variant")[loss_column(split)].mean()
-            deltas = [means[v] - means[reference] for v in others]
-            ax.bar(np.arange(len(others)) + (s_i - (len(split_names) - 1) / 2) * step, deltas, step,
-                   label=split_title(split))
+        # one group of bars per loss, one bar per amplification in the left panel's colour for it
+        step = 0.8 / max(1, len(others))
+        means = group.groupby("_variant")[[loss_column(split) for split in split_names]].mean()
+        for o_i, variant in enumerate(others):
+            deltas = [means.at[variant, loss_column(split)] - means.at[reference, loss_column(split)]
+                      for split in split_names]
+            ax.bar(np.arange(len(split_names)) + (o_i - (len(others) - 1) / 2) * step, deltas, step,
+                   color=cmap(variants.index(variant)), label=variant)
         ax.axhline(0, color="#444444", lw=0.8)
-        ax.set_xticks(np.arange(len(others)), others)
+        ax.set_xticks(np.arange(len(split_names)), [split_title(split) for split in split_names])
+        ax.tick_params(axis="x", rotation=20)
         ax.set_ylabel(f"final loss minus loss with '{reference}'")
         ax.set_title("loss change from amplification")
         ax.grid(axis="x", visible=False)
-        legend(ax, loc="upper center", bbox_to_anchor=(0.5, -0.12))  # below the panel: the bars fill it
     else:
         for split in split_names:
             ax.bar([split_title(split)], [group[loss_column(split)].mean()])

@@ -478,6 +478,47 @@ def reproduction_findings(results: str | Path = "results", sweeps: dict[str, str
     return found
 
 
+#: the control sweep (not a claim of the paper): fig2's MoE ladder with a sqrt(D)-scaled token embedding
+CONTROL_SWEEP = "repro_control_moe_sqrt_d"
+
+
+def control_contrasts(results: str | Path = "results", fig2_sweep: str = SWEEPS["fig2"],
+                      control_sweep: str = CONTROL_SWEEP) -> list[Contrast]:
+    """The control's differences, seed by seed, per metric: each NE arm of Fig. 2 against the amplified MoE of the
+    same ratio (equal totals: the scale has no parameters), and the amplified MoE against the plain one at each
+    ratio (what amplification alone does to the MoE). Empty when either sweep is missing. No verdict: the paper
+    claims nothing about this; the differences say how much of NE's advantage the amplification could explain."""
+    fig2_dir, control_dir = Path(results) / fig2_sweep, Path(results) / control_sweep
+    if not (fig2_dir.is_dir() and control_dir.is_dir()):
+        return []
+    fig2 = usable(load(fig2_dir, curves=False)[0])
+    control = usable(load(control_dir, curves=False)[0])
+    if fig2.empty or control.empty:
+        return []
+    metrics = [m for m in splits(fig2) if m in splits(control)]
+    out = []
+    ne = fig2[fig2["family"] == "ne"]
+    for (base, ratio), arm in ne.groupby(["base_ratio", "target_ratio"]):
+        amplified = _moe_at(control, float(ratio))
+        out.append(contrast(f"NE (base {base:g}) - MoE with sqrt(D) embedding at ratio {ratio:g}", 0, metrics,
+                            lambda m, arm=arm, amplified=amplified: seed_differences(arm, amplified, m)))
+    for ratio in sorted({float(r) for r in control["target_ratio"].dropna()}):
+        amplified, plain = _moe_at(control, ratio), _moe_at(fig2, ratio)
+        out.append(contrast(f"MoE with sqrt(D) embedding - MoE at ratio {ratio:g}", 0, metrics,
+                            lambda m, amplified=amplified, plain=plain: seed_differences(amplified, plain, m)))
+    return out
+
+
+def render_contrasts(contrasts: Sequence[Contrast]) -> str:
+    """Contrasts as a Markdown table: one row each, one column per metric (mean [interval])."""
+    metrics = list(contrasts[0].by_metric) if contrasts else []
+    lines = ["| difference | " + " | ".join(_metric_name(m) for m in metrics) + " |",
+             "| --- |" + " --- |" * len(metrics)]
+    for c in contrasts:
+        lines.append(f"| {c.label} | " + " | ".join(c.by_metric[m].text() for m in metrics) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _empty_runs() -> pd.DataFrame:
     columns = ["run_id", "family", "seed", "target_ratio", "base_ratio", "ratio", "width", "depth", "ngram_n",
                "ngram_k", "amplification", "total", "activated", "tokens", "pair_run_id", loss_column("train")]

@@ -641,7 +641,7 @@ def describe(runs: pd.DataFrame) -> str:
     found = splits(runs)
     if found:
         lines.append("splits: " + ", ".join(found))
-    prints = sorted(set(runs["corpus_fingerprint"].astype(str)))
+    prints = sorted(set(runs["corpus_fingerprint"].dropna().astype(str)))  # runs not started yet have none
     if len(prints) > 1:
         lines.append(f"WARNING: {len(prints)} corpus fingerprints; laws are fitted per fingerprint")
     return "\n".join(lines)

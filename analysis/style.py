@@ -195,6 +195,21 @@ def subplots(nrows: int, ncols: int, panel: tuple[float, float] = (3.2, 2.5), *,
     return fig, axes
 
 
+def make_room_right(fig: plt.Figure, artist: matplotlib.artist.Artist, pad: float = 0.1) -> None:
+    """Widen the figure on the right until ``artist`` (a legend beside the panels) fits with ``pad`` inches to
+    spare, every panel keeping its size and place in inches; nothing changes when it already fits."""
+    renderer = fig.canvas.get_renderer()
+    overflow = (artist.get_window_extent(renderer).x1 - fig.bbox.x1) / fig.dpi + pad
+    if overflow <= 1e-3:  # fits (a figure widened once measures about 0 here)
+        return
+    old = fig.get_figwidth()
+    boxes = [(ax, ax.get_position()) for ax in fig.axes]
+    fig.set_figwidth(old + overflow)
+    scale = old / (old + overflow)
+    for ax, box in boxes:
+        ax.set_position([box.x0 * scale, box.y0, box.width * scale, box.height])
+
+
 def set_title(fig: plt.Figure, text: str) -> None:
     """The figure's title, its font shrunk (down to 8 pt) so that it fits 94% of the figure's width as rendered;
     a title still too wide at 8 pt is broken into two lines at the separator nearest its middle, at 9 pt at most,

@@ -6,8 +6,9 @@ For each batch size ``B`` (random prompts of ``prompt_len`` tokens, ``new_tokens
 - ``speculative`` (``k > 0``): ``k`` draft steps and one verification pass of ``B * (k + 1)`` tokens per round,
   the draft being a given small model or the target's own trunk on a plain token embedding.
 
-Each row has: ``tokens_per_s`` (generated tokens over the wall time of the whole generation, prefill included;
-for ``decode`` the prefill and the steps, leaving out the graph capture and the floor's counting between steps),
+Each row has: ``tokens_per_s`` (generated tokens over the wall time of the whole generation, prefill included,
+after an untimed warm-up generation of the same shapes; for ``decode`` the prefill and the steps, leaving out the
+graph capture and the floor's counting between steps),
 ``ms_per_step`` (the median decode step, or the mean speculative round), ``experts_per_step`` (distinct real
 experts that the target's step, or verification pass, sent at least one token to, zero experts excluded, mean
 over MoE layers and steps; NaN without routed experts), ``ngram_share`` (hashing that step's new tokens with the
@@ -252,6 +253,7 @@ def measure_decode(model: nn.Module, batch: int, prompt_len: int, new_tokens: in
     device = model.norm.weight.device
     layout = layout or weight_layout(model)
     prompts = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len), generator=generator).to(device)
+    _warm_up_decode(model, prompts)
     _sync(device)
     start = time.perf_counter()
     decoder = Decoder(model, batch, prompt_len + new_tokens)
@@ -306,6 +308,7 @@ def measure_speculative(model: nn.Module, draft: nn.Module | None, batch: int, p
     bytes of every draft step and verification pass (the floor of a round is their sum)."""
     device = model.norm.weight.device
     prompts = list(torch.randint(0, model.cfg.vocab_size, (batch, prompt_len), generator=generator).to(device))
+    speculative_generate(model, prompts, min(new_tokens, 2 * (k + 1)), k=k, draft=draft)  # warm-up, untimed
     _sync(device)
     start = time.perf_counter()
     _, stats = speculative_generate(model, prompts, new_tokens, k=k, draft=draft)
@@ -337,6 +340,21 @@ def measure_speculative(model: nn.Module, draft: nn.Module | None, batch: int, p
                     acceptance_rate=stats.acceptance_rate)
     _set_floor(row, rounds, bandwidth)
     return row
+
+
+def _warm_up_decode(model: nn.Module, prompts: torch.Tensor) -> None:
+    """A prefill and two eager steps of these shapes, untimed, so that the timed generation does not pay for
+    what happens once per shape or per process (on CUDA: library handles, kernel selection and compilation, the
+    caching allocator's growth); the first batch size measured on a GPU otherwise reports a fraction of its
+    steady tokens/s."""
+    batch, prompt_len = prompts.shape
+    decoder = Decoder(model, batch, prompt_len + 2)
+    token = decoder.prefill(list(prompts)).argmax(-1)
+    step = _EagerStep(decoder)
+    for _ in range(2):
+        step(token.unsqueeze(1))
+        token = step.next_token
+    _sync(prompts.device)
 
 
 def _set_floor(row: DecodeRow, parts: list[dict[str, int]], bandwidth: float | None) -> None:

@@ -314,7 +314,26 @@ def _best(group: Group, spec: TuneSpec) -> dict[str, Any]:
         return {"value": None, "metric": None, "trials": counts, "per": group.value}
     best = group.study.best_trial
     return {"value": best.params[spec.param], "metric": best.value, "trial": best.number, "trials": counts,
-            "per": group.value, "run_dir": best.user_attrs.get("run_dir")}
+            "per": group.value, "run_dir": best.user_attrs.get("run_dir"),
+            "edge": edge_of_trials(best.params[spec.param], [t.params[spec.param] for t in complete])}
+
+
+def edge_of_trials(best: float, tried: list[float]) -> str | None:
+    """``"lowest"`` or ``"highest"`` when the best value is the lowest or highest of three or more completed
+    trials' values: the optimum was not bracketed and may lie beyond what was tried; else None."""
+    if len(set(tried)) < 3:
+        return None
+    return "lowest" if best <= min(tried) else "highest" if best >= max(tried) else None
+
+
+def edge_warning(label: str, entry: dict[str, Any], spec: TuneSpec) -> str | None:
+    """The warning for a best value at the edge of the trials (see :func:`edge_of_trials`), naming the range."""
+    if not entry.get("edge"):
+        return None
+    beyond = "below" if entry["edge"] == "lowest" else "above"
+    return (f"{label}: the best {spec.param} ({entry['value']:.4g}) is the {entry['edge']} of the "
+            f"{entry['trials'].get('complete', 0)} completed trials (searched in [{spec.low:g}, {spec.high:g}]); "
+            f"the optimum may lie {beyond} it: run more trials or move the range")
 
 
 def tuned_mapping(plan: SweepPlan, spec: TuneSpec, best: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -369,10 +388,14 @@ def write_tuned(plan: SweepPlan, spec: TuneSpec, best: dict[str, dict[str, Any]]
         metric = "" if entry["metric"] is None else f" -> {spec.metric} {entry['metric']:.4f}"
         counts = ", ".join(f"{n} {state}" for state, n in entry["trials"].items() if n)
         lines.append(f"#   {label}: {spec.param} {value}{metric}  (trials: {counts or 'none'})")
+        warning = edge_warning(label, entry, spec)
+        if warning:
+            lines.append(f"#   WARNING: {warning}")
     text = "\n".join(lines) + "\n" + yaml.safe_dump(data, sort_keys=False)
     path = plan.sweep_dir / "tuned.yaml"
     atomic_write_text(path, text)
     return path
 
 
-__all__ = ["final_value", "metric_columns", "metric_values", "resolve_metric", "tune", "tuned_mapping", "write_tuned"]
+__all__ = ["edge_of_trials", "edge_warning", "final_value", "metric_columns", "metric_values", "resolve_metric",
+           "tune", "tuned_mapping", "write_tuned"]

@@ -212,3 +212,24 @@ def test_ple_is_drawn_beside_the_ne_of_its_total():
     })
     grouped = _ratio_for_grouping(runs, runs[runs["family"] == "ne"])
     assert grouped.tolist() == [4.0, 5.0, 4.0, 5.0, 3.14]  # the lone PLE (no NE of its width) keeps its own ratio
+
+
+def test_a_legend_beside_the_panels_gets_the_room_it_needs() -> None:
+    """A long legend label beside the panel widens the figure on the right; the panel keeps its inches."""
+    import matplotlib.pyplot as plt
+
+    from embscale.analysis.style import make_room_right, subplots
+
+    fig, axes = subplots(1, 1, panel=(3.0, 2.0), right=0.5)
+    ax = axes[0, 0]
+    ax.plot([1, 2], [1, 2], label="a label far too long for half an inch of margin: " + "x" * 30)
+    legend = ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    before = ax.get_position().width * fig.get_figwidth()
+    make_room_right(fig, legend)
+    renderer = fig.canvas.get_renderer()
+    assert legend.get_window_extent(renderer).x1 <= fig.bbox.x1
+    assert ax.get_position().width * fig.get_figwidth() == pytest.approx(before)
+    width = fig.get_figwidth()
+    make_room_right(fig, legend)  # fits now: nothing moves
+    assert fig.get_figwidth() == width
+    plt.close(fig)

@@ -19,6 +19,7 @@ from embscale.analysis import laws
 from embscale.analysis.store import (
     ResultsError,
     collect,
+    describe,
     discover_sweeps,
     is_stale,
     load,
@@ -151,6 +152,15 @@ def test_mixed_corpora_warn_and_are_fitted_apart(results: Path) -> None:
     fits = laws.fit_ratio_laws(runs, split_names=["train"], n_boot=0)
     assert "corpus_fingerprint" in fits.keys
     assert set(fits.table["corpus_fingerprint"]) == {"another-corpus", "synthetic-corpus-0001"}
+
+
+def test_runs_not_started_yet_add_no_corpus_to_the_summary(results: Path) -> None:
+    """A sweep half way through has runs with no corpus yet: one corpus, not two, and no warning."""
+    runs, _ = collect(results / "synthetic")
+    runs.loc[runs.index[:3], "corpus_fingerprint"] = None
+    assert "corpus fingerprints" not in describe(runs)
+    runs.loc[runs.index[3], "corpus_fingerprint"] = "another-corpus"
+    assert "WARNING: 2 corpus fingerprints" in describe(runs)
 
 
 def test_load_several_sweeps_and_refresh_when_stale(results: Path) -> None:

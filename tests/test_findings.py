@@ -18,7 +18,7 @@ from embscale.analysis import findings as F
 from embscale.analysis.figures import _ratio_for_grouping, norm_components
 from embscale.analysis.store import atomic_write_parquet
 from embscale.bench.reproduce import DEFAULT_MANIFEST, load_manifest
-from embscale.commands.findings import next_scale
+from embscale.commands.findings import KEPT_MARKER, next_scale
 
 SPLITS = ("train", "val_code", "val_prose")
 
@@ -173,6 +173,14 @@ def test_report_from_committed_tables_names_the_next_scale_sweep(tmp_path):
     assert "| `repro_fig5_amplification` | 6 | 0 | 0 | 360 | - | cuda |" in text  # no timestamps in the table
     assert "| `repro_fig2_ladder` | - |" in text  # not run: no numbers made up
 
+    reading = f"{KEPT_MARKER}\n\n## Reading\n\nWritten by hand.\n"
+    out.write_text(text + "\n" + reading)
+    done = subprocess.run([sys.executable, "-m", "embscale", "findings", "--out", str(out), "--results",
+                           str(results), "--manifest", str(manifest.path)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert out.read_text() == text + "\n" + reading  # the table rewritten, the reading kept once
+
 
 def test_every_next_scale_sweep_plans_and_is_named_for_a_figure():
     settle = next_scale(DEFAULT_MANIFEST.parent)
@@ -197,12 +205,33 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path):
         assert not out.exists()
 
 
-@pytest.mark.slow  # five sweeps fitted and drawn (about 15 s)
-def test_real_runs_of_every_reproduction_sweep_load_fit_plot_and_report(tmp_path):
-    """The CPU pilot (tests/fixtures/cpu_pilot/README.md: real runs of every reproduction sweep, trained too
-    briefly to mean anything) through `embscale findings --plots`, as the GPU results will go."""
+ROOT = Path(__file__).resolve().parent.parent
+#: what the reproduction committed: each sweep's tables under results/, the runbook's record, REPRODUCTION.md
+COMMITTED = ("repro_fig2_ladder", "repro_fig4_nk", "repro_fig5_amplification", "repro_fig67_width_depth",
+             "repro_fig9_per_layer", "reproduction")
+
+
+def copy_committed_results(results: Path) -> None:
+    """The committed reproduction results (tables, figures, progress) into ``results``, run folders aside."""
+    for name in COMMITTED:
+        shutil.copytree(ROOT / "results" / name, results / name,
+                        ignore=shutil.ignore_patterns("[0-9a-f]" * 10, "logs", "*.pdf"))
+
+
+def _table_and_sources(text: str) -> list[str]:
+    """REPRODUCTION.md without its date line and its hand-written reading: what the results alone decide."""
+    text = text.split(KEPT_MARKER)[0].rstrip("\n")
+    return [line for line in text.splitlines() if not line.startswith("Written by `embscale findings` on")]
+
+
+@pytest.mark.slow  # five sweeps fitted and drawn (about 20 s)
+def test_the_committed_results_load_fit_plot_and_give_the_committed_reproduction(tmp_path):
+    """The GPU results committed under results/ (REPRODUCTION.md) through `embscale findings --plots` on this
+    machine: every sweep loads from its tables, fits and draws, and the table comes out as committed."""
     results = tmp_path / "results"
-    shutil.copytree(Path(__file__).parent / "fixtures" / "cpu_pilot", results)
+    copy_committed_results(results)
+    for figures in results.glob("*/figures"):
+        shutil.rmtree(figures)  # drawn again below
     out = tmp_path / "REPRODUCTION.md"
     done = subprocess.run([sys.executable, "-m", "embscale", "findings", "--plots", "--results", str(results),
                            "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=900,
@@ -216,12 +245,37 @@ def test_real_runs_of_every_reproduction_sweep_load_fit_plot_and_report(tmp_path
                      "repro_fig67_width_depth/figures/fig7_depth_loss_reduction.png",
                      "repro_fig9_per_layer/figures/fig9_per_layer.png"):
         assert expected in figures, sorted(figures)
+    committed_figures = {p.relative_to(ROOT / "results").as_posix() for p in (ROOT / "results").glob(
+        "repro_fig*/figures/*.png")}
+    assert committed_figures == figures  # every figure drawn is committed, and no stale one is
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| Fig.")]
     assert len(rows) == 12 and all("](results/repro_" in row for row in rows)  # each row links its figure
     assert "| `repro_fig2_ladder` | 18 | 0 | 0 |" in text and "| `repro_fig67_width_depth` | 24 | 0 | 0 |" in text
+    assert _table_and_sources(text) == _table_and_sources((ROOT / "REPRODUCTION.md").read_text())
 
     runs = pd.read_parquet(results / "repro_fig9_per_layer" / "runs.parquet")
     assert "norm_eps" in runs.columns and "norm_eps" not in norm_components(list(runs.columns))
     grouped = _ratio_for_grouping(runs, runs[runs["family"] == "ne"])
     assert set(grouped[runs["family"] == "ple"]) == {4.0}  # PLE (22.9M) beside NE at ratio 4 (22.8M)
+
+
+def test_the_control_compares_ne_and_the_plain_moe_with_the_amplified_moe_seed_by_seed(tmp_path):
+    results = tmp_path / "results"
+    assert F.control_contrasts(results) == []  # nothing run: no rows
+    fig2 = []
+    for seed in (0, 1):
+        fig2.append(_run(f"moe{seed}", "moe", seed, 4.0 + 0.1 * seed, target_ratio=4.0, ratio=4.0))
+        fig2.append(_run(f"ne{seed}", "ne", seed, 3.5 + 0.1 * seed, target_ratio=4.0, ratio=4.0, base_ratio=2.0,
+                         pair_run_id=f"moe{seed}"))
+    _write(results, "repro_fig2_ladder", fig2)
+    assert F.control_contrasts(results) == []  # the control not run yet
+    _write(results, F.CONTROL_SWEEP, [_run(f"amp{seed}", "moe", seed, 3.7 + 0.2 * seed, target_ratio=4.0,
+                                           ratio=4.0) for seed in (0, 1)])
+    rows = {c.label: c for c in F.control_contrasts(results)}
+    ne = rows["NE (base 2) - MoE with sqrt(D) embedding at ratio 4"].by_metric
+    assert ne["train"].values == pytest.approx((-0.2, -0.3)) and ne["val_prose"].values == pytest.approx((-0.2, -0.3))
+    amplified = rows["MoE with sqrt(D) embedding - MoE at ratio 4"].by_metric["val_code"]
+    assert amplified.values == pytest.approx((-0.3, -0.2))
+    table = F.render_contrasts(list(rows.values()))
+    assert "| NE (base 2) - MoE with sqrt(D) embedding at ratio 4 | -0.250 [-0.300, -0.200] |" in table

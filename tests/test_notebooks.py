@@ -1,5 +1,5 @@
-"""Both notebooks run top to bottom against the committed results fixtures, so they never rot: the synthetic one,
-and the CPU pilot of the reproduction sweeps (real runs of five sweeps at once, tests/fixtures/cpu_pilot)."""
+"""Both notebooks run top to bottom against committed results, so they never rot: the synthetic fixture, and the
+reproduction's GPU results under results/ (five sweeps of real runs at once; REPRODUCTION.md)."""
 
 import shutil
 from pathlib import Path
@@ -7,10 +7,10 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from test_findings import copy_committed_results
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = {"synthetic": (ROOT / "tests" / "fixtures" / "results", 1),
-            "cpu_pilot": (ROOT / "tests" / "fixtures" / "cpu_pilot", 5)}
+FIXTURES = {"synthetic": (ROOT / "tests" / "fixtures" / "results", 1), "reproduction": (None, 5)}
 
 
 @pytest.mark.parametrize("fixture", sorted(FIXTURES))
@@ -18,7 +18,10 @@ FIXTURES = {"synthetic": (ROOT / "tests" / "fixtures" / "results", 1),
 def test_notebook_runs(name, fixture, tmp_path, monkeypatch):
     source, sweeps = FIXTURES[fixture]
     results = tmp_path / "results"
-    shutil.copytree(source, results)  # the notebooks collect into the folder; keep the fixture untouched
+    if source is None:
+        copy_committed_results(results)
+    else:
+        shutil.copytree(source, results)  # the notebooks collect into the folder; keep the fixture untouched
     monkeypatch.setenv("EMBSCALE_RESULTS", str(results))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -111,8 +111,8 @@ def test_wheel_has_one_namespace_beside_a_researchers_own_modules(wheel_venv, tm
     assert "longcat_flash_lite.yaml" in seen["configs"] and "demo.yaml" in seen["sweeps"]
     assert seen["bench_config"] == 1024  # read from the wheel's package data
     assert {"manifest.yaml", "README.md", "base.yaml", "fig2_ladder.yaml"} <= set(seen["reproduction"])
-    assert seen["manifest_sweeps"] == 5  # the runbook finds its shipped manifest and sweeps in the wheel
-    assert seen["next_sweeps"] == 5  # and the next-scale ones that REPRODUCTION.md points to
+    assert seen["manifest_sweeps"] == 6  # the runbook finds its shipped manifest and sweeps in the wheel
+    assert seen["next_sweeps"] == 6  # and the next-scale ones that REPRODUCTION.md points to
     bare = run(wheel_venv, BARE_CHECK.format(names=list(BARE)), tmp_path)
     assert bare.returncode == 0 and json.loads(bare.stdout) == [], bare.stdout + bare.stderr
     missing = run(wheel_venv, "import models", tmp_path)

@@ -69,7 +69,8 @@ def test_manifest_errors_name_the_file(tmp_path):
 def test_shipped_reproduction_sweeps_plan_and_every_size_is_tuned():
     manifest = load_manifest(DEFAULT_MANIFEST)
     assert [p.name for p in manifest.sweeps] == ["fig2_ladder.yaml", "fig4_nk.yaml", "fig5_amplification.yaml",
-                                                 "fig9_per_layer.yaml", "fig67_width_depth.yaml"]
+                                                 "fig9_per_layer.yaml", "fig67_width_depth.yaml",
+                                                 "control_moe_sqrt_d.yaml"]
     tuned = {model_size(load_sweep_mapping(path)): 0.001 * (i + 1) for i, path in enumerate(manifest.tune)}
     counts = {}
     for path in manifest.sweeps:
@@ -82,7 +83,7 @@ def test_shipped_reproduction_sweeps_plan_and_every_size_is_tuned():
         for run in plan.runs:
             assert run.config["data"]["corpus"] == "system"
     assert counts == {"repro_fig2_ladder": 18, "repro_fig4_nk": 14, "repro_fig5_amplification": 6,
-                      "repro_fig9_per_layer": 8, "repro_fig67_width_depth": 24}
+                      "repro_fig9_per_layer": 8, "repro_fig67_width_depth": 24, "repro_control_moe_sqrt_d": 10}
 
 
 def _tiny_manifest(tmp_path: Path) -> Path:

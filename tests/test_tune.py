@@ -165,3 +165,20 @@ def test_tune_section_errors():
         with pytest.raises(ConfigError) as info:
             parse_tune(section, axes)
         assert info.value.field == field, section
+
+
+def test_a_best_value_at_the_edge_of_the_trials_is_flagged():
+    """Best at the lowest or highest of three or more tried values: the optimum was not bracketed (the reproduction's
+    tunes ended so: best 3.56e-3, the lowest of six trials in [1e-3, 2e-2])."""
+    from embscale.sweeps.tune import edge_of_trials, edge_warning
+
+    tried = [3.56e-3, 5.12e-3, 5.18e-3, 6.08e-3, 6.92e-3, 8.52e-3]
+    assert edge_of_trials(3.56e-3, tried) == "lowest"
+    assert edge_of_trials(8.52e-3, tried) == "highest"
+    assert edge_of_trials(5.18e-3, tried) is None
+    assert edge_of_trials(1.0e-3, [1.0e-3, 2.0e-3]) is None  # two values bracket nothing either way: not flagged
+    spec = parse_tune({"param": "lr", "low": 1.0e-3, "high": 2.0e-2, "log": True, "trials": 6}, ("family",))
+    entry = {"value": 3.56e-3, "edge": "lowest", "trials": {"complete": 6}}
+    warning = edge_warning("all", entry, spec)
+    assert "lowest of the 6 completed trials" in warning and "[0.001, 0.02]" in warning and "below" in warning
+    assert edge_warning("all", {**entry, "edge": None}, spec) is None

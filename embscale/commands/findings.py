@@ -8,6 +8,7 @@ excluded, their seconds, the span from the first start to the last end, the devi
 the device time of the runbook's calls (``results/reproduction/progress.json``). For the rows that do not agree,
 the "to settle it" column names the next-scale sweep (``next/`` beside the manifest) and its planned GPU-hours
 (``embscale plan``, with the tunes of the sizes it trains). A missing manifest or results folder exits 2.
+Rewriting an existing file keeps what follows its :data:`KEPT_MARKER` line (a reading written by hand).
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from embscale.analysis.findings import (
+    CONTROL_SWEEP,
     FIGURE_FILES,
     SWEEPS,
     Finding,
+    control_contrasts,
+    render_contrasts,
     render_markdown,
     reproduction_findings,
     verdict_counts,
@@ -37,6 +41,8 @@ from embscale.sweeps.sweepfile import load_sweep_mapping
 FIGURE_OF_FINDING = {"fig2": "fig2", "fig4": "fig4", "fig5": "fig5", "fig6": "fig67", "fig7": "fig67",
                      "fig9": "fig9"}
 NEXT_DIR = "next"
+#: the line after which REPRODUCTION.md holds text written by hand, kept when the command rewrites the file
+KEPT_MARKER = "<!-- written by hand: kept when embscale findings rewrites this file -->"
 
 
 def figure_key(sweep_file: Path) -> str | None:
@@ -83,6 +89,23 @@ def next_scale(manifest_dir: Path) -> dict[str, str]:
             text += f" (+{tune_hours:.3g} GPU-h to tune {len(needed)} size(s) first)"
         out[key] = text + " at 35% MFU of an H100/H200"
     return out
+
+
+def _control_section(results: Path, names: dict[str, str]) -> list[str]:
+    """The control of NE's advantage for the louder embedding (not a claim of the paper), or what would run it."""
+    lines = ["## A control: NE against an MoE whose token embedding is amplified too", "",
+             "Not a claim of the paper. NE's output is multiplied by sqrt(D) (`ngram.amplification: sqrt_d`, as in "
+             "the paper); the MoE's token embedding is not. The control trains Fig. 2's MoE ladder with its token "
+             "embedding multiplied by sqrt(D) (`model.embedding_amplification: sqrt_d`; no parameters, so the "
+             "totals are unchanged) and compares, seed by seed, each NE arm of Fig. 2 with it, and it with the "
+             "plain MoE. Differences are reported, not judged.", ""]
+    contrasts = control_contrasts(results, names.get("fig2", "repro_fig2_ladder"), CONTROL_SWEEP)
+    if contrasts:
+        lines.append(render_contrasts(contrasts).rstrip("\n"))
+    else:
+        lines.append(f"Not run yet: `sweeps/reproduction/control_moe_sqrt_d.yaml` ({CONTROL_SWEEP}, 10 runs, the "
+                     "runbook's last sweep).")
+    return lines + [""]
 
 
 def _progress(results: Path) -> dict[str, Any]:
@@ -134,6 +157,12 @@ def _span(runs: Any) -> str:
     return f"{(ended.max() - started.min()).total_seconds():,.0f} s"
 
 
+def _shown(path: Path, out_dir: Path) -> str:
+    """``path`` relative to ``out_dir`` when it lies below it (a repository's own manifest), else folder/name."""
+    relative = os.path.relpath(path.resolve(), out_dir.resolve())
+    return relative if not relative.startswith("..") else f"{path.parent.name}/{path.name}"
+
+
 def report(results: Path, manifest_path: Path, out_dir: Path = Path(".")) -> str:
     """The text of ``REPRODUCTION.md`` for the results under ``results``, its figure links relative to
     ``out_dir`` (where the file goes)."""
@@ -149,9 +178,9 @@ def report(results: Path, manifest_path: Path, out_dir: Path = Path(".")) -> str
         "# The paper's findings, as the harness measured them",
         "",
         f"Written by `embscale findings` on {today} from the collected results of the "
-        f"reproduction sweeps (`{manifest_path.name}` in `{manifest_path.parent.name}/`: why these sizes, tokens and "
-        "learning rates is in the README beside it). Regenerate each sweep's figures with `embscale plots "
-        "results/<sweep>`.",
+        f"reproduction sweeps (`{_shown(manifest_path, out_dir)}`: why these sizes, tokens and learning rates is in "
+        "the README beside it). Regenerate each sweep's figures with `embscale plots results/<sweep>`, and this "
+        "file with `embscale findings --plots`.",
         "",
         f"**{counts['agree']} agree, {counts['disagree']} disagree, {counts['inconclusive']} inconclusive, "
         f"{counts['not measured']} not measured.**",
@@ -166,9 +195,10 @@ def report(results: Path, manifest_path: Path, out_dir: Path = Path(".")) -> str
         "",
         render_markdown(findings, settle, figure_links(findings, results, out_dir)).rstrip("\n"),
         "",
+        *_control_section(results, names),
         "## Where the numbers come from",
         "",
-        *_runs_section(results, names),
+        *_runs_section(results, {**names, "control": CONTROL_SWEEP}),
     ]
     if progress:
         rates = ", ".join(f"{size}: {rate:.3g}" if isinstance(rate, (int, float)) else f"{size}: -"
@@ -180,6 +210,16 @@ def report(results: Path, manifest_path: Path, out_dir: Path = Path(".")) -> str
                   + "; ".join(f"{c.get('corpus')} ({c.get('train_tokens', 0):,} training tokens)"
                               for c in progress.get("corpora", []))]
     return "\n".join(lines) + "\n"
+
+
+def kept_reading(out: Path) -> str:
+    """What follows :data:`KEPT_MARKER` in the file being rewritten (a reader's account of the results, written
+    by hand), marker included, so that regenerating the table keeps it; empty when there is none."""
+    if not out.is_file():
+        return ""
+    text = out.read_text()
+    at = text.find(KEPT_MARKER)
+    return "\n" + text[at:] if at >= 0 else ""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -204,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
                 drawn = plot_sweep(name, results=results, jobs=None)
                 print(f"{name}: {len(drawn.figures)} figure files")
     out = Path(args.out)
-    text = report(results, Path(args.manifest), out.resolve().parent)
+    text = report(results, Path(args.manifest), out.resolve().parent) + kept_reading(out)
     atomic_write_text(out, text)
     print(next(line for line in text.splitlines() if line.startswith("**")))
     print(f"wrote {args.out}")

@@ -13,7 +13,7 @@ from embscale.base.errors import ConfigError
 from embscale.sweeps.plan import SweepPlan, load_plan
 from embscale.sweeps.sections import EXECUTORS, TUNE_KEYS, TuneSpec, parse_tune
 from embscale.sweeps.submit import SubmitOptions
-from embscale.sweeps.tune import resolve_metric, tune, write_tuned
+from embscale.sweeps.tune import edge_warning, resolve_metric, tune, write_tuned
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
         metric = "-" if entry["metric"] is None else f"{entry['metric']:.4f}"
         counts = ", ".join(f"{n} {state}" for state, n in entry["trials"].items() if n)
         print(f"{label}: {spec.param}={value} {spec.metric}={metric} ({counts or 'no trials'})")
+        warning = edge_warning(label, entry, spec)
+        if warning:
+            print(f"WARNING: {warning}", file=sys.stderr)
     untuned = [label for label, entry in best.items() if entry["value"] is None]
     if untuned:  # a tuned.yaml with null values would not be a valid sweep file
         print(f"no trial completed for {', '.join(untuned)}: no tuned sweep written; `embscale tune` again "
