@@ -509,6 +509,35 @@ def control_contrasts(results: str | Path = "results", fig2_sweep: str = SWEEPS[
     return out
 
 
+def repeated_runs(results: str | Path = "results", sweeps: Sequence[str] = tuple(SWEEPS.values()),
+                  metric: str = "train") -> pd.DataFrame:
+    """Runs that more than one sweep trained (the same run id: configuration, seed and data order), one row per
+    run id: how many times it was trained, the ``metric`` loss of each training and their spread (max - min).
+    Copies (``copied_from``) are not trainings. On a GPU, whose kernels accumulate in no fixed order, the spread
+    is the run-to-run noise that the seed intervals do not hold."""
+    column = loss_column(metric)
+    frames = []
+    for sweep in sweeps:
+        sweep_dir = Path(results) / sweep
+        if sweep_dir.is_dir():
+            runs = usable(load(sweep_dir, curves=False)[0])
+            if column in runs.columns:
+                copied = runs["copied_from"].notna() if "copied_from" in runs.columns \
+                    else pd.Series(False, index=runs.index)
+                frames.append(runs.loc[~copied, ["run_id", "sweep", column]])
+    if not frames:
+        return pd.DataFrame(columns=["run_id", "trainings", "losses", "spread"])
+    runs = pd.concat(frames, ignore_index=True)
+    out = []
+    for run_id, group in runs.groupby("run_id"):
+        if len(group) > 1:
+            losses = tuple(float(v) for v in group[column])
+            out.append({"run_id": run_id, "trainings": len(group), "losses": losses,
+                        "spread": max(losses) - min(losses)})
+    return pd.DataFrame(out, columns=["run_id", "trainings", "losses", "spread"]).sort_values(
+        "spread", ascending=False, ignore_index=True)
+
+
 def render_contrasts(contrasts: Sequence[Contrast]) -> str:
     """Contrasts as a Markdown table: one row each, one column per metric (mean [interval])."""
     metrics = list(contrasts[0].by_metric) if contrasts else []

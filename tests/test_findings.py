@@ -279,3 +279,15 @@ def test_the_control_compares_ne_and_the_plain_moe_with_the_amplified_moe_seed_b
     assert amplified.values == pytest.approx((-0.3, -0.2))
     table = F.render_contrasts(list(rows.values()))
     assert "| NE (base 2) - MoE with sqrt(D) embedding at ratio 4 | -0.250 [-0.300, -0.200] |" in table
+
+
+def test_runs_trained_by_two_sweeps_give_the_run_to_run_spread_and_copies_do_not_count(tmp_path):
+    results = tmp_path / "results"
+    _write(results, "repro_fig2_ladder", [_run("same", "moe", 0, 3.6), _run("copied", "moe", 1, 3.9),
+                                          _run("alone", "moe", 0, 3.5)])
+    _write(results, "repro_fig4_nk", [_run("same", "moe", 0, 3.85),
+                                      _run("copied", "moe", 1, 3.9, copied_from="results/repro_fig2_ladder/copied")])
+    repeats = F.repeated_runs(results)
+    assert list(repeats["run_id"]) == ["same"]  # the copy is the same training, the lone run has no twin
+    assert repeats.loc[0, "trainings"] == 2 and repeats.loc[0, "spread"] == pytest.approx(0.25)
+    assert F.repeated_runs(tmp_path / "nowhere").empty

@@ -28,6 +28,7 @@ from embscale.analysis.findings import (
     control_contrasts,
     render_contrasts,
     render_markdown,
+    repeated_runs,
     reproduction_findings,
     verdict_counts,
 )
@@ -106,6 +107,18 @@ def _control_section(results: Path, names: dict[str, str]) -> list[str]:
         lines.append(f"Not run yet: `sweeps/reproduction/control_moe_sqrt_d.yaml` ({CONTROL_SWEEP}, 10 runs, the "
                      "runbook's last sweep).")
     return lines + [""]
+
+
+def _repeats_section(results: Path, names: dict[str, str]) -> list[str]:
+    """The runs trained more than once, by sweeps that ran side by side: the run-to-run noise, measured."""
+    repeats = repeated_runs(results, [*names.values(), CONTROL_SWEEP])
+    if repeats.empty:
+        return []
+    listed = "; ".join(f"`{row.run_id}` {', '.join(f'{v:.3f}' for v in row.losses)}" for row in repeats.itertuples())
+    return ["", f"Runs trained more than once (the same run id in several sweeps, trained again rather than copied "
+                f"because its twin was still running): {len(repeats)}, {int(repeats['trainings'].sum())} trainings; "
+                f"final training losses: {listed}. Their spread, {repeats['spread'].min():.3f} to "
+                f"{repeats['spread'].max():.3f}, is run-to-run noise that no seed interval above contains."]
 
 
 def _progress(results: Path) -> dict[str, Any]:
@@ -199,6 +212,7 @@ def report(results: Path, manifest_path: Path, out_dir: Path = Path(".")) -> str
         "## Where the numbers come from",
         "",
         *_runs_section(results, {**names, "control": CONTROL_SWEEP}),
+        *_repeats_section(results, names),
     ]
     if progress:
         rates = ", ".join(f"{size}: {rate:.3g}" if isinstance(rate, (int, float)) else f"{size}: -"
