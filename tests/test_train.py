@@ -319,3 +319,38 @@ def test_tf32_is_put_back_after_a_cuda_run():
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
     with tf32_matmuls(torch.device("cpu")):
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def test_deterministic_kernels_are_switched_on_for_a_cuda_run_and_put_back(monkeypatch):
+    """``training.deterministic`` on CUDA: deterministic algorithms, cuDNN without autotuning, cuBLAS's fixed
+    workspace (an environment's own setting kept); the process's switches as they were afterwards; no change on
+    CPU. (Touches no GPU: the switches are the process's.)"""
+    from embscale.training.trainer import CUBLAS_DETERMINISTIC_WORKSPACE, deterministic_kernels
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark)
+    with deterministic_kernels(torch.device("cpu"), True), deterministic_kernels(torch.device("cuda"), False):
+        assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                torch.backends.cudnn.benchmark) == before
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    with deterministic_kernels(torch.device("cuda"), True):
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_DETERMINISTIC_WORKSPACE
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark) == before
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    with deterministic_kernels(torch.device("cuda"), True):
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+def test_deterministic_is_part_of_the_run_id_only_when_asked_for(corpus, tmp_path):
+    plain = RunConfig.from_dict(config(corpus, tmp_path / "results"))
+    same = RunConfig.from_dict(config(corpus, tmp_path / "results", deterministic=False))
+    asked = RunConfig.from_dict(config(corpus, tmp_path / "results", deterministic=True))
+    assert plain.run_id == same.run_id != asked.run_id  # the ids of runs made before the switch stay
+    summary = train_run(asked)  # on CPU the switch changes nothing: the same curve as without it
+    assert metrics_of(summary)["train_loss"].tolist() == metrics_of(train_run(plain))["train_loss"].tolist()
+    with pytest.raises(Exception, match="deterministic"):
+        RunConfig.from_dict(config(corpus, tmp_path / "results", deterministic="yes"))

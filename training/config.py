@@ -46,7 +46,7 @@ NGRAM_BACKENDS = ("torch", "triton")
 # earlier runs (and of runs that do not use them) stay what they were.
 _OPT_IN_TRAINING_DEFAULTS = {"table_optimizer": "adamw", "table_optimizer_moments": "full", "ngram_backend": "torch",
                              "parallel": "ddp", "shard_degree": 0, "activation_checkpointing": False,
-                             "table_sharding": "replicate"}
+                             "table_sharding": "replicate", "deterministic": False}
 PARALLEL_MODES = ("ddp", "fsdp", "hsdp")  # training.parallel (training/parallelize.py)
 TABLE_SHARDINGS = ("replicate", "rows")  # training.table_sharding (training/table_shard.py)
 DEVICES = ("auto", "cpu", "cuda")
@@ -99,6 +99,12 @@ class TrainingConfig:
     and ``table_optimizer`` dense or sparse. ``compile`` under ``fsdp`` / ``hsdp`` compiles
     each block. ``activation_checkpointing``: recompute each block's activations in the backward (less memory,
     about one more forward of compute; any ``parallel``).
+    ``deterministic``: on CUDA, kernels that give the same bits on every run (``torch.use_deterministic_algorithms``,
+    cuDNN without autotuning, cuBLAS with a fixed workspace; :func:`embscale.training.trainer.deterministic_kernels`),
+    so that the same run trained twice gives the same curve; slower where a kernel's deterministic form is, and a
+    run whose model needs an operation without one fails at its first step, naming it. Off by default: on a GPU two
+    trainings of one run then differ in the order of their floating-point sums (up to 0.25 in final loss in
+    REPRODUCTION.md's repeated runs). CPU runs are deterministic either way.
     A run has diverged when its loss is NaN/inf or exceeds ``spike_factor`` times the running mean
     (exponential, over about 20 steps; 0 turns the spike test off).
     """
@@ -133,6 +139,7 @@ class TrainingConfig:
     shard_degree: int = 0
     activation_checkpointing: bool = False
     table_sharding: str = "replicate"
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         _require(self.steps >= 0, "steps", f"must be non-negative, got {self.steps}")
@@ -193,6 +200,8 @@ class TrainingConfig:
                  "shards belong to training.parallel fsdp or hsdp; under ddp every rank holds the whole model")
         _require(isinstance(self.activation_checkpointing, bool), "activation_checkpointing",
                  f"must be true or false, got {self.activation_checkpointing!r}")
+        _require(isinstance(self.deterministic, bool), "deterministic",
+                 f"must be true or false, got {self.deterministic!r}")
         _require(self.table_sharding in TABLE_SHARDINGS, "table_sharding",
                  f"unknown value {self.table_sharding!r}; expected one of {', '.join(TABLE_SHARDINGS)}")
         if self.table_sharding == "rows":
@@ -435,7 +444,7 @@ class RunConfig:
     def identity(self) -> dict[str, Any]:
         """Everything that determines the run's results, with defaults filled in (except the opt-in training
         fields ``table_optimizer``, ``table_optimizer_moments``, ``ngram_backend``, ``parallel``, ``shard_degree``,
-        ``activation_checkpointing`` and ``table_sharding`` and the opt-in data fields
+        ``activation_checkpointing``, ``table_sharding`` and ``deterministic`` and the opt-in data fields
         ``token_column`` and ``eos_token_id``, present only when not at their defaults)."""
         model = self.provisional_model().to_dict()
         for omitted in ("vocab_size", "eos_token_id"):

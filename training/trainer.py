@@ -15,7 +15,8 @@ whose steps a reader can hold in mind one at a time:
    reproduces the uninterrupted loss curve bit for bit.
 3. :meth:`Trainer.begin` writes ``run.json`` (resolved config, accounting, corpus fingerprint, tokenizer, and the
    planned keys the sweep engine gave) for a new run, and status ``running``. On CUDA, float32 matrix products
-   use TF32 while the run trains (:func:`tf32_matmuls`), and the process's setting is put back afterwards.
+   use TF32 while the run trains (:func:`tf32_matmuls`), and the process's setting is put back afterwards; with
+   ``training.deterministic`` the run's CUDA kernels are the deterministic ones (:func:`deterministic_kernels`).
 4. :meth:`Trainer.step` is one optimizer step: gradient accumulation over the micro-batches (bf16 autocast on GPU,
    fp32 on CPU), the MoE auxiliary loss added, row-sparse table gradients averaged over the ranks, gradients
    clipped (one global norm over dense and sparse ones), the optimizers stepped, and the router biases updated on
@@ -155,6 +156,33 @@ def tf32_matmuls(device: torch.device):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
+#: cuBLAS's workspace for bitwise-repeatable products (NVIDIA's cuBLAS docs, "Results reproducibility")
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+
+
+@contextlib.contextmanager
+def deterministic_kernels(device: torch.device, on: bool):
+    """``training.deterministic`` on CUDA: ``torch.use_deterministic_algorithms`` (each operation its
+    deterministic form, or an error naming the operation that has none), cuDNN deterministic and not autotuned,
+    and cuBLAS's fixed workspace (``CUBLAS_WORKSPACE_CONFIG``, kept if the environment sets one: cuBLAS reads it
+    when the process first uses it, so :func:`train_run` sets it before building anything). The process's
+    settings are put back afterwards, as :func:`tf32_matmuls` does; nothing changes on CPU or when ``on`` is
+    false."""
+    if not on or device.type != "cuda":
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+
+
 def process_started_at() -> float | None:
     """When this process started, in seconds since the epoch (10 ms resolution), from its start time in
     ``/proc/self/stat`` (clock ticks since boot); None where there is no /proc."""
@@ -227,6 +255,8 @@ def train_run(run_cfg: RunConfig, run_dir: str | Path | None = None, resume: boo
     ``failed``.
     """
     startup = StartupClock(started_at, startup_since)
+    if run_cfg.training.deterministic and wants_cuda(run_cfg.training.device):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)  # before cuBLAS starts
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(run_cfg)
     dist = Distributed("cuda" if wants_cuda(run_cfg.training.device) else "cpu")
     trainer = None
@@ -235,7 +265,7 @@ def train_run(run_cfg: RunConfig, run_dir: str | Path | None = None, resume: boo
         if trainer.stored_summary is not None:
             summary = trainer.stored_summary
         else:
-            with tf32_matmuls(trainer.device):
+            with tf32_matmuls(trainer.device), deterministic_kernels(trainer.device, run_cfg.training.deterministic):
                 trainer.restore()
                 trainer.begin()
                 summary = trainer.run()
