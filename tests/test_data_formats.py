@@ -526,3 +526,39 @@ def test_system_corpus_is_a_named_corpus():
     assert val_split_names(data) == ("code", "prose")
     with pytest.raises(ConfigError, match="val_paths"):
         DataConfig(corpus="system", val_paths={"v": "x"})
+
+
+def test_system_listing_matches_a_walk_of_the_same_tree_links_included(tmp_path):
+    """The scandir listing of the system corpus picks what ``os.walk`` (not following linked folders) and
+    ``Path.is_file`` pick: links to files count, linked, hidden, ``__pycache__`` and package folders are not
+    entered, broken links are no files; each status is the file's own (``os.stat``, following a link)."""
+    import os
+
+    from embscale.training.data.corpus import _SYSTEM_SKIPPED, SYSTEM_SUFFIXES, _system_files
+
+    roots = _system_tree(tmp_path)
+    lib = roots[0][1]
+    (lib / "linked_dir").symlink_to(roots[1][1] / "pkg", target_is_directory=True)  # not entered
+    (lib / "linked.py").symlink_to(lib / "mod1.py")  # a link to a file: the file
+    (lib / "broken.py").symlink_to(lib / "nowhere.py")  # no file
+    _write(lib / ".hidden" / "h.py", "x = 3\n")
+    _write(lib / "deep" / "er" / "d.py", "x = 4\n")
+
+    def walked(label, root):
+        for folder, subfolders, names in os.walk(root):
+            subfolders[:] = sorted(n for n in subfolders if not n.startswith(".") and n not in _SYSTEM_SKIPPED)
+            relative = os.path.relpath(folder, root)
+            prefix = f"{label}/" if relative == "." else f"{label}/{relative.replace(os.sep, '/')}/"
+            for name in sorted(names):
+                if name.endswith(SYSTEM_SUFFIXES) and not name.startswith(".") and Path(folder, name).is_file():
+                    yield prefix + name, str(Path(folder, name))
+
+    for label, root in roots:
+        listed = {key: (path, status) for key, path, status in _system_files(label, root)}
+        assert sorted((key, path) for key, (path, _) in listed.items()) == sorted(walked(label, root))
+        for path, status in listed.values():
+            assert (status.st_size, status.st_ino, status.st_mtime_ns) == (
+                os.stat(path).st_size, os.stat(path).st_ino, os.stat(path).st_mtime_ns)
+    keys = {key for key, _, _ in _system_files("stdlib", lib)}
+    assert {"stdlib/linked.py", "stdlib/deep/er/d.py"} <= keys
+    assert not {"stdlib/broken.py", "stdlib/.hidden/h.py"} & keys and not any("linked_dir" in k for k in keys)

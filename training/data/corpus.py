@@ -79,13 +79,13 @@ def _is_topic_val(name: str) -> bool:
     return hash_fraction("split:topic:" + name) < BUILTIN_TOPIC_VAL_FRACTION
 
 
-def _read_text(path: Path) -> str:
-    return path.read_bytes().decode("utf-8", errors="replace")
+def _read_text(path: str | Path) -> str:
+    return Path(path).read_bytes().decode("utf-8", errors="replace")
 
 
-def _module_docstring(path: Path) -> str | None:
+def _module_docstring(path: str | Path) -> str | None:
     """The module docstring (``ast.get_docstring``), parsing only the file's first statement for speed."""
-    raw = path.read_bytes()
+    raw = Path(path).read_bytes()
     end = 0
     try:
         for token in tokenize.tokenize(io.BytesIO(raw).readline):
@@ -323,20 +323,31 @@ def system_roots() -> list[tuple[str, Path]]:
     return roots
 
 
-def _system_files(label: str, root: Path) -> Iterator[tuple[str, Path]]:
-    """``(key, path)`` of the text-like files under ``root`` (:data:`SYSTEM_SUFFIXES`), keyed ``label/relpath``
-    (``site`` keys without the folder, so one package installed twice is one key). Hidden and ``__pycache__``
-    folders are not entered, nor package folders inside the standard library, nor linked folders."""
-    for folder, subfolders, names in os.walk(root):
-        subfolders[:] = sorted(name for name in subfolders
-                               if not name.startswith(".") and name not in _SYSTEM_SKIPPED)
-        relative = os.path.relpath(folder, root)
-        prefix = f"{label}/" if relative == "." else f"{label}/{relative.replace(os.sep, '/')}/"
-        for name in sorted(names):
-            if name.endswith(SYSTEM_SUFFIXES) and not name.startswith("."):
-                path = Path(folder, name)
-                if path.is_file():
-                    yield prefix + name, path
+def _system_files(label: str, root: Path) -> Iterator[tuple[str, str, os.stat_result]]:
+    """``(key, path, status)`` of the text-like files under ``root`` (:data:`SYSTEM_SUFFIXES`), keyed
+    ``label/relpath`` (``site`` keys without the folder, so one package installed twice is one key). Hidden and
+    ``__pycache__`` folders are not entered, nor package folders inside the standard library, nor linked folders
+    (as ``os.walk`` does not follow them); a link to a file counts as the file. Paths are plain strings and each
+    file is looked at once (``os.scandir``'s entry type, then one ``stat`` whose result the fingerprint cache's
+    listing reuses): a ``system`` corpus holds tens of thousands of files, and every run opens it."""
+    stack = [(os.fspath(root), f"{label}/")]
+    while stack:
+        folder, prefix = stack.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError:  # a folder that cannot be listed is skipped, as os.walk skips it
+            continue
+        for entry in entries:
+            name = entry.name
+            try:
+                if entry.is_dir():
+                    if not entry.is_symlink() and not name.startswith(".") and name not in _SYSTEM_SKIPPED:
+                        stack.append((entry.path, f"{prefix}{name}/"))
+                elif name.endswith(SYSTEM_SUFFIXES) and not name.startswith(".") and entry.is_file():
+                    yield prefix + name, entry.path, entry.stat()
+            except OSError:  # gone since the listing, or a broken link: not a file
+                continue
 
 
 def _is_system_val(key: str) -> bool:
@@ -370,14 +381,15 @@ class SystemCorpus(Corpus):
         if not self.roots:
             raise UserError(f"no standard library or package folder found for this Python ({sys.executable})")
         self.location = ":".join(str(folder) for _, folder in self.roots)
-        chosen: dict[str, Path] = {}
+        chosen: dict[str, tuple[str, os.stat_result]] = {}
         for label, root in self.roots:
-            for key, path in _system_files(label, root):
-                chosen.setdefault(key, path)
+            for key, path, status in _system_files(label, root):
+                chosen.setdefault(key, (path, status))
         if not chosen:
             raise UserError(f"no text sources ({', '.join(SYSTEM_SUFFIXES)}) found under {self.location}")
-        files = sorted(chosen.items())
-        record = dict(cached_file_hash(files, _system_fingerprint))
+        keys = sorted(chosen)
+        files = [(key, chosen[key][0]) for key in keys]
+        record = dict(cached_file_hash(files, _system_fingerprint, statuses=[chosen[key][1] for key in keys]))
         dropped = set(record.pop("dropped"))
         self.files = [(key, path) for key, path in files if key not in dropped]
         self.file_bytes = {key: int(size) for key, size in zip(
@@ -422,7 +434,7 @@ class SystemCorpus(Corpus):
         return f"system corpus split {split} ({self.location})"
 
 
-def _system_fingerprint(files: list[tuple[str, Path]]) -> dict[str, Any]:
+def _system_fingerprint(files: list[tuple[str, str | Path]]) -> dict[str, Any]:
     """The content fingerprint of :class:`SystemCorpus`'s candidate files, with each file's size and the keys
     left out (over the size limit, empty or unreadable, binary, or a duplicate of an earlier key)."""
     listing, contents, total = hashlib.sha256(), hashlib.sha256(), 0
@@ -430,7 +442,7 @@ def _system_fingerprint(files: list[tuple[str, Path]]) -> dict[str, Any]:
     dropped, sizes = [], []
     for key, path in files:
         try:
-            raw = path.read_bytes()
+            raw = Path(path).read_bytes()
         except OSError:  # unreadable (permissions, a file that went away): left out
             raw = b""
         total += len(raw)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,22 +27,26 @@ CACHE_VERSION = 1
 RECENT_CHANGE_S = 2.0
 
 
-def stat_listing(files: list[tuple[str, Path]]) -> tuple[str, float]:
-    """A hash of every file's name and status (size, times in ns, inode, device), and the newest change time."""
+def stat_listing(files: list[tuple[str, str | Path]], statuses: list[os.stat_result] | None = None
+                 ) -> tuple[str, float]:
+    """A hash of every file's name and status (size, times in ns, inode, device), and the newest change time.
+    ``statuses``: the files' ``os.stat`` results when the caller already took them (one per file, in order)."""
     listing = hashlib.sha256(f"v{CACHE_VERSION}\n".encode())
     newest = 0.0
-    for name, path in files:
-        st = Path(path).stat()
+    for i, (name, path) in enumerate(files):
+        st = statuses[i] if statuses is not None else os.stat(path)
         listing.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ctime_ns}\t{st.st_ino}\t{st.st_dev}\n"
                        .encode())
         newest = max(newest, st.st_mtime, st.st_ctime)
     return listing.hexdigest(), newest
 
 
-def cached_file_hash(files: list[tuple[str, Path]], compute: Callable[[list[tuple[str, Path]]], dict[str, Any]],
-                     cache: Path | None = None) -> dict[str, Any]:
-    """``compute(files)``, from the cache when no file's status changed since it was stored."""
-    key, newest = stat_listing(files)
+def cached_file_hash(files: list[tuple[str, str | Path]],
+                     compute: Callable[[list[tuple[str, str | Path]]], dict[str, Any]],
+                     cache: Path | None = None, statuses: list[os.stat_result] | None = None) -> dict[str, Any]:
+    """``compute(files)``, from the cache when no file's status changed since it was stored (``statuses``: the
+    files' status when the caller already has it; a fingerprint computed now is checked against a fresh one)."""
+    key, newest = stat_listing(files, statuses)
     entry = (cache or cache_root()) / "fingerprints" / f"{key[:32]}.json"
     stored = read_json(entry)
     if isinstance(stored, dict) and stored.get("stat_listing") == key and isinstance(stored.get("fingerprint"), dict):
