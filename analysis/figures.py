@@ -529,9 +529,10 @@ def fig_per_layer(result: Analysis, out_dir: Path, log: Log) -> list[Path]:
                 ax.errorbar([x], [mean], yerr=[0.0 if is_nan(std) else std], fmt="s", ms=5, capsize=2,
                             color=FAMILY_COLORS[family], label=None if family in labelled else FAMILY_NAMES[family])
                 labelled.add(family)
-                ax.annotate(human(float(sub["total"].median())), (x, mean), textcoords="offset points",
-                            xytext=(0, 5), ha="center", fontsize=6)
                 spread = 0.0 if is_nan(std) else std
+                # above the error bar's cap, so that the label does not sit on the bar
+                ax.annotate(human(float(sub["total"].median())), (x, mean + spread), textcoords="offset points",
+                            xytext=(0, 4), ha="center", va="bottom", fontsize=6)
                 ymin, ymax = min(ymin, mean - spread), max(ymax, mean + spread)
         ax.set_xticks(range(len(configs)), [
             f"w{float(f.get('width', math.nan)):g} d{float(f.get('depth', math.nan)):g}\n"
