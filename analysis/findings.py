@@ -467,15 +467,19 @@ def reproduction_findings(results: str | Path = "results", sweeps: dict[str, str
     Only runs usable by fits count (completed, no repeated data, not diverged)."""
     found: list[Finding] = []
     for key, default in SWEEPS.items():
-        sweep = (sweeps or {}).get(key, default)
-        sweep_dir = Path(results) / sweep  # under the results root only, never a folder of that name elsewhere
-        if not sweep_dir.is_dir():
+        runs = _usable_runs(results, (sweeps or {}).get(key, default))
+        if runs is None:
             found.extend(FINDINGS[key](_empty_runs(), ["train"]))
             continue
-        runs, _ = load(sweep_dir, curves=False)
-        runs = usable(runs)
         found.extend(FINDINGS[key](runs, splits(runs) if len(runs) else ["train"]))
     return found
+
+
+def _usable_runs(results: str | Path, sweep: str) -> pd.DataFrame | None:
+    """The runs of ``results/<sweep>`` usable by fits (completed, no repeated data, not diverged), or None when
+    the sweep is not there (under the results root only, never a folder of that name elsewhere)."""
+    sweep_dir = Path(results) / sweep
+    return usable(load(sweep_dir, curves=False)[0]) if sweep_dir.is_dir() else None
 
 
 #: the control sweep (not a claim of the paper): fig2's MoE ladder with a sqrt(D)-scaled token embedding
@@ -488,12 +492,8 @@ def control_contrasts(results: str | Path = "results", fig2_sweep: str = SWEEPS[
     same ratio (equal totals: the scale has no parameters), and the amplified MoE against the plain one at each
     ratio (what amplification alone does to the MoE). Empty when either sweep is missing. No verdict: the paper
     claims nothing about this; the differences say how much of NE's advantage the amplification could explain."""
-    fig2_dir, control_dir = Path(results) / fig2_sweep, Path(results) / control_sweep
-    if not (fig2_dir.is_dir() and control_dir.is_dir()):
-        return []
-    fig2 = usable(load(fig2_dir, curves=False)[0])
-    control = usable(load(control_dir, curves=False)[0])
-    if fig2.empty or control.empty:
+    fig2, control = _usable_runs(results, fig2_sweep), _usable_runs(results, control_sweep)
+    if fig2 is None or control is None or fig2.empty or control.empty:
         return []
     metrics = [m for m in splits(fig2) if m in splits(control)]
     out = []
@@ -518,13 +518,11 @@ def repeated_runs(results: str | Path = "results", sweeps: Sequence[str] = tuple
     column = loss_column(metric)
     frames = []
     for sweep in sweeps:
-        sweep_dir = Path(results) / sweep
-        if sweep_dir.is_dir():
-            runs = usable(load(sweep_dir, curves=False)[0])
-            if column in runs.columns:
-                copied = runs["copied_from"].notna() if "copied_from" in runs.columns \
-                    else pd.Series(False, index=runs.index)
-                frames.append(runs.loc[~copied, ["run_id", "sweep", column]])
+        runs = _usable_runs(results, sweep)
+        if runs is not None and column in runs.columns:
+            copied = runs["copied_from"].notna() if "copied_from" in runs.columns \
+                else pd.Series(False, index=runs.index)
+            frames.append(runs.loc[~copied, ["run_id", "sweep", column]])
     if not frames:
         return pd.DataFrame(columns=["run_id", "trainings", "losses", "spread"])
     runs = pd.concat(frames, ignore_index=True)
