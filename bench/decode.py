@@ -38,7 +38,10 @@ prefill and the host's acceptance work included, timed in a run of its own (the 
 greedy rounds).
 
 On CUDA the decode step is replayed from a CUDA graph (:mod:`embscale.inference.cuda_graph`) unless
-``cuda_graph=False``; the speculative rounds run eagerly.
+``cuda_graph=False``; the speculative rounds run eagerly. ``compile=True`` compiles the decode step with
+``torch.compile`` (:func:`~embscale.inference.decode.compiled_decode_forward`; before its capture when graphed):
+the compilation happens in the untimed warm-up, and each row starts from an empty compile cache (one batch shape
+per row: without the reset, more than eight shapes would exhaust Dynamo's recompile limit and fall back to eager).
 
 Weights are random (``seed``) unless the caller loads some: speeds and expert counts are those of the shapes, but
 an acceptance rate of random weights says nothing about a trained pair. Times come from ``time.perf_counter``
@@ -56,7 +59,7 @@ import torch
 from torch import nn
 
 from embscale.base.progress import Progress, log
-from embscale.inference.decode import Decoder
+from embscale.inference.decode import Decoder, compiled_decode_forward, decode_forward
 from embscale.inference.ngram_cache import NgramCaches
 from embscale.inference.speculative import speculative_generate
 
@@ -75,6 +78,7 @@ class DecodeRow:
     ngram_share: float
     acceptance_rate: float
     cuda_graph: bool = False  # the step was replayed from a CUDA graph
+    compiled: bool = False  # the step was compiled with torch.compile
     # the memory floor: mean bytes per step (or round) by part, and the time
     dense_bytes: float = math.nan
     expert_bytes: float = math.nan
@@ -230,17 +234,17 @@ def ngram_seconds(model: nn.Module, batch: int, width: int, reps: int = 5, cuda_
 
 
 class _EagerStep:
-    """``Decoder.feed`` of one token per sequence, keeping the step's N-gram row ids (for the floor)."""
+    """``Decoder.feed`` of one token per sequence (compiled with ``compile=True``), keeping the step's N-gram row
+    ids (for the floor)."""
 
-    def __init__(self, decoder: Decoder):
+    def __init__(self, decoder: Decoder, compile: bool = False):
         self.decoder = decoder
+        self.forward = compiled_decode_forward() if compile else decode_forward
         self.rows: dict[str, torch.Tensor] = {}
         self.next_token: torch.Tensor | None = None
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        decoder = self.decoder
-        self.rows = decoder.ngrams.step(ids) if decoder.ngrams is not None else {}
-        logits = decoder.model.forward_cached(ids, decoder.kv, **self.rows)
+        logits, self.rows = self.forward(self.decoder, ids)
         self.next_token = logits[:, -1].argmax(dim=-1)
         return logits
 
@@ -248,24 +252,27 @@ class _EagerStep:
 @torch.no_grad()
 def measure_decode(model: nn.Module, batch: int, prompt_len: int, new_tokens: int,
                    generator: torch.Generator, *, cuda_graph: bool = False, bandwidth: float | None = None,
-                   layout: WeightLayout | None = None) -> DecodeRow:
-    """Plain greedy decoding of ``batch`` random prompts; ``bandwidth`` (bytes/s) adds the memory floor."""
+                   layout: WeightLayout | None = None, compile: bool = False) -> DecodeRow:
+    """Plain greedy decoding of ``batch`` random prompts; ``bandwidth`` (bytes/s) adds the memory floor;
+    ``compile``: the step compiled (module docstring)."""
     device = model.norm.weight.device
     layout = layout or weight_layout(model)
     prompts = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len), generator=generator).to(device)
-    _warm_up_decode(model, prompts)
+    if compile:
+        torch._dynamo.reset()
+    _warm_up_decode(model, prompts, compile=compile and not (cuda_graph and new_tokens > 1))
     _sync(device)
     start = time.perf_counter()
     decoder = Decoder(model, batch, prompt_len + new_tokens)
     token = decoder.prefill(list(prompts)).argmax(-1)
     _sync(device)
     prefill_s = time.perf_counter() - start
-    step = _EagerStep(decoder)
+    step = _EagerStep(decoder, compile=compile)
     if cuda_graph and new_tokens > 1:
         from embscale.inference.cuda_graph import GraphedDecodeStep
 
         try:
-            step = GraphedDecodeStep(decoder)
+            step = GraphedDecodeStep(decoder, compile=compile)
         except Exception as exc:  # noqa: BLE001 - any capture failure: measure the eager step instead
             log(f"decode-bench: the CUDA graph capture failed at batch {batch} ({type(exc).__name__}: {exc}); "
                 "this row runs the eager step (cuda_graph false)")
@@ -275,7 +282,7 @@ def measure_decode(model: nn.Module, batch: int, prompt_len: int, new_tokens: in
             token = decoder.prefill(list(prompts)).argmax(-1)
             _sync(device)
             prefill_s = time.perf_counter() - start
-            step = _EagerStep(decoder)
+            step = _EagerStep(decoder, compile=compile)
     steps, experts, parts = [], [], []
     held = batch * prompt_len
     for _ in range(new_tokens - 1):
@@ -293,7 +300,7 @@ def measure_decode(model: nn.Module, batch: int, prompt_len: int, new_tokens: in
     median = statistics.median(steps) if steps else float("nan")
     row = DecodeRow(mode="decode", batch=batch, tokens_per_s=batch * new_tokens / (prefill_s + sum(steps)),
                     ms_per_step=1e3 * median, tokens_per_step=batch, experts_per_step=_mean(experts), ngram_share=0.0,
-                    acceptance_rate=float("nan"), cuda_graph=not isinstance(step, _EagerStep))
+                    acceptance_rate=float("nan"), cuda_graph=not isinstance(step, _EagerStep), compiled=compile)
     row.ngram_share = ngram_seconds(model, batch, 1, cuda_graph=row.cuda_graph) / median if steps else math.nan
     _set_floor(row, parts, bandwidth)
     return row
@@ -342,16 +349,16 @@ def measure_speculative(model: nn.Module, draft: nn.Module | None, batch: int, p
     return row
 
 
-def _warm_up_decode(model: nn.Module, prompts: torch.Tensor) -> None:
-    """A prefill and two eager steps of these shapes, untimed, so that the timed generation does not pay for
+def _warm_up_decode(model: nn.Module, prompts: torch.Tensor, compile: bool = False) -> None:
+    """A prefill and three steps of these shapes, untimed, so that the timed generation does not pay for
     what happens once per shape or per process (on CUDA: library handles, kernel selection and compilation, the
-    caching allocator's growth); the first batch size measured on a GPU otherwise reports a fraction of its
-    steady tokens/s."""
+    caching allocator's growth; with ``compile``, the step's compilation); the first batch size measured on a GPU
+    otherwise reports a fraction of its steady tokens/s."""
     batch, prompt_len = prompts.shape
-    decoder = Decoder(model, batch, prompt_len + 2)
+    decoder = Decoder(model, batch, prompt_len + 3)
     token = decoder.prefill(list(prompts)).argmax(-1)
-    step = _EagerStep(decoder)
-    for _ in range(2):
+    step = _EagerStep(decoder, compile=compile)
+    for _ in range(3):
         step(token.unsqueeze(1))
         token = step.next_token
     _sync(prompts.device)
@@ -376,10 +383,11 @@ def _mean(values: list[float]) -> float:
 def run_decode_bench(model: nn.Module, *, batch_sizes: tuple[int, ...] = BATCH_SIZES, prompt_len: int = 16,
                      new_tokens: int = 16, k: int = 4, draft: nn.Module | None = None, seed: int = 0,
                      show_progress: bool = True, cuda_graph: bool = False, bandwidth: float | None = None,
-                     label: str = "decode-bench") -> list[DecodeRow]:
+                     label: str = "decode-bench", compile: bool = False) -> list[DecodeRow]:
     """Every row (``decode`` for each batch size, then ``speculative`` when ``k > 0``); ``bandwidth`` (bytes/s,
     :func:`copy_bandwidth`) adds the memory floor to every row; ``cuda_graph`` replays their steps from a
-    CUDA graph. The prompts depend on ``seed`` only, so two models of one vocabulary see the same ones."""
+    CUDA graph; ``compile`` compiles them (module docstring). The prompts depend on ``seed`` only, so two models
+    of one vocabulary see the same ones."""
     model.eval()
     if draft is not None:
         draft.eval()
@@ -394,7 +402,7 @@ def run_decode_bench(model: nn.Module, *, batch_sizes: tuple[int, ...] = BATCH_S
             for batch in batch_sizes:
                 if mode == "decode":
                     rows.append(measure_decode(model, batch, prompt_len, new_tokens, generator, cuda_graph=cuda_graph,
-                                               bandwidth=bandwidth, layout=layout))
+                                               bandwidth=bandwidth, layout=layout, compile=compile))
                 else:
                     rows.append(measure_speculative(model, draft, batch, prompt_len, new_tokens, k, generator,
                                                     bandwidth=bandwidth, layout=layout))

@@ -5,7 +5,9 @@
 #    plain and speculative (k = 4, the draft is each model's own trunk on its plain token embedding), the decode
 #    step replayed from a CUDA graph;
 # 2. the same pair with the eager step at three batch sizes (what the CUDA graph buys);
-# 3. the one-layer LongCat-Flash-Lite slice (models/configs/longcat_flash_lite_slice.yaml, 34.8B parameters,
+# 3. the pair with the graphed step compiled by torch.compile first (--compile) at two batch sizes: what fusing
+#    the step's small operations takes off the graph's fixed cost (compiling is untimed, about a minute a shape);
+# 4. the one-layer LongCat-Flash-Lite slice (models/configs/longcat_flash_lite_slice.yaml, 34.8B parameters,
 #    about 70 GB in bfloat16).
 # Each writes decode_bench.json, decode_experts.{png,pdf}, decode_throughput.{png,pdf} and the printed table
 # (table.txt) under OUT/<name>/. Weights are random: speeds, expert counts and floors are those of the shapes;
@@ -27,4 +29,5 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv > "$out/gpu.txt" 2>&1 || true
 run bench_pair bench_ne_100m bench_moe_100m
 run bench_pair_eager bench_ne_100m bench_moe_100m --batch-sizes 1,8,64 --k 0 --no-cuda-graph
+run bench_pair_compiled bench_ne_100m bench_moe_100m --batch-sizes 1,64 --k 0 --compile
 run longcat_slice longcat_flash_lite_slice

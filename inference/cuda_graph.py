@@ -13,22 +13,25 @@ A decode step launches hundreds of small kernels; at small batches the GPU waits
   capture and this class keeps the count on the host instead (one read of the lengths when it is built).
 
 Warm-up (compilation, hash constants, library handles) runs on a spare decoder of the same shapes, so the
-decoder's caches are as they were until the first replay. Graphed steps cannot be rolled back (speculative
-rounds stay eager). Mixture-of-experts layers need ``bfloat16`` on CUDA: in other dtypes the grouped GEMM reads
-the expert offsets on the host (:func:`embscale.kernels.moe_dispatch.grouped_linear`) and the capture fails.
+decoder's caches are as they were until the first replay. With ``compile=True`` the captured step is
+:func:`~embscale.inference.decode.compiled_decode_forward`: compiled during the warm-up (with the capacity check
+off there too, so that the capture meets the same compiled code and compiles nothing), then captured. Graphed
+steps cannot be rolled back (speculative rounds stay eager). Mixture-of-experts layers need ``bfloat16`` on CUDA:
+in other dtypes the grouped GEMM reads the expert offsets on the host
+(:func:`embscale.kernels.moe_dispatch.grouped_linear`) and the capture fails.
 """
 
 from __future__ import annotations
 
 import torch
 
-from embscale.inference.decode import Decoder
+from embscale.inference.decode import Decoder, compiled_decode_forward, decode_forward
 
 
 class GraphedDecodeStep:
     """Replay ``decoder.feed(ids)`` of ``(B, width)`` all-real tokens from one CUDA graph."""
 
-    def __init__(self, decoder: Decoder, width: int = 1, warmup: int = 2):
+    def __init__(self, decoder: Decoder, width: int = 1, warmup: int = 2, compile: bool = False):
         device = decoder.lengths.device
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; the decoder is on {device}")
@@ -37,13 +40,15 @@ class GraphedDecodeStep:
         batch, capacity = decoder.kv.batch, decoder.kv.capacity
         self.ids = torch.zeros(batch, width, dtype=torch.int64, device=device)
         self.longest = int(decoder.lengths.max())  # host-side count of the longest sequence
+        self.forward = compiled_decode_forward() if compile else decode_forward
 
         spare = Decoder(decoder.model, batch, max(capacity, width), plain_embedding=decoder.plain_embedding)
+        spare.kv.check_capacity = False  # as in the capture: the compiled step is the one captured
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(warmup):
-                spare.feed(self.ids)
+            for _ in range(max(warmup, 3 if compile else 1)):  # compiled code settles by its third call
+                self.forward(spare, self.ids)
                 spare.rollback(width)
         torch.cuda.current_stream(device).wait_stream(stream)
         del spare
@@ -62,13 +67,10 @@ class GraphedDecodeStep:
                 cache.history = history
 
     def _step(self, caches: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        decoder = self.decoder
-        rows = decoder.ngrams.step(self.ids) if decoder.ngrams is not None else {}
+        logits, rows = self.forward(self.decoder, self.ids)
         for cache, history in zip(caches, self._histories, strict=True):
             history.copy_(cache.history)
             cache.history = history
-        logits = decoder.model.forward_cached(self.ids, decoder.kv, plain_embedding=decoder.plain_embedding,
-                                              **rows)
         return logits, rows
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:

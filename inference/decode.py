@@ -9,9 +9,14 @@ plain loop: one token per sequence per step, greedy or sampled.
 The N-gram row ids of a step come from the N-gram Cache (only the new tokens are hashed); a decoder built with
 ``plain_embedding=True`` reads ``finish(E0(t))`` instead and keeps no N-gram cache (a draft made of a target's
 trunk, :mod:`embscale.inference.speculative`).
+
+:func:`decode_forward` is the step of fixed shape (every fed token real) that the fast paths wrap: replayed from a
+CUDA graph (:mod:`embscale.inference.cuda_graph`) and compiled (:func:`compiled_decode_forward`).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -90,6 +95,31 @@ class Decoder:
             self.ngrams.rollback(n_drop)
 
 
+def decode_forward(decoder: Decoder, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Feed ``ids (B, T)``, every token real: the N-gram Cache's row ids of the new tokens, then the cached forward.
+    Returns the logits ``(B, T, V)`` and the row ids by role. :meth:`Decoder.feed` without padding, written for
+    tracing: no host reads but the KV cache's capacity check (off while a CUDA graph captures the step)."""
+    rows = decoder.ngrams.step(ids) if decoder.ngrams is not None else {}
+    logits = decoder.model.forward_cached(ids, decoder.kv, plain_embedding=decoder.plain_embedding, **rows)
+    return logits, rows
+
+
+_COMPILED: list = []
+
+
+def compiled_decode_forward():
+    """:func:`decode_forward` under ``torch.compile`` (fixed shapes: one compilation per batch shape and decoder
+    kind). Fusing the step's many small operations (the norms' and rotary embedding's dtype casts, the routing's
+    index arithmetic) is what cuts a decode step's kernel count; replayed from a CUDA graph, each kernel left is
+    a node of fixed cost. Built once per process."""
+    if not _COMPILED:
+        # Dynamo traces through the N-gram hash's lru_cache'd constant tensors and warns that it ignores the cache;
+        # they are constants of a frozen hash plan, so tracing the body gives the same values
+        warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools.lru_cache`")
+        _COMPILED.append(torch.compile(decode_forward, dynamic=False))
+    return _COMPILED[0]
+
+
 @torch.no_grad()
 def generate(model: nn.Module, prompts: list[torch.Tensor], max_new_tokens: int, *, temperature: float = 0.0,
              generator: torch.Generator | None = None) -> torch.Tensor:
@@ -105,4 +135,5 @@ def generate(model: nn.Module, prompts: list[torch.Tensor], max_new_tokens: int,
     return torch.stack(out, dim=1)
 
 
-__all__ = ["Decoder", "choose", "generate", "last_real", "pad_right", "probabilities"]
+__all__ = ["Decoder", "choose", "compiled_decode_forward", "decode_forward", "generate", "last_real",
+           "pad_right", "probabilities"]

@@ -1,5 +1,6 @@
 """The decode step replayed from a CUDA graph decodes exactly as the eager step: the same greedy tokens, the same
-logits (bf16, to its rounding), the same caches and expert loads. Needs a CUDA device (skipped elsewhere)."""
+logits (bf16, to its rounding), the same caches and expert loads; also when the captured step is compiled with
+``torch.compile``. Needs a CUDA device (skipped elsewhere)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ MODEL = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, layer_type="shor
 MLA = dict(q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16)
 
 
-@pytest.mark.parametrize("attention", ["mha", "mla"])
-def test_graph_replayed_decoding_equals_eager_decoding(attention):
+@pytest.mark.parametrize(("attention", "compile"), [("mha", False), ("mla", False), ("mla", True)])
+def test_graph_replayed_decoding_equals_eager_decoding(attention, compile):
     from embscale.inference.cuda_graph import GraphedDecodeStep
 
     cfg = ModelConfig.from_dict({**MODEL, "attention": attention, **({"mla": MLA} if attention == "mla" else {})})
@@ -37,7 +38,7 @@ def test_graph_replayed_decoding_equals_eager_decoding(attention):
         decoder = Decoder(model, len(prompts), 9 + steps)
         with torch.no_grad():
             token = decoder.prefill(prompts).argmax(-1)
-            step = GraphedDecodeStep(decoder) if graphed else None
+            step = GraphedDecodeStep(decoder, compile=compile) if graphed else None
             tokens, logits, loads = [], [], []
             for i in range(steps):
                 if i == 5:

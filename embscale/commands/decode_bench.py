@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
     parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                         help="replay the decode step from a CUDA graph (default: on with a CUDA device)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="compile the decode step with torch.compile (before its CUDA graph capture when "
+                             "graphed; compiled in the untimed warm-up of each batch size; default off)")
     parser.add_argument("--copy-mib", type=_positive_int, default=None,
                         help="size of the timed copy that measures the bandwidth (default 1024 on CUDA, 256 "
                              "elsewhere)")
@@ -146,12 +149,13 @@ def run(args: argparse.Namespace) -> int:
                "threads": torch.get_num_threads(), "torch": torch.__version__}
     report = {"dtype": args.dtype, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "k": args.k,
               "draft": args.draft or "each target's own trunk, plain embedding", "cuda_graph": cuda_graph,
-              "copy_bandwidth_gb_s": bandwidth / 1e9, "machine": machine, "models": []}
+              "compile": args.compile, "copy_bandwidth_gb_s": bandwidth / 1e9, "machine": machine, "models": []}
     for index, source in enumerate(models):
         module = build(source, args.device, args.dtype, args.seed + 10 * index)
         rows = run_decode_bench(module, batch_sizes=args.batch_sizes, prompt_len=args.prompt_len,
                                 new_tokens=args.new_tokens, k=args.k, draft=draft, seed=args.seed,
-                                cuda_graph=cuda_graph, bandwidth=bandwidth, label=source.label)
+                                cuda_graph=cuda_graph, bandwidth=bandwidth, label=source.label,
+                                compile=args.compile)
         cfg = source.cfg
         report["models"].append({
             "label": source.label, "family": source.family, "source": source.source, "weights": source.weights,
@@ -187,7 +191,8 @@ def _json_ready(value):
 def _print_table(report: dict) -> None:
     machine = report["machine"]
     print(f"{report['dtype']} on {machine['device']} ({machine['threads']} threads); copy bandwidth "
-          f"{report['copy_bandwidth_gb_s']:.1f} GB/s; CUDA graph {'on' if report['cuda_graph'] else 'off'}")
+          f"{report['copy_bandwidth_gb_s']:.1f} GB/s; CUDA graph {'on' if report['cuda_graph'] else 'off'}; "
+          f"compiled {'yes' if report['compile'] else 'no'}")
     for model in report["models"]:
         print(f"\n{model['label']} ({model['family']}, {model['parameters']:,} parameters, {model['weights']} "
               f"weights; KV cache {model['kv_cache_bytes_per_token']} B/token)")
