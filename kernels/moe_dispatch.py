@@ -1,11 +1,13 @@
 """The MoE layer's fast path: dispatch to experts, the grouped expert products, the weighted SwiGLU, combine.
 
-:mod:`embscale.models.moe` states the layer's math and calls these. Each piece has its plain PyTorch meaning here
-(``_sum_slots``, the segment loop of :func:`grouped_linear`, :mod:`embscale.kernels.swiglu`'s twins); what is fast:
+:mod:`embscale.models.moe` states the layer's math and calls these. Each piece has its plain PyTorch meaning
+(:func:`~embscale.kernels.slot_sum.reference_sum_slots`, the segment loop of :func:`grouped_linear`,
+:mod:`embscale.kernels.swiglu`'s twins); what is fast:
 
 - :class:`Dispatch` / :class:`Combine` gather token rows into expert-sorted order and sum each token's ``k`` slot
-  rows back (deterministic, no atomics); their elementwise and gather-reduce steps are compiled into single
-  kernels on CUDA (``EMBSCALE_MOE_COMPILE=0`` runs them eagerly), eagerly elsewhere.
+  rows back (deterministic, no atomics). The sum is one Triton kernel on CUDA (:mod:`embscale.kernels.slot_sum`,
+  bit for bit the twin); with ``EMBSCALE_MOE_TRITON=0`` it and the other elementwise steps are compiled into
+  single kernels on CUDA (``EMBSCALE_MOE_COMPILE=0`` runs them eagerly), eagerly elsewhere.
 - :func:`grouped_linear`: ``torch.nn.functional.grouped_mm`` (bf16, CUDA) for all experts at once; elsewhere (CPU,
   or CUDA in float32) a loop over the contiguous segments, which reads the offsets on the host. Traced by
   ``torch.compile`` off CUDA it takes forms with no host read, so the layer stays one graph: bf16 the same
@@ -26,8 +28,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from embscale.kernels import swiglu
-from embscale.kernels.runtime import cast, triton_usable
+from embscale.kernels import slot_sum, swiglu
+from embscale.kernels.runtime import triton_usable
 from embscale.kernels.swiglu import reference_backward as _swiglu_weighted_bwd  # the weighted SwiGLU's math
 from embscale.kernels.swiglu import reference_forward as _swiglu_weighted_fwd
 
@@ -54,20 +56,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 # Elementwise / gather steps. Plain functions define the meaning; on CUDA they are compiled (fused), except the
 # weighted SwiGLU, which runs as Triton kernels there (kernels/swiglu.py) unless traced or switched off.
 # ----------------------------------------------------------------------------------------------------------
-def _sum_slots(rows: torch.Tensor, slot_pos: torch.Tensor, slot_real: torch.Tensor | None) -> torch.Tensor:
-    """``out[t] = sum_j rows[slot_pos[t, j]]`` over real slots, accumulated in fp32. (M, D) -> (T, D).
-
-    Written as ``k`` row gathers added up (``k`` is static) rather than a gather to ``(T, k, D)`` and a
-    reduction: compiled, this is one pointwise kernel, which measured faster (BENCHMARKS.md).
-    """
-    dtype = accumulation_dtype(rows.dtype)
-    out = None
-    for j in range(slot_pos.shape[1]):
-        picked = rows[slot_pos[:, j]].to(dtype)  # (T, D)
-        if slot_real is not None:
-            picked = torch.where(slot_real[:, j:j + 1], picked, 0.0)
-        out = picked if out is None else out + picked
-    return cast(out, rows.dtype)
+_sum_slots = slot_sum.reference_sum_slots  # the gather-sum's meaning (Combine forward, Dispatch backward)
 
 
 _COMPILED: dict[str, object] = {}
@@ -80,6 +69,16 @@ def _kernel(name: str, fn, device: torch.device):
     if name not in _COMPILED:
         _COMPILED[name] = torch.compile(fn, fullgraph=True)
     return _COMPILED[name]
+
+
+def sum_slots(rows: torch.Tensor, slot_pos: torch.Tensor, slot_real: torch.Tensor | None) -> torch.Tensor:
+    """Each token's ``k`` slot rows summed (:func:`embscale.kernels.slot_sum.reference_sum_slots`): the Triton
+    kernel on CUDA outside ``torch.compile`` tracing (bf16, fp16, fp32; ``EMBSCALE_MOE_TRITON=0`` turns it off),
+    else the twin, compiled on CUDA and eager elsewhere."""
+    if (_USE_TRITON and rows.is_cuda and triton_usable(rows.device) and rows.dtype in slot_sum.KERNEL_DTYPES
+            and not torch.compiler.is_compiling()):
+        return slot_sum.sum_slots(rows, slot_pos, slot_real)
+    return _kernel("sum_slots", _sum_slots, rows.device)(rows, slot_pos, slot_real)
 
 
 class Dispatch(torch.autograd.Function):
@@ -95,7 +94,7 @@ class Dispatch(torch.autograd.Function):
     def backward(ctx, grad):
         slot_pos, slot_real = ctx.saved_tensors
         slot_real = slot_real if ctx.has_mask else None
-        return _kernel("sum_slots", _sum_slots, grad.device)(grad, slot_pos, slot_real), None, None, None
+        return sum_slots(grad, slot_pos, slot_real), None, None, None
 
 
 class Combine(torch.autograd.Function):
@@ -105,7 +104,7 @@ class Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, token_of_row, slot_pos, slot_real):  # (M, D) -> (T, D)
         ctx.save_for_backward(token_of_row)
-        return _kernel("sum_slots", _sum_slots, rows.device)(rows, slot_pos, slot_real)
+        return sum_slots(rows, slot_pos, slot_real)
 
     @staticmethod
     def backward(ctx, grad):
