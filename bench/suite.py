@@ -10,6 +10,8 @@ Sections (all on the first CUDA device, bf16):
 - ngram: N-gram Embedding forward+backward at T=16384, D=1024, N=4, K=4, 2,000,003 rows per sub-table, against
   ``nn.Embedding`` + per-table ``nn.Linear``; floor = gathered bytes at the copy rate + projection FLOPs at the
   GEMM rate;
+- fsdp: the benchmark MoE and NE models' training steps plain and FSDP2-sharded over a one-rank mesh, in
+  alternation (:func:`measure_fsdp_one_rank`): the machinery's cost per GPU, communication aside;
 - model: the LM head's loss (fused cross-entropy kernel against ``F.cross_entropy`` on fp32 logits), then
   whole training steps (forward, backward, fused AdamW, router-bias update) of the benchmark trio in
   ``models/configs/bench_*_100m.yaml`` at sequence length 1024: tokens/s and MFU (accounting FLOPs/token x
@@ -25,11 +27,12 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 from embscale.base.files import atomic_write_text
 from embscale.models.config import CONFIG_DIR
 
-SECTIONS = ("ceilings", "moe", "ngram", "tables", "model")
+SECTIONS = ("ceilings", "moe", "ngram", "tables", "model", "fsdp")
 TRIO = ("bench_moe_100m", "bench_ne_100m", "bench_dense_100m")
 
 
@@ -279,6 +282,101 @@ def measure_model(name: str, ceilings: dict, micro_batch: int, accumulation: int
     return result
 
 
+def measure_fsdp_one_rank(name: Any, ceilings: dict | None, micro_batch: int, accumulation: int, steps: int,
+                          rounds: int = 3, seq_len: int = 1024, device: str = "cuda") -> dict:
+    """What FSDP2's machinery costs on one GPU: the training step of model config ``name`` (bf16 autocast on CUDA,
+    the trainer's optimizers and clipping) on the plain model, and on the same model (same initialisation, same
+    batches) with every block and the root ``fully_shard``-ed over a one-rank mesh exactly as the trainer shards
+    (:func:`embscale.training.parallelize.parallelize`: bf16 parameters, fp32 reductions), timed in alternation
+    ``rounds`` times. A run with ``parallel: fsdp`` on one rank trains unsharded
+    (:func:`~embscale.training.parallelize.is_sharded`), so it pays nothing; this is the cost of the machinery
+    itself per GPU (parameter casts, unshard and reshard, sharded clipping and optimizer state as DTensors), the
+    part of a sharded run's overhead that is not communication. ``ceilings`` adds MFU; ``device`` ``cpu`` (gloo,
+    no autocast) is for the smoke test."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from embscale.models.accounting import count_parameters
+    from embscale.models.config import ModelConfig
+    from embscale.models.model import build_model
+    from embscale.training.config import TrainingConfig
+    from embscale.training.optim import build_optimizers
+    from embscale.training.parallelize import clip_sharded_gradients, parallelize
+
+    cfg = ModelConfig.from_yaml(CONFIG_DIR / f"{name}.yaml") if isinstance(name, str) else name
+    label = name if isinstance(name, str) else "custom"
+    created = not dist.is_initialized()
+    if created:  # a one-rank group of this process: FSDP2 needs a process group and a mesh
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    try:
+        mesh = init_device_mesh(device, (1,), mesh_dim_names=("dp_shard",))
+        training = {"plain": TrainingConfig(steps=1, parallel="ddp"),
+                    "fsdp": TrainingConfig(steps=1, parallel="fsdp")}
+        generator = torch.Generator().manual_seed(0)
+        batches = [torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), generator=generator).to(device)
+                   for _ in range(accumulation)]
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda"
+                    else torch.autocast("cpu", enabled=False))
+        models, steps_of = {}, {}
+        for kind, train_cfg in training.items():
+            torch.manual_seed(0)
+            model = build_model(cfg, device=device)
+            if kind == "fsdp":
+                parallelize(model, mesh, train_cfg)
+            optimizers = build_optimizers(model, train_cfg, torch.device(device))[0]
+            models[kind] = model
+
+            def step(model=model, optimizers=optimizers, sharded=kind == "fsdp") -> torch.Tensor:
+                total = torch.zeros((), device=device)
+                for batch in batches:
+                    with autocast:
+                        out = model(batch[:, :-1], batch[:, 1:])
+                    ((out.loss + out.aux_loss) / accumulation).backward()
+                    total += out.loss.detach().float() / accumulation  # read once, after the first step
+                if sharded:
+                    clip_sharded_gradients(list(model.parameters()), [], 1.0)
+                else:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                for optimizer in optimizers:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                model.update_router_biases()
+                return total
+
+            steps_of[kind] = step
+        first = {kind: [float(step()), float(step())] for kind, step in steps_of.items()}  # also the warm-up
+        times: dict[str, list[float]] = {kind: [] for kind in steps_of}
+        for _ in range(rounds):
+            for kind, step in steps_of.items():
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times[kind].append((time.perf_counter() - started) / steps)
+        tokens_per_step = micro_batch * seq_len * accumulation
+        acc = count_parameters(cfg)
+        result: dict = {"config": label, "tokens_per_step": tokens_per_step, "rounds": rounds, "steps": steps,
+                        "first_two_losses": first}
+        for kind, seconds in times.items():
+            best = min(seconds)
+            result[kind] = {"step_ms": [1e3 * t for t in seconds], "tokens_per_s": tokens_per_step / best}
+            if ceilings:
+                result[kind]["mfu"] = (acc.flops_per_token(seq_len) * tokens_per_step / best
+                                       / (ceilings["gemm_tflop_s"] * 1e12))
+        ratios = [p / f for p, f in zip(times["plain"], times["fsdp"], strict=True)]  # tokens/s fsdp over plain
+        result["fsdp_over_plain"] = {"per_round": ratios, "median": sorted(ratios)[len(ratios) // 2],
+                                     "goal": 0.95}
+        return result
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------------------------------------
 def render(report: dict) -> str:
     c = report.get("ceilings")
@@ -410,6 +508,24 @@ def render(report: dict) -> str:
         lines += ["", "MFU = accounting FLOPs/token (6 x activated matrix parameters + attention) x tokens/s over the "
                   "measured GEMM rate. A step: forward and backward of every micro-batch, gradient clipping, AdamW, "
                   "router-bias update.", ""]
+    if report.get("fsdp"):
+        lines += ["## FSDP2 on one GPU: its machinery's cost (sequence 1024, bf16 autocast, the trainer's optimizers)",
+                  "",
+                  "| config | tokens/step | plain tokens/s | FSDP (one-rank mesh) tokens/s | FSDP / plain, per round "
+                  "| median | first two losses, plain / FSDP |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in report["fsdp"]:
+            ratio = r["fsdp_over_plain"]
+            losses = r["first_two_losses"]
+            lines.append(f"| {r['config']} | {r['tokens_per_step']:,} | {r['plain']['tokens_per_s'] / 1e3:,.0f}k | "
+                         f"{r['fsdp']['tokens_per_s'] / 1e3:,.0f}k | "
+                         + ", ".join(f"{x:.3f}" for x in ratio["per_round"]) + f" | {ratio['median']:.3f} | "
+                         + " / ".join(", ".join(f"{v:.4f}" for v in losses[k]) for k in ("plain", "fsdp")) + " |")
+        lines += ["", "Each round times the plain model's steps, then the sharded one's (the same initialisation and "
+                  "batches); tokens/s from each model's best round, the ratio per round. A run with `parallel: fsdp` "
+                  "on one rank trains unsharded and pays none of this; the ratio is the per-GPU cost of FSDP's "
+                  "parameter casts, unshard / reshard and DTensor optimizer state in a sharded run, communication "
+                  "aside (goal of issue 15: at least 0.95).", ""]
     for note in report.get("notes", []):
         lines.append(f"- {note}")
     return "\n".join(lines).rstrip() + "\n"
@@ -502,5 +618,18 @@ def run_suite(out: Path, sections: list[str], *, json_path: Path | None = None, 
                 save()
                 log(f"model {name} compiled={compiled}: {r['step_ms']:.1f} ms/step, "
                     f"{r['tokens_per_s'] / 1e3:.0f}k tokens/s, MFU {r['mfu']:.1%}")
+    if "fsdp" in sections:
+        report["fsdp"] = []
+        for name in TRIO[:2]:
+            try:
+                r = measure_fsdp_one_rank(name, report["ceilings"], micro_batch, accumulation, steps)
+            except Exception as exc:  # noqa: BLE001 - a failure must not lose the other measurements
+                report["notes"].append(f"fsdp on one rank, {name}: {type(exc).__name__}: {str(exc)[:300]}")
+                log(report["notes"][-1])
+                continue
+            report["fsdp"].append(r)
+            save()
+            log(f"fsdp {name}: plain {r['plain']['tokens_per_s'] / 1e3:.0f}k, one-rank FSDP "
+                f"{r['fsdp']['tokens_per_s'] / 1e3:.0f}k tokens/s ({r['fsdp_over_plain']['median']:.3f})")
     save()
     return report
