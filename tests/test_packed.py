@@ -259,3 +259,12 @@ def test_packed_benchmark_tiny(tmp_path):
     assert text.strip() in out.stdout
     assert "| runs_per_gpu | end to end s |" in text and "imports s" in text and "| median |" in text
     assert "speed-up vs K=1" in text and "1.00x" in text
+
+
+def test_packed_benchmark_takes_the_named_corpora(tmp_path):
+    from embscale.bench.packed import corpus_section
+
+    for name in ("site", "system"):
+        assert corpus_section(name, tmp_path, 8192, 1) == {"corpus": name, "vocab_size": 8192}
+    with pytest.raises(UserError, match="'site', 'system' or 'installed'"):
+        corpus_section(str(tmp_path / "missing"), tmp_path, 8192, 1)
