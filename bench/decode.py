@@ -364,6 +364,59 @@ def _warm_up_decode(model: nn.Module, prompts: torch.Tensor, compile: bool = Fal
     _sync(prompts.device)
 
 
+@torch.no_grad()
+def profile_decode(model: nn.Module, batch: int, prompt_len: int, generator: torch.Generator, *,
+                   cuda_graph: bool = False, compile: bool = False, steps: int = 20, top: int = 25) -> dict:
+    """Where a decode step's time goes: ``steps`` greedy steps of ``batch`` random prompts, run as the rows run
+    them (replayed from a CUDA graph, compiled), under ``torch.profiler``. On CUDA: the device time of every kernel
+    and copy the steps ran (inside the graph too), per step, and how many ran per step; elsewhere the self CPU time
+    of each ATen operation. ``top``: the entries kept, largest first."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    device = model.norm.weight.device
+    prompts = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len), generator=generator).to(device)
+    graphed = cuda_graph and device.type == "cuda"
+    if compile:
+        torch._dynamo.reset()
+    _warm_up_decode(model, prompts, compile=compile and not graphed)
+    decoder = Decoder(model, batch, prompt_len + steps + 3)
+    token = decoder.prefill(list(prompts)).argmax(-1)
+    if graphed:
+        from embscale.inference.cuda_graph import GraphedDecodeStep
+
+        step = GraphedDecodeStep(decoder, compile=compile)
+    else:
+        step = _EagerStep(decoder, compile=compile)
+    for _ in range(2):  # settled before the profile
+        step(token.unsqueeze(1).clone())
+        token = step.next_token
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step(token.unsqueeze(1).clone())
+            token = step.next_token
+        _sync(device)
+    averages = profiler.key_averages()
+    on_device = device.type == "cuda"
+
+    def time_of(event) -> float:  # microseconds
+        return event.self_device_time_total if on_device else event.self_cpu_time_total
+
+    if on_device:  # the kernels and copies
+        events = [e for e in averages if e.device_type == DeviceType.CUDA]
+    else:
+        events = [e for e in averages if e.key.startswith("aten::")]
+    what = "device" if on_device else "cpu"
+    events.sort(key=time_of, reverse=True)
+    total_us = sum(time_of(e) for e in events)
+    return {"batch": batch, "steps": steps, "cuda_graph": graphed, "compiled": compile, "time": what,
+            "us_per_step": total_us / steps, "launches_per_step": sum(e.count for e in events) / steps,
+            "top": [{"name": e.key[:160], "per_step": e.count / steps, "us_per_step": time_of(e) / steps,
+                     "share": time_of(e) / total_us if total_us else math.nan} for e in events[:top]]}
+
+
 def _set_floor(row: DecodeRow, parts: list[dict[str, int]], bandwidth: float | None) -> None:
     """Put the mean of each floor part over ``parts`` (one dict per step or round) and the floor into ``row``."""
     if not parts or bandwidth is None:
@@ -411,4 +464,5 @@ def run_decode_bench(model: nn.Module, *, batch_sizes: tuple[int, ...] = BATCH_S
 
 
 __all__ = ["BATCH_SIZES", "FLOOR_PARTS", "DecodeRow", "WeightLayout", "copy_bandwidth", "distinct_experts",
-           "measure_decode", "measure_speculative", "ngram_seconds", "run_decode_bench", "weight_layout"]
+           "measure_decode", "measure_speculative", "ngram_seconds", "profile_decode", "run_decode_bench",
+           "weight_layout"]

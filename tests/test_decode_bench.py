@@ -65,3 +65,19 @@ def test_decode_bench_bad_input_exits_2(config_file, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["decode-bench", str(config_file), "--batch-sizes", "4,0"])
     assert exit_info.value.code == 2
+
+
+def test_decode_bench_profile_batch_reports_where_the_step_goes(config_file, capsys, monkeypatch):
+    monkeypatch.setenv("EMBSCALE_PROGRESS", "off")
+    assert main(["decode-bench", str(config_file), "--batch-sizes", "2", "--prompt-len", "5", "--new-tokens", "4",
+                 "--k", "0", "--copy-mib", "4", "--profile-batch", "3", "--json"]) == 0
+    profile = json.loads(capsys.readouterr().out)["models"][0]["profile"]
+    assert profile["batch"] == 3 and profile["steps"] == 20 and profile["time"] == "cpu"
+    assert profile["us_per_step"] > 0 and profile["launches_per_step"] > 10
+    top = profile["top"]
+    assert top and all(entry["name"].startswith("aten::") for entry in top)
+    assert [entry["us_per_step"] for entry in top] == sorted((entry["us_per_step"] for entry in top), reverse=True)
+    assert 0 < sum(entry["share"] for entry in top) <= 1 + 1e-9
+    assert any(entry["name"] == "aten::mm" and entry["per_step"] >= 2 for entry in top)  # the projections
+    with pytest.raises(SystemExit):
+        main(["decode-bench", str(config_file), "--profile-batch", "0"])

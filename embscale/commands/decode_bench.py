@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="compile the decode step with torch.compile (before its CUDA graph capture when "
                              "graphed; compiled in the untimed warm-up of each batch size; default off)")
+    parser.add_argument("--profile-batch", type=_positive_int, default=None, metavar="B",
+                        help="also profile 20 decode steps at batch B (torch.profiler: each kernel's device time "
+                             "per step on CUDA, each operation's CPU time elsewhere) into the report")
     parser.add_argument("--copy-mib", type=_positive_int, default=None,
                         help="size of the timed copy that measures the bandwidth (default 1024 on CUDA, 256 "
                              "elsewhere)")
@@ -127,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     *models, draft_source = _models(args)
     import torch
 
-    from embscale.bench.decode import copy_bandwidth, run_decode_bench
+    from embscale.bench.decode import copy_bandwidth, profile_decode, run_decode_bench
     from embscale.bench.decode_models import build
 
     try:
@@ -163,6 +166,10 @@ def run(args: argparse.Namespace) -> int:
             "top_k": cfg.top_k, "parameters": sum(p.numel() for p in module.parameters()),
             "kv_cache_bytes_per_token": module.new_cache(1, 1).bytes_per_token(),
             "rows": [row.to_dict() for row in rows]})
+        if args.profile_batch:
+            report["models"][-1]["profile"] = profile_decode(
+                module, args.profile_batch, args.prompt_len, torch.Generator().manual_seed(args.seed),
+                cuda_graph=cuda_graph, compile=args.compile)
         del module
     report = _json_ready(report)
     if out_dir is not None:
@@ -203,5 +210,13 @@ def _print_table(report: dict) -> None:
                   f"{_fmt(row['floor_ms'], 3):>10}{_fmt(row['floor_ratio']):>8}{row['tokens_per_step']:>9}"
                   f"{_fmt(row['experts_per_step']):>9}{_fmt(100 * row['ngram_share']):>9}"
                   f"{_fmt(row['acceptance_rate'], 2):>8}")
+        profile = model.get("profile")
+        if profile:
+            print(f"profile at batch {profile['batch']} ({profile['steps']} steps, {profile['time']} time): "
+                  f"{profile['us_per_step']:.0f} us and {profile['launches_per_step']:.0f} "
+                  f"{'kernels and copies' if profile['time'] == 'device' else 'operations'} a step; the largest:")
+            for entry in profile["top"][:12]:
+                print(f"  {entry['us_per_step']:9.1f} us {100 * entry['share']:5.1f}% {entry['per_step']:6.1f}x  "
+                      f"{entry['name'][:90]}")
     for path in report.get("files", []):
         print(f"wrote {path}")
