@@ -17,6 +17,7 @@ CUDA graph (:mod:`embscale.inference.cuda_graph`) and compiled (:func:`compiled_
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -104,10 +105,11 @@ def decode_forward(decoder: Decoder, ids: torch.Tensor) -> tuple[torch.Tensor, d
     return logits, rows
 
 
-_COMPILED: list = []
+DecodeForward = Callable[[Decoder, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+_COMPILED: list[DecodeForward] = []
 
 
-def compiled_decode_forward():
+def compiled_decode_forward() -> DecodeForward:
     """:func:`decode_forward` under ``torch.compile`` (fixed shapes: one compilation per batch shape and decoder
     kind). Fusing the step's many small operations (the norms' and rotary embedding's dtype casts, the routing's
     index arithmetic) is what cuts a decode step's kernel count; replayed from a CUDA graph, each kernel left is
