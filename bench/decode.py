@@ -41,7 +41,8 @@ On CUDA the decode step is replayed from a CUDA graph (:mod:`embscale.inference.
 ``cuda_graph=False``; the speculative rounds run eagerly. ``compile=True`` compiles the decode step with
 ``torch.compile`` (:func:`~embscale.inference.decode.compiled_decode_forward`; before its capture when graphed):
 the compilation happens in the untimed warm-up, and each row starts from an empty compile cache (one batch shape
-per row: without the reset, more than eight shapes would exhaust Dynamo's recompile limit and fall back to eager).
+per row: without the reset, more than eight shapes would exhaust Dynamo's recompile limit and fall back to eager);
+a speculative row then compiles its rounds' fixed-shape feeds (the draft's single tokens, the verification pass).
 
 Weights are random (``seed``) unless the caller loads some: speeds and expert counts are those of the shapes, but
 an acceptance rate of random weights says nothing about a trained pair. Times come from ``time.perf_counter``
@@ -309,16 +310,19 @@ def measure_decode(model: nn.Module, batch: int, prompt_len: int, new_tokens: in
 @torch.no_grad()
 def measure_speculative(model: nn.Module, draft: nn.Module | None, batch: int, prompt_len: int, new_tokens: int,
                         k: int, generator: torch.Generator, *, bandwidth: float | None = None,
-                        layout: WeightLayout | None = None) -> DecodeRow:
+                        layout: WeightLayout | None = None, compile: bool = False) -> DecodeRow:
     """Greedy speculative decoding of ``batch`` random prompts, timed alone; then the same generation again
     (greedy: the same rounds) counting the experts of each verification pass and, with ``bandwidth``, the
     bytes of every draft step and verification pass (the floor of a round is their sum)."""
     device = model.norm.weight.device
     prompts = list(torch.randint(0, model.cfg.vocab_size, (batch, prompt_len), generator=generator).to(device))
-    speculative_generate(model, prompts, min(new_tokens, 2 * (k + 1)), k=k, draft=draft)  # warm-up, untimed
+    if compile:
+        torch._dynamo.reset()
+    speculative_generate(model, prompts, min(new_tokens, 2 * (k + 1)), k=k, draft=draft,
+                         compile=compile)  # warm-up (and compilation), untimed
     _sync(device)
     start = time.perf_counter()
-    _, stats = speculative_generate(model, prompts, new_tokens, k=k, draft=draft)
+    _, stats = speculative_generate(model, prompts, new_tokens, k=k, draft=draft, compile=compile)
     _sync(device)
     total = time.perf_counter() - start
     round_s = total / max(stats.rounds, 1)
@@ -339,12 +343,12 @@ def measure_speculative(model: nn.Module, draft: nn.Module | None, batch: int, p
             rounds.append(dict(current))
             current.update(dict.fromkeys(FLOOR_PARTS, 0))
 
-    speculative_generate(model, prompts, new_tokens, k=k, draft=draft, on_feed=on_feed,
+    speculative_generate(model, prompts, new_tokens, k=k, draft=draft, on_feed=on_feed, compile=compile,
                          on_verify=lambda: experts.append(distinct_experts(model)))
     row = DecodeRow(mode="speculative", batch=batch, tokens_per_s=batch * new_tokens / total,
                     ms_per_step=1e3 * round_s, tokens_per_step=batch * (k + 1), experts_per_step=_mean(experts),
                     ngram_share=ngram_seconds(model, batch, k + 1) / round_s,
-                    acceptance_rate=stats.acceptance_rate)
+                    acceptance_rate=stats.acceptance_rate, compiled=compile)
     _set_floor(row, rounds, bandwidth)
     return row
 
@@ -458,7 +462,7 @@ def run_decode_bench(model: nn.Module, *, batch_sizes: tuple[int, ...] = BATCH_S
                                                bandwidth=bandwidth, layout=layout, compile=compile))
                 else:
                     rows.append(measure_speculative(model, draft, batch, prompt_len, new_tokens, k, generator,
-                                                    bandwidth=bandwidth, layout=layout))
+                                                    bandwidth=bandwidth, layout=layout, compile=compile))
                 progress.update(1, mode=mode, batch=batch, tokens_per_s=round(rows[-1].tokens_per_s, 1))
     return rows
 

@@ -24,6 +24,10 @@ The draft reads a plain token embedding and never looks up N-gram tables: either
 target's own trunk reading ``finish(E0(t))`` in place of its N-gram (and per-layer N-gram) embeddings
 (``draft=None``). The target hashes the new tokens once, in the verification pass; the N-gram rows (and keys) of the
 accepted tokens stay in its caches and are never recomputed.
+
+``compile=True`` runs the feeds of fixed shape (the draft's single tokens, the verification pass) through
+:func:`~embscale.inference.decode.compiled_decode_forward`; the draft's first feed of a round (one or two pending
+tokens, padded) and the rollbacks stay eager.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from embscale.inference.decode import Decoder, choose, last_real, probabilities
+from embscale.inference.decode import Decoder, choose, compiled_decode_forward, last_real, probabilities
 
 
 @dataclass
@@ -82,13 +86,27 @@ def accept_sampling(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
     return accepted, next_token
 
 
+def _feeder(compile: bool) -> Callable[[Decoder, torch.Tensor], torch.Tensor]:
+    """``feed(decoder, ids)`` of all-real tokens: :meth:`Decoder.feed`, or the compiled step (keeping the step's
+    N-gram row ids in ``decoder.last_rows`` as ``feed`` does)."""
+    if not compile:
+        return lambda decoder, ids: decoder.feed(ids)
+    forward = compiled_decode_forward()
+
+    def feed(decoder: Decoder, ids: torch.Tensor) -> torch.Tensor:
+        logits, decoder.last_rows = forward(decoder, ids)
+        return logits
+
+    return feed
+
+
 @torch.no_grad()
 def speculative_generate(target: nn.Module, prompts: list[torch.Tensor], max_new_tokens: int, *, k: int = 4,
                          draft: nn.Module | None = None, temperature: float = 0.0,
                          generator: torch.Generator | None = None,
                          on_verify: Callable[[], None] | None = None,
-                         on_feed: Callable[[str, Decoder, torch.Tensor], None] | None = None
-                         ) -> tuple[torch.Tensor, SpeculativeStats]:
+                         on_feed: Callable[[str, Decoder, torch.Tensor], None] | None = None,
+                         compile: bool = False) -> tuple[torch.Tensor, SpeculativeStats]:
     """``(B, max_new_tokens)`` tokens after each prompt and the round counts, ``k`` draft tokens per round.
 
     ``draft``: a model sharing the target's vocabulary, read with its plain token embedding; None: the target's
@@ -96,7 +114,7 @@ def speculative_generate(target: nn.Module, prompts: list[torch.Tensor], max_new
     :func:`embscale.inference.decode.generate`); otherwise sampling with the rejection rule. ``on_verify`` is
     called right after each verification pass (a benchmark reads the MoE layers' loads of that pass then);
     ``on_feed(role, decoder, ids)`` right after every feed of a round, ``role`` ``draft`` or ``verify`` (a
-    benchmark counts the bytes each one read).
+    benchmark counts the bytes each one read). ``compile``: the fixed-shape feeds compiled (module docstring).
     """
     if k < 1:
         raise ValueError(f"k: need at least one draft token per round, got {k}")
@@ -105,6 +123,7 @@ def speculative_generate(target: nn.Module, prompts: list[torch.Tensor], max_new
     verifier = Decoder(target, B, capacity)
     drafter = Decoder(draft if draft is not None else target, B, capacity, plain_embedding=True)
     stats = SpeculativeStats()
+    feed = _feeder(compile)
 
     token = choose(verifier.prefill(prompts), temperature, generator)  # y: (B,), emitted, fed to neither yet
     drafter.prefill(prompts)
@@ -123,7 +142,7 @@ def speculative_generate(target: nn.Module, prompts: list[torch.Tensor], max_new
         drafts, q_steps = [], []
         for i in range(k):
             if i > 0:
-                q_logits = drafter.feed(drafts[-1].unsqueeze(1))[:, 0]
+                q_logits = feed(drafter, drafts[-1].unsqueeze(1))[:, 0]
                 if on_feed is not None:
                     on_feed("draft", drafter, drafts[-1].unsqueeze(1))
             q_steps.append(q_logits)
@@ -132,7 +151,7 @@ def speculative_generate(target: nn.Module, prompts: list[torch.Tensor], max_new
 
         # one verification pass over [y, d_1 .. d_k]
         verify_ids = torch.cat((token.unsqueeze(1), draft_ids), dim=1)
-        p_logits = verifier.feed(verify_ids)  # (B, k+1, V)
+        p_logits = feed(verifier, verify_ids)  # (B, k+1, V)
         if on_feed is not None:
             on_feed("verify", verifier, verify_ids)
         if on_verify is not None:

@@ -81,12 +81,14 @@ def test_decode_bench_compile_flag_marks_its_rows(tmp_path, capsys, monkeypatch)
     config = tmp_path / "model.yaml"
     config.write_text(yaml.safe_dump(SMALL))
     assert main(["decode-bench", str(config), "--batch-sizes", "2", "--prompt-len", "5", "--new-tokens", "4",
-                 "--k", "0", "--copy-mib", "4", "--compile", "--json"]) == 0
+                 "--k", "2", "--copy-mib", "4", "--compile", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["compile"] is True
-    (row,) = report["models"][0]["rows"]
-    assert row["compiled"] is True and row["cuda_graph"] is False
-    assert row["tokens_per_s"] > 0 and row["ms_per_step"] > 0 and 1 <= row["experts_per_step"] <= 6
+    rows = report["models"][0]["rows"]
+    assert [(row["mode"], row["compiled"], row["cuda_graph"]) for row in rows] == [("decode", True, False),
+                                                                                   ("speculative", True, False)]
+    for row in rows:
+        assert row["tokens_per_s"] > 0 and row["ms_per_step"] > 0 and 1 <= row["experts_per_step"] <= 6
 
 
 @pytest.mark.parametrize("flag", [["--compile", "yes"]])
@@ -94,3 +96,21 @@ def test_decode_bench_compile_takes_no_value(flag, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["decode-bench", "bench_ne_100m", *flag])
     assert exit_info.value.code == 2
+
+
+def test_compiled_speculative_rounds_emit_the_greedy_tokens():
+    """Greedy speculative decoding with its fixed-shape feeds compiled (the draft's single tokens on the plain
+    embedding, the verification pass) emits exactly greedy decoding's tokens, in the uncompiled rounds."""
+    from embscale.inference.decode import generate
+    from embscale.inference.speculative import speculative_generate
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_dict(SMALL)).eval()
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(4, 97, (n,), generator=generator) for n in (6, 3, 9)]
+    greedy = generate(model, prompts, 10)
+    eager, eager_stats = speculative_generate(model, prompts, 10, k=3)
+    compiled, compiled_stats = speculative_generate(model, prompts, 10, k=3, compile=True)
+    assert torch.equal(eager, greedy) and torch.equal(compiled, greedy)
+    assert (compiled_stats.rounds, compiled_stats.accepted) == (eager_stats.rounds, eager_stats.accepted)
