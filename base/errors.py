@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class ConfigError(ValueError):
     """An invalid configuration value. ``field`` is the dotted path of the bad field (or the file's path)."""
@@ -34,4 +37,16 @@ class ResultsError(UserError):
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, UserError)
 
-__all__ = ["USER_ERRORS", "ConfigError", "ResultsError", "UserError"]
+
+def exit_with(main: Callable[[], int], prog: str) -> None:
+    """Exit with ``main()``'s code; bad input (:data:`USER_ERRORS`) as ``PROG: error: MESSAGE`` on stderr and exit
+    code 2 (the ``if __name__ == "__main__"`` of a script run with ``python -m``)."""
+    try:
+        code = main()
+    except USER_ERRORS as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code)
+
+
+__all__ = ["USER_ERRORS", "ConfigError", "ResultsError", "UserError", "exit_with"]

@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from embscale.base.errors import ConfigError, UserError
+from embscale.base.errors import ConfigError, UserError, exit_with
 from embscale.base.files import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,8 +254,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ConfigError, UserError) as exc:
-        print(f"embscale.bench.memory_check: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    exit_with(main, "embscale.bench.memory_check")

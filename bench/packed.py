@@ -53,7 +53,7 @@ from typing import Any
 
 import yaml
 
-from embscale.base.errors import ConfigError, UserError
+from embscale.base.errors import ConfigError, UserError, exit_with
 from embscale.base.files import atomic_file, atomic_write_json, atomic_write_text
 
 # The fig2_small probe: 6.3M-activated LongCat-Flash shortcut models, an MoE ladder at ratios 2-16 and N-gram
@@ -444,6 +444,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
+    # bad input is refused before anything is made
+    if args.sweep and not args.tiny and not Path(args.sweep).is_file():
+        raise UserError(f"--sweep: {args.sweep} is not a file")
+    if args.corpus not in (None, "auto", "site", "system", "installed") and not Path(args.corpus).expanduser().exists():
+        corpus_section(args.corpus, Path(), 0, 0)  # raises, naming --corpus
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="embscale-packed-"))
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else None
@@ -519,8 +524,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ConfigError, UserError) as exc:
-        print(f"embscale.bench.packed: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    exit_with(main, "embscale.bench.packed")

@@ -268,3 +268,13 @@ def test_packed_benchmark_takes_the_named_corpora(tmp_path):
         assert corpus_section(name, tmp_path, 8192, 1) == {"corpus": name, "vocab_size": 8192}
     with pytest.raises(UserError, match="'site', 'system' or 'installed'"):
         corpus_section(str(tmp_path / "missing"), tmp_path, 8192, 1)
+
+
+def test_packed_benchmark_bad_input_exits_2_and_makes_nothing(tmp_path):
+    for flags, named in ((["--corpus", str(tmp_path / "missing")], "--corpus"),
+                         (["--sweep", str(tmp_path / "missing.yaml")], "--sweep")):
+        work = tmp_path / "work"
+        result = subprocess.run([sys.executable, "-m", "embscale.bench.packed", *flags, "--work", str(work)],
+                                capture_output=True, text=True, timeout=120, check=False)
+        assert result.returncode == 2 and f"embscale.bench.packed: error: {named}" in result.stderr
+        assert not work.exists()
