@@ -26,6 +26,7 @@ import datetime as dt
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -562,6 +563,16 @@ def run_suite(out: Path, sections: list[str], *, json_path: Path | None = None, 
         if json_path:
             atomic_write_text(json_path, json.dumps(report, indent=2))
 
+    def attempt(what: str, measure: Callable[..., dict], *args: Any) -> dict | None:
+        """``measure(*args)``, or None with a note when it raises: one failure (an out-of-memory, a compile error)
+        must not lose the other measurements."""
+        try:
+            return measure(*args)
+        except Exception as exc:  # noqa: BLE001
+            report["notes"].append(f"{what} failed: {type(exc).__name__}: {str(exc)[:300]}")
+            log(report["notes"][-1])
+            return None
+
     report["ceilings"] = measure_ceilings()
     save()
     log(f"ceilings: copy {report['ceilings']['copy_tb_s']:.2f} TB/s, "
@@ -583,16 +594,12 @@ def run_suite(out: Path, sections: list[str], *, json_path: Path | None = None, 
         report["tables"] = []
         for scale, table_dtype, with_optimizer, with_compact in ((1, "fp32", True, True), (1, "bf16", False, True),
                                                                  (8, "bf16", False, True)):
-            try:
-                report["tables"].append(measure_tables(report["ceilings"], scale, table_dtype, with_optimizer,
-                                                       with_compact))
-            except Exception as exc:  # an out-of-memory at 8x must not lose the other measurements
-                report["notes"].append(f"tables at {scale}x rows ({table_dtype}) failed: {type(exc).__name__}: "
-                                       f"{str(exc)[:300]}")
-                log(report["notes"][-1])
+            r = attempt(f"tables at {scale}x rows ({table_dtype})",  # 8x may run out of memory
+                        measure_tables, report["ceilings"], scale, table_dtype, with_optimizer, with_compact)
+            if r is None:
                 continue
+            report["tables"].append(r)
             save()
-            r = report["tables"][-1]
             nan = float("nan")
             log(f"tables {scale}x {table_dtype}: fwd+bwd {r['forward_backward_ms']:.3f} ms, optimizer dense "
                 f"{r.get('optimizer_dense_ms', nan):.2f} / sparse {r.get('optimizer_sparse_ms', nan):.3f} / "
@@ -607,12 +614,9 @@ def run_suite(out: Path, sections: list[str], *, json_path: Path | None = None, 
         modes = {"on": [True], "off": [False], "both": [False, True]}[compile_modes]
         for name in TRIO:
             for compiled in modes:
-                try:
-                    r = measure_model(name, report["ceilings"], micro_batch, accumulation, steps,
-                                      compiled)
-                except Exception as exc:  # a compile failure must not lose the other measurements
-                    report["notes"].append(f"{name} (compiled={compiled}) failed: {type(exc).__name__}: {exc}")
-                    log(report["notes"][-1])
+                r = attempt(f"{name} (compiled={compiled})", measure_model, name, report["ceilings"], micro_batch,
+                            accumulation, steps, compiled)
+                if r is None:
                     continue
                 report["model"].append(r)
                 save()
@@ -621,11 +625,9 @@ def run_suite(out: Path, sections: list[str], *, json_path: Path | None = None, 
     if "fsdp" in sections:
         report["fsdp"] = []
         for name in TRIO[:2]:
-            try:
-                r = measure_fsdp_one_rank(name, report["ceilings"], micro_batch, accumulation, steps)
-            except Exception as exc:  # noqa: BLE001 - a failure must not lose the other measurements
-                report["notes"].append(f"fsdp on one rank, {name}: {type(exc).__name__}: {str(exc)[:300]}")
-                log(report["notes"][-1])
+            r = attempt(f"fsdp on one rank, {name}", measure_fsdp_one_rank, name, report["ceilings"], micro_batch,
+                        accumulation, steps)
+            if r is None:
                 continue
             report["fsdp"].append(r)
             save()

@@ -31,3 +31,29 @@ def test_plain_and_one_rank_fsdp_train_alike_and_render():
     assert result["plain"]["tokens_per_s"] > 0 and result["fsdp"]["tokens_per_s"] > 0
     text = render({"date": "d", "device": "cpu", "torch": "t", "triton": "t", "python": "p", "fsdp": [result]})
     assert "## FSDP2 on one GPU" in text and f"{result['fsdp_over_plain']['median']:.3f}" in text
+
+
+def test_a_failing_measurement_becomes_a_note_and_the_others_are_kept(tmp_path, monkeypatch):
+    """run_suite's fsdp section with the GPU parts replaced: a model whose measurement raises is a note in the
+    report, the other model's row is kept and rendered."""
+    from embscale.bench import suite
+
+    result = measure_fsdp_one_rank(ModelConfig.from_dict(MODEL), None, micro_batch=1, accumulation=1, steps=1,
+                                   rounds=1, seq_len=8, device="cpu")
+
+    def measure(name, *args):
+        if name == "bench_moe_100m":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return {**result, "config": name}
+
+    monkeypatch.setattr(suite, "measure_ceilings", lambda: {"copy_tb_s": 1.0, "gemm_tflop_s": 1.0, "copy_ms": 1.0,
+                                                            "gemm_ms": 1.0})
+    monkeypatch.setattr(suite, "measure_fsdp_one_rank", measure)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test device")
+    out = tmp_path / "BENCHMARKS.md"
+    report = suite.run_suite(out, ["fsdp"])
+    assert [r["config"] for r in report["fsdp"]] == ["bench_ne_100m"]
+    assert report["notes"] == ["fsdp on one rank, bench_moe_100m failed: OutOfMemoryError: CUDA out of memory "
+                               "(simulated)"]
+    text = out.read_text()
+    assert "| bench_ne_100m |" in text and "- fsdp on one rank, bench_moe_100m failed" in text
