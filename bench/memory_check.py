@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -123,11 +124,13 @@ def planned(sweep: dict[str, Any], folder: Path, results: Path
     return run_config_dict(run, loaded), check.estimate.to_dict(), run.total, str(run.run_id)
 
 
-def measure_point(args: argparse.Namespace, name: str, run_cfg: dict[str, Any], work: Path,
-                  timeout_s: float) -> dict[str, Any]:
-    """Train ``run_cfg`` in a fresh process (the multi-GPU runbook's rank entry) and read its peak."""
+def measure_point(name: str, run_cfg: dict[str, Any], work: Path, timeout_s: float) -> dict[str, Any]:
+    """Train ``run_cfg`` in a fresh process (the multi-GPU runbook's rank entry) and read its peak. The run starts
+    from nothing: an earlier call's run folder of the same id would be found finished (or resumed) instead."""
     folder = work / name
     run_file, peaks, log_path = folder / "run.yaml", folder / "peak", folder / "log"
+    for stale in (folder / "results", peaks):  # results: the run config's output root (planned())
+        shutil.rmtree(stale, ignore_errors=True)
     atomic_write_text(run_file, yaml.safe_dump(run_cfg, sort_keys=False))
     env = {**os.environ, "EMBSCALE_PROGRESS": "plain", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "embscale.bench.multigpu", "train-rank", str(run_file), "--results",
@@ -201,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     out, work = Path(args.out), Path(args.work)
     state: dict[str, Any] = {"points": {}}
     if (out / SUMMARY).is_file():
-        state = json.loads((out / SUMMARY).read_text())
+        try:
+            state = json.loads((out / SUMMARY).read_text())
+        except ValueError as exc:
+            raise UserError(f"{out / SUMMARY}: not a readable {SUMMARY} ({exc}); give another --out") from None
     state["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu_smoke else "cpu"
     capacity = torch.cuda.get_device_properties(0).total_memory if state["device"] != "cpu" else None
     data = BUILTIN_DATA
@@ -239,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"{name}: {total / 1e9:.2f}B parameters, estimate {estimate['peak'] / 2**30:.1f} GiB; training "
                   f"{args.steps} steps", flush=True)
-            record.update(measure_point(args, name, run_cfg, work, left))
+            record.update(measure_point(name, run_cfg, work, left))
             if record["state"] == "failed":
                 code = 1
             elif record["state"] == "left":

@@ -31,6 +31,16 @@ def test_smoke_point_trains_records_and_resumes(tmp_path):
     assert "| ne_r3_b2 |" in (out / "memory_check.md").read_text()
     again = run("--cpu-smoke", "--out", str(out), "--work", str(work), "--points", "ne:3:2")
     assert again.returncode == 0 and "done in an earlier call" in again.stdout
+    log = work / "ne_r3_b2" / "log"
+    assert "completed at step 3/3" in log.read_text()
+    # a new --out with the same work folder: the point trains again, not finding the old run finished
+    fresh = run("--cpu-smoke", "--out", str(tmp_path / "out2"), "--work", str(work), "--points", "ne:3:2")
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    assert "completed at step 3/3" in log.read_text() and "nothing to do" not in log.read_text()
+    (out / "memory_check.json").write_text("{not json")
+    broken = run("--cpu-smoke", "--out", str(out), "--work", str(work), "--points", "ne:3:2")
+    assert broken.returncode == 2 and "memory_check.json: not a readable" in broken.stderr
+    assert (out / "memory_check.json").read_text() == "{not json"  # left as it was
 
 
 def test_bad_points_exit_2_and_write_nothing(tmp_path):
