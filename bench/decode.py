@@ -277,6 +277,8 @@ def measure_decode(model: nn.Module, batch: int, prompt_len: int, new_tokens: in
         except Exception as exc:  # noqa: BLE001 - any capture failure: measure the eager step instead
             log(f"decode-bench: the CUDA graph capture failed at batch {batch} ({type(exc).__name__}: {exc}); "
                 "this row runs the eager step (cuda_graph false)")
+            if compile:  # the eager step's own compilation, untimed as in a row without the graph
+                _warm_up_decode(model, prompts, compile=True)
             _sync(device)
             start = time.perf_counter()
             decoder = Decoder(model, batch, prompt_len + new_tokens)  # the failed capture may have left state
