@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -370,7 +371,7 @@ def measure_fsdp_one_rank(name: Any, ceilings: dict | None, micro_batch: int, ac
                 result[kind]["mfu"] = (acc.flops_per_token(seq_len) * tokens_per_step / best
                                        / (ceilings["gemm_tflop_s"] * 1e12))
         ratios = [p / f for p, f in zip(times["plain"], times["fsdp"], strict=True)]  # tokens/s fsdp over plain
-        result["fsdp_over_plain"] = {"per_round": ratios, "median": sorted(ratios)[len(ratios) // 2],
+        result["fsdp_over_plain"] = {"per_round": ratios, "median": statistics.median(ratios),
                                      "goal": 0.95}
         return result
     finally:
