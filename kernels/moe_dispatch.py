@@ -34,11 +34,12 @@ from embscale.kernels.swiglu import reference_backward as _swiglu_weighted_bwd  
 from embscale.kernels.swiglu import reference_forward as _swiglu_weighted_fwd
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-# Elementwise and gather-reduce steps are compiled into single kernels on CUDA (set EMBSCALE_MOE_COMPILE=0 to
-# run them eagerly). On CPU they always run eagerly.
+# Where the Triton kernels are off (EMBSCALE_MOE_TRITON=0, float64), the elementwise and gather-reduce steps are
+# compiled into single kernels on CUDA (set EMBSCALE_MOE_COMPILE=0 to run them eagerly). On CPU they run eagerly.
 _USE_COMPILE = os.environ.get("EMBSCALE_MOE_COMPILE", "1") != "0"
-# The weighted SwiGLU and the expert choice run as Triton kernels (kernels/swiglu.py, kernels/routing.py) on
-# CUDA outside torch.compile tracing (set EMBSCALE_MOE_TRITON=0 for the torch functions instead).
+# The weighted SwiGLU, the expert choice and the gather-sum run as Triton kernels (kernels/swiglu.py,
+# kernels/routing.py, kernels/slot_sum.py) on CUDA outside torch.compile tracing (set EMBSCALE_MOE_TRITON=0 for the
+# torch functions instead).
 _USE_TRITON = os.environ.get("EMBSCALE_MOE_TRITON", "1") != "0"
 
 
@@ -53,8 +54,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Elementwise / gather steps. Plain functions define the meaning; on CUDA they are compiled (fused), except the
-# weighted SwiGLU, which runs as Triton kernels there (kernels/swiglu.py) unless traced or switched off.
+# Elementwise / gather steps. Plain functions define the meaning; on CUDA the gather-sum and the weighted SwiGLU run
+# as Triton kernels (kernels/slot_sum.py, kernels/swiglu.py) unless traced or switched off, compiled (fused) then.
 # ----------------------------------------------------------------------------------------------------------
 _sum_slots = slot_sum.reference_sum_slots  # the gather-sum's meaning (Combine forward, Dispatch backward)
 
